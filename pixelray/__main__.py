@@ -1,0 +1,3 @@
+from pixelray.cli import app
+
+app(prog_name="pixelray")

@@ -1,0 +1,80 @@
+"""The ``pixelray`` command line (typer). A thin shell: it parses, calls the library, prints."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from pixelray import __version__
+from pixelray.metrics import pixel_index, pixel_index_interval, wilson_interval
+from pixelray.spec import PixelChange
+
+app = typer.Typer(
+    name="pixelray",
+    help="Measure and repair the robustness of image classifiers to a few random pixel changes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a one-line error to stderr and exit non-zero (no traceback)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pixelray {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Measure and repair the robustness of image classifiers to a few random pixel changes."""
+
+
+def parse_amplitude(value: str) -> int | str:
+    """'full' or an integer 1..255, from a command-line string."""
+    return "full" if value.lower() == "full" else int(value) if value.isdigit() else value
+
+
+@app.command("pixel-index")
+def pixel_index_cmd(
+    wrong: Annotated[int, typer.Option("--wrong", help="Misclassified images after the change.")],
+    images: Annotated[int, typer.Option("--images", help="Images evaluated.")],
+    count: Annotated[int, typer.Option("--count", help="Changed pixels per image (n).")],
+    amplitude: Annotated[
+        str, typer.Option("--amplitude", help="'full' (replace by 0..255) or a shift a in 1..255.")
+    ] = "full",
+    area: Annotated[
+        int | None, typer.Option("--area", help="Side of the centred square changed (default: whole image).")
+    ] = None,
+    size: Annotated[int, typer.Option("--size", help="Image side in pixels (square images).")] = 224,
+) -> None:
+    """Pixel-index Pi = w / (p x r x a) and its 95% Wilson interval.
+
+    Example: pixelray pixel-index --wrong 352 --images 10000 --count 64
+    """
+    try:
+        change = PixelChange(count=count, amplitude=parse_amplitude(amplitude), area=area)
+        change.check_image(size, size)
+        pi = pixel_index(wrong, images, count, change.amplitude, area, size)
+        low, high = pixel_index_interval(wrong, images, count, change.amplitude, area, size)
+        w_low, w_high = wilson_interval(wrong, images)
+    except ValueError as exc:
+        fail(str(exc))
+    typer.echo(f"Pi = {pi:.2f}  (95% CI {low:.2f} .. {high:.2f})")
+    typer.echo(f"w = {wrong / images:.4%}  (95% CI {w_low:.4%} .. {w_high:.4%}), n = {count}, "
+               f"amplitude = {change.amplitude}, area = {area or size}, image = {size}x{size}")
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m pixelray`
+    sys.exit(app())

@@ -1,0 +1,190 @@
+"""Pixel-change specifications: what changes, where, and with which seed.
+
+A :class:`PixelChange` says how many pixels change, by how much and where; a
+:class:`Cell` adds the seed. Both are frozen, validate themselves on
+construction, and have a stable identity (``Cell.cell_id`` and ``Cell.key``)
+that keys every random draw and every result row.
+
+Example:
+    >>> cell = Cell(PixelChange(count=64, area=200), seed=0)
+    >>> cell.cell_id
+    'n64-full-s200-all-per-image-seed0'
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+__all__ = ["CHANNEL_NAMES", "Cell", "PixelChange", "Positions", "parse_channels"]
+
+#: Channel names accepted in specs, mapped to RGB channel indices.
+CHANNEL_NAMES = {"r": 0, "red": 0, "g": 1, "green": 1, "b": 2, "blue": 2}
+
+Amplitude = int | Literal["full"]
+
+
+class Positions(str, Enum):
+    """How changed positions are drawn."""
+
+    PER_IMAGE = "per-image"  # afresh for every image (the experiments)
+    SHARED = "shared"  # one list per (seed, cell), as in the paper's Algorithm 1
+
+
+def parse_channels(value: object) -> Literal["all"] | tuple[int, ...]:
+    """Normalise a channel selection to ``"all"`` or a sorted tuple of indices 0..2.
+
+    Accepts ``"all"``, an index, a name (``"R"``, ``"green"``), or a sequence of those.
+
+    >>> parse_channels(["R", 2])
+    (0, 2)
+    """
+    if isinstance(value, str) and value.lower() == "all":
+        return "all"
+    items = [value] if isinstance(value, (str, int)) else value
+    try:
+        items = list(items)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(
+            f"channels: {value!r} is not a channel selection; use 'all', an index 0..2 or R/G/B"
+        ) from None
+    out: set[int] = set()
+    for item in items:
+        if isinstance(item, bool):
+            idx = None
+        elif isinstance(item, int):
+            idx = item if 0 <= item <= 2 else None
+        elif isinstance(item, str):
+            idx = CHANNEL_NAMES.get(item.lower())
+            if idx is None and item.isdigit():
+                idx = int(item) if int(item) <= 2 else None
+        else:
+            idx = None
+        if idx is None:
+            raise ValueError(
+                f"channels: unknown channel {item!r}; allowed: 'all', 0, 1, 2, R, G, B"
+            )
+        out.add(idx)
+    if not out:
+        raise ValueError("channels: empty selection; use 'all' or at least one of R, G, B")
+    if out == {0, 1, 2}:
+        return "all"
+    return tuple(sorted(out))
+
+
+@dataclass(frozen=True)
+class PixelChange:
+    """A random pixel change: ``count`` distinct positions per image.
+
+    Args:
+        count: number of distinct pixel positions changed per image (>= 1).
+        amplitude: ``"full"`` replaces each changed value with a uniform value in
+            [0, 255]; an integer ``a`` in 1..255 adds a uniform integer in [-a, a]
+            and clips to [0, 255].
+        area: side of the centred square the positions are drawn from; ``None``
+            means the whole image.
+        channels: ``"all"`` (R, G and B each drawn independently) or a tuple of
+            channel indices/names such as ``(0,)``.
+        positions: ``"per-image"`` draws positions afresh per image;
+            ``"shared"`` draws one list per (seed, cell) for every image.
+    """
+
+    count: int
+    amplitude: Amplitude = "full"
+    area: int | None = None
+    channels: Literal["all"] | tuple[int, ...] = "all"
+    positions: Literal["per-image", "shared"] = "per-image"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            raise ValueError(f"count: {self.count!r} is invalid; it must be an integer >= 1")
+        amp = self.amplitude
+        if isinstance(amp, str):
+            if amp.lower() != "full" and not amp.isdigit():
+                raise ValueError(
+                    f"amplitude: {amp!r} is invalid; use 'full' or an integer shift 1..255"
+                )
+            amp = "full" if amp.lower() == "full" else int(amp)
+        if amp != "full" and (isinstance(amp, bool) or not isinstance(amp, int) or not 1 <= amp <= 255):
+            raise ValueError(
+                f"amplitude: {self.amplitude!r} is outside 1..255; use 'full' or an integer shift 1..255"
+            )
+        object.__setattr__(self, "amplitude", amp)
+        if self.area is not None:
+            if isinstance(self.area, bool) or not isinstance(self.area, int) or self.area < 1:
+                raise ValueError(
+                    f"area: {self.area!r} is invalid; it must be a square side >= 1 (pixels) or None"
+                )
+            if self.count > self.area * self.area:
+                raise ValueError(
+                    f"count: {self.count} is larger than area {self.area}x{self.area} "
+                    f"= {self.area * self.area} pixels; use count <= {self.area * self.area} or a larger area"
+                )
+        object.__setattr__(self, "channels", parse_channels(self.channels))
+        try:
+            pos = Positions(self.positions).value
+        except ValueError:
+            raise ValueError(
+                f"positions: {self.positions!r} is unknown; allowed: 'per-image', 'shared'"
+            ) from None
+        object.__setattr__(self, "positions", pos)
+
+    def check_image(self, height: int, width: int) -> None:
+        """Raise ValueError when this change does not fit an ``height`` x ``width`` image."""
+        if self.area is not None and self.area > min(height, width):
+            raise ValueError(
+                f"area: {self.area} is larger than the image ({height}x{width}); "
+                f"use area <= {min(height, width)} or None for the whole image"
+            )
+        side_h, side_w = self.region(height, width)[2:]
+        if self.count > side_h * side_w:
+            raise ValueError(
+                f"count: {self.count} is larger than the {side_h}x{side_w} = {side_h * side_w} "
+                f"pixels it may change; use count <= {side_h * side_w}"
+            )
+
+    def region(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, rows, cols) of the area positions are drawn from, on a given image size."""
+        if self.area is None:
+            return 0, 0, height, width
+        return (height - self.area) // 2, (width - self.area) // 2, self.area, self.area
+
+    @property
+    def channel_indices(self) -> tuple[int, ...]:
+        """The changed channels as indices."""
+        return (0, 1, 2) if self.channels == "all" else self.channels  # type: ignore[return-value]
+
+    @property
+    def label(self) -> str:
+        """A short, stable, human-readable id, e.g. ``n64-a10-s200-all-per-image``."""
+        amp = "full" if self.amplitude == "full" else f"a{self.amplitude}"
+        area = "whole" if self.area is None else f"s{self.area}"
+        ch = "all" if self.channels == "all" else "c" + "".join(map(str, self.channels))
+        return f"n{self.count}-{amp}-{area}-{ch}-{self.positions}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of a sweep grid: a pixel change and the seed of its random draws."""
+
+    change: PixelChange
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.change, PixelChange):
+            raise ValueError(f"change: {self.change!r} is not a PixelChange")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed: {self.seed!r} is invalid; it must be an integer in 0..2**31-1")
+
+    @property
+    def cell_id(self) -> str:
+        """Stable string id of this cell, used as a result key."""
+        return f"{self.change.label}-seed{self.seed}"
+
+    @property
+    def key(self) -> int:
+        """Stable 63-bit integer derived from :attr:`cell_id`; keys the random draws."""
+        digest = hashlib.sha256(self.cell_id.encode()).digest()
+        return int.from_bytes(digest[:8], "little") & (2**63 - 1)
