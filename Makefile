@@ -23,7 +23,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check pixelray tests benchmarks jobs
 
 demo: $(STAMP)
-	@echo "pixelray demo: not yet (lands with the sweep, issue 4)"
+	$(BIN)/pixelray demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/perturb.py

@@ -107,7 +107,7 @@ def aggregate(rows: Iterable[Mapping[str, Any]], image_size: int | tuple[int, in
 
     Each input row carries the :data:`CELL_KEYS` plus ``n_images`` and ``n_wrong``
     (other keys pass through from the first row of a cell). ``area`` None means
-    the whole image. Output rows are sorted by their keys (None first).
+    the whole image. Output rows keep the order in which each cell first appears.
     """
     cells: dict[tuple, dict[str, Any]] = {}
     for row in rows:
@@ -120,8 +120,7 @@ def aggregate(rows: Iterable[Mapping[str, Any]], image_size: int | tuple[int, in
             into["n_wrong"] += row["n_wrong"]
     height, width = _size(image_size)
     out = []
-    for key in sorted(cells, key=lambda k: tuple((v is not None, str(v)) for v in k)):
-        row = cells[key]
+    for row in cells.values():
         n, k = int(row["n_images"]), int(row["n_wrong"])
         area = row["area"]
         row["wrong_rate"] = k / n if n else math.nan

@@ -1,0 +1,58 @@
+"""Ray job entrypoint for a grid sweep.
+
+    ray job submit --working-dir . -- python jobs/sweep.py --config jobs/paper.toml
+    python jobs/sweep.py --smoke-test          # synthetic data and tiny models, on any machine
+
+Inside a Ray job the sweep joins the job's cluster (address "auto"); run by hand
+without a cluster it starts an embedded local Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pixelray.config import ConfigError, load_config
+from pixelray.sweep import SweepError, connect, run_sweep
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main(
+    config: Annotated[str, typer.Option("--config", help="Sweep config (TOML).")] = "jobs/paper.toml",
+    out: Annotated[str | None, typer.Option("--out", help="Output directory (overrides [output] dir).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Data path (overrides [data] path).")] = None,
+    smoke_test: Annotated[
+        bool, typer.Option("--smoke-test", help="Run jobs/demo.toml on synthetic data and tiny models.")
+    ] = False,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Prometheus port on 127.0.0.1.")] = None,
+) -> None:
+    """Run (or resume) a sweep as a Ray job."""
+    overrides = {"output_dir": out, "data": data, "metrics_port": metrics_port}
+    if smoke_test:
+        from pixelray.demo import prepare_demo
+
+        root = Path(out or "demo-out")
+        data_dir, checkpoints = prepare_demo(root, images=600, epochs=3)
+        config = str(Path(__file__).with_name("demo.toml"))
+        overrides.update(
+            data=str(data_dir),
+            models=tuple(f"checkpoint:{p}" for p in checkpoints),
+            output_dir=str(root / "results"),
+        )
+    try:
+        cfg = load_config(config, overrides)
+        connect("auto" if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID") else "local")
+        result = run_sweep(cfg, progress=True, log=lambda m: typer.echo(m, err=True))
+    except (ConfigError, SweepError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"results: {result.cells_path}")
+
+
+if __name__ == "__main__":
+    app()

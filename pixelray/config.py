@@ -1,0 +1,287 @@
+"""Sweep configuration: TOML in, frozen validated dataclasses out.
+
+A config names the data, the models, the evaluation set and the grid, either as
+one cross product (``[grid]``) or as named experiments (``[[experiment]]``).
+Every mistake is refused here, before any work starts, with the key, the value
+and the fix.
+
+Example:
+    >>> cfg = parse_config({"data": {"path": "shards"}, "models": {"names": ["tiny"]},
+    ...                     "grid": {"counts": [4, 8]}, "output": {"dir": "out"}})
+    >>> [c.cell_id for _, c in cfg.cells(image_size=(32, 32))]
+    ['n4-full-whole-all-per-image-seed0', 'n8-full-whole-all-per-image-seed0']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from pixelray.spec import Cell, PixelChange, parse_channels
+
+__all__ = ["ConfigError", "Experiment", "Filter", "SweepConfig", "load_config", "parse_config"]
+
+
+class ConfigError(ValueError):
+    """An invalid sweep config; the message names the key, the value and the fix."""
+
+
+class Filter(str, Enum):
+    """Which images enter the evaluation set after the clean pass."""
+
+    ALL = "all"  # images every model classifies correctly (the paper)
+    PER_MODEL = "per-model"  # images each model classifies correctly, per model
+    NONE = "none"  # every image
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A named grid: counts x amplitudes x areas x channels (x the config's seeds)."""
+
+    name: str
+    counts: tuple[int, ...]
+    amplitudes: tuple[int | str, ...] = ("full",)
+    areas: tuple[int | None, ...] = (None,)
+    channels: tuple[str | tuple[int, ...], ...] = ("all",)
+    positions: str = "per-image"
+
+    def changes(self, image_size: tuple[int, int] | None = None) -> list[PixelChange]:
+        """Every pixel change of this experiment; an area equal to a square image is the whole image."""
+        out = []
+        for count in self.counts:
+            for amplitude in self.amplitudes:
+                for area in self.areas:
+                    if image_size and area is not None and image_size[0] == image_size[1] == area:
+                        area = None
+                    for channels in self.channels:
+                        out.append(PixelChange(count, amplitude, area, channels, self.positions))
+        return out
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A whole sweep: data, models, evaluation set, experiments, output and run settings."""
+
+    data: str
+    models: tuple[str, ...]
+    experiments: tuple[Experiment, ...]
+    output_dir: str
+    weights: str | None = "imagenet"
+    filter: Filter = Filter.ALL
+    eval_size: int | None = None
+    seeds: tuple[int, ...] = (0,)
+    batch_size: int = 64
+    device: str = "auto"
+    workers: int | None = None
+    threads: int | None = None
+    amp: bool = False
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def cells(self, image_size: tuple[int, int] | None = None) -> list[tuple[str, Cell]]:
+        """(experiment name, cell) pairs in config order; a cell may appear under several experiments."""
+        pairs = []
+        for exp in self.experiments:
+            for change in exp.changes(image_size):
+                if image_size is not None:
+                    try:
+                        change.check_image(*image_size)
+                    except ValueError as exc:
+                        raise ConfigError(f"experiment {exp.name!r}: {exc}") from None
+                for seed in self.seeds:
+                    pairs.append((exp.name, Cell(change, seed)))
+        return pairs
+
+    def unique_cells(self, image_size: tuple[int, int] | None = None) -> list[Cell]:
+        """Each distinct cell once (cells shared by experiments are evaluated once)."""
+        return list(dict.fromkeys(cell for _, cell in self.cells(image_size)))
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the results (not where they go or how fast they run)."""
+        return {
+            "data": self.data,
+            "models": list(self.models),
+            "weights": self.weights,
+            "filter": self.filter.value,
+            "eval_size": self.eval_size,
+            "seeds": list(self.seeds),
+            "experiments": [asdict(e) for e in self.experiments],
+        }
+
+    @property
+    def config_hash(self) -> str:
+        """Short stable hash of :meth:`identity`."""
+        blob = json.dumps(self.identity(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_TOP_KEYS = {"data", "models", "eval", "grid", "experiment", "attack", "output", "run"}
+
+
+def _get(table: dict, key: str, where: str, kind: type | tuple[type, ...], default: Any = ..., fix: str = "") -> Any:
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"[{where}] {key}: missing; {fix or 'add it'}")
+        return default
+    value = table[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise ConfigError(f"[{where}] {key} = {value!r}: expected {_kind_name(kind)}; {fix}".rstrip("; "))
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def _unknown(table: dict, allowed: set[str], where: str) -> None:
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise ConfigError(f"[{where}] unknown key(s) {extra}; allowed: {sorted(allowed)}")
+
+
+def _int_list(table: dict, key: str, where: str, default: Any = ...) -> tuple[int, ...]:
+    value = _get(table, key, where, list, default, fix="use a list of integers, e.g. [4, 8, 16]")
+    if value is default:
+        return value
+    if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"[{where}] {key} = {value!r}: expected a non-empty list of integers, e.g. [4, 8, 16]")
+    return tuple(value)
+
+
+def _experiment(table: dict, where: str, name: str) -> Experiment:
+    allowed = {"name", "counts", "amplitudes", "areas", "channels", "positions"}
+    _unknown(table, allowed, where)
+    counts = _int_list(table, "counts", where)
+    amplitudes = tuple(_get(table, "amplitudes", where, list, ["full"], fix="e.g. ['full', 10, 40]"))
+    areas = tuple(None if a in ("whole", "all") else a for a in _get(table, "areas", where, list, [None]))
+    channels = tuple(_get(table, "channels", where, list, ["all"], fix="e.g. ['all'] or [[0]]"))
+    positions = _get(table, "positions", where, str, "per-image")
+    exp = Experiment(name, counts, amplitudes, areas, channels, positions)
+    try:
+        normal = [parse_channels(c) for c in channels]
+        exp = Experiment(name, counts, amplitudes, areas, tuple(normal), positions)
+        exp.changes()
+    except ValueError as exc:
+        raise ConfigError(f"[{where}] {exc}") from None
+    return exp
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Validate a parsed TOML document into a :class:`SweepConfig`.
+
+    ``overrides`` (e.g. ``{"output_dir": ...}`` from the command line) replace fields.
+    """
+    _unknown(raw, _TOP_KEYS, source)
+    data = _get(raw, "data", source, dict, fix="add [data] path = 'DIR'")
+    _unknown(data, {"path"}, "data")
+    data_path = _get(data, "path", "data", str, fix="a local directory of shards or a URI such as s3://bucket/shards")
+
+    models_t = _get(raw, "models", source, dict, fix="add [models] names = ['resnet101'] or preset = 'paper'")
+    _unknown(models_t, {"names", "preset", "weights"}, "models")
+    if "preset" in models_t:
+        from pixelray.models import PRESETS  # light import: the registry table only
+
+        preset = _get(models_t, "preset", "models", str)
+        if preset not in PRESETS:
+            raise ConfigError(f"[models] preset = {preset!r}: unknown; allowed: {sorted(PRESETS)}")
+        names = tuple(PRESETS[preset]) + tuple(models_t.get("names", ()))
+    else:
+        names = tuple(_get(models_t, "names", "models", list, fix="e.g. names = ['resnet101', 'vgg16']"))
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ConfigError(f"[models] names = {list(names)!r}: expected a non-empty list of model names")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"[models] names = {list(names)!r}: each model may appear once")
+    weights = models_t.get("weights", "imagenet")
+    if weights not in ("imagenet", "default", "none", None):
+        raise ConfigError(f"[models] weights = {weights!r}: allowed: 'imagenet', 'default', 'none'")
+    weights = None if weights == "none" else weights
+
+    ev = _get(raw, "eval", source, dict, {})
+    _unknown(ev, {"filter", "size", "seeds", "batch_size"}, "eval")
+    try:
+        filt = Filter(ev.get("filter", "all"))
+    except ValueError:
+        raise ConfigError(
+            f"[eval] filter = {ev.get('filter')!r}: allowed: {[f.value for f in Filter]}"
+        ) from None
+    size = _get(ev, "size", "eval", int, None, fix="a positive number of images, or omit it for all")
+    if size is not None and size < 1:
+        raise ConfigError(f"[eval] size = {size}: must be >= 1, or omit it for all images")
+    seeds = _int_list(ev, "seeds", "eval", (0,))
+    if any(not 0 <= s < 2**31 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"[eval] seeds = {list(seeds)}: distinct integers in 0..2**31-1")
+    batch_size = _get(ev, "batch_size", "eval", int, 64)
+    if batch_size < 1:
+        raise ConfigError(f"[eval] batch_size = {batch_size}: must be >= 1")
+
+    experiments: list[Experiment] = []
+    if "grid" in raw:
+        experiments.append(_experiment(_get(raw, "grid", source, dict), "grid", "grid"))
+    for i, table in enumerate(_get(raw, "experiment", source, list, [])):
+        where = f"experiment #{i + 1}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{where}] expected a table [[experiment]]")
+        name = _get(table, "name", where, str, fix="give each [[experiment]] a name")
+        experiments.append(_experiment(table, f"experiment {name!r}", name))
+    if not experiments:
+        raise ConfigError(f"{source}: no grid; add [grid] counts = [...] or one or more [[experiment]] tables")
+    names_seen = [e.name for e in experiments]
+    if len(set(names_seen)) != len(names_seen):
+        raise ConfigError(f"experiment names must be distinct, got {names_seen}")
+
+    out = _get(raw, "output", source, dict, {})
+    _unknown(out, {"dir"}, "output")
+    output_dir = _get(out, "dir", "output", str, None)
+
+    run = _get(raw, "run", source, dict, {})
+    allowed_run = {"device", "workers", "threads", "amp", "metrics_port", "metrics_host"}
+    _unknown(run, allowed_run, "run")
+    device = _get(run, "device", "run", str, "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"[run] device = {device!r}: allowed: 'auto', 'cpu', 'cuda'")
+
+    fields: dict[str, Any] = {
+        "data": data_path,
+        "models": names,
+        "weights": weights,
+        "filter": filt,
+        "eval_size": size,
+        "seeds": seeds,
+        "batch_size": batch_size,
+        "experiments": tuple(experiments),
+        "output_dir": output_dir,
+        "device": device,
+        "workers": _get(run, "workers", "run", int, None),
+        "threads": _get(run, "threads", "run", int, None),
+        "amp": _get(run, "amp", "run", bool, False),
+        "metrics_port": _get(run, "metrics_port", "run", int, None),
+        "metrics_host": _get(run, "metrics_host", "run", str, "127.0.0.1"),
+        "extra": {k: raw[k] for k in ("attack",) if k in raw},
+    }
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            fields[key] = value
+    if not fields["output_dir"]:
+        raise ConfigError(f"{source}: no output directory; add [output] dir = 'results/NAME' or pass --out DIR")
+    return SweepConfig(**fields)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Read and validate a TOML sweep config."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return parse_config(raw, str(path), overrides)
