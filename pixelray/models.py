@@ -750,12 +750,12 @@ def _load_checkpoint(spec: str, num_classes: int | None, init_seed: int) -> Clas
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint: {path} holds {type(state).__name__}, not a state_dict of tensors")
     net = _build_net(meta["base"], meta["num_classes"], init_seed)
-    result = net.load_state_dict(_strip_wrappers(dict(state)), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"checkpoint: {path} does not fit base {meta['base']!r}: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}; fix 'base' in {meta['_sidecar']}"
-        )
+    try:
+        net.load_state_dict(_strip_wrappers(dict(state)))
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
+        first = " ".join(str(exc).split())[:400]
+        raise ValueError(f"checkpoint: {path} does not fit base {meta['base']!r} ({first}); fix 'base' "
+                         f"or 'num_classes' in {meta['_sidecar']}") from exc
     return Classifier(net, name=str(meta.get("name") or path.stem), num_classes=meta["num_classes"],
                       mean=meta["mean"], std=meta["std"], weights="checkpoint", source=f"checkpoint:{path}",
                       metadata=meta.get("metadata", {}))
