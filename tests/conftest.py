@@ -19,3 +19,13 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """Root of a small synthetic data set (10 classes, 600 images, 32x32, 100 per shard, seed 0), built once."""
+    from pixelray.datasets.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic") / "synthetic-c10-n600"
+    make_synthetic(root, classes=10, images=600, size=32, seed=0, rows_per_shard=100)
+    return str(root)
