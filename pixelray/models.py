@@ -635,14 +635,16 @@ def _head_size(net: nn.Module) -> int | None:
 
 def _load_factory(spec: str, num_classes: int | None, init_seed: int) -> Classifier:
     factory = _import_factory(spec)
-    if num_classes is not None and not _accepts_num_classes(factory):
-        raise ValueError(f"num_classes: {spec} takes no num_classes argument; leave num_classes unset "
-                         "or add a num_classes parameter to the factory")
+    pass_classes = num_classes is not None and _accepts_num_classes(factory)
     with _seeded(init_seed):
-        net = factory(num_classes=num_classes) if num_classes is not None else factory()
+        net = factory(num_classes=num_classes) if pass_classes else factory()
     if not isinstance(net, nn.Module):
         raise ValueError(f"model: {spec} returned {type(net).__name__}, not a torch.nn.Module")
-    classes = getattr(net, "num_classes", None) or num_classes or _head_size(net)
+    classes = getattr(net, "num_classes", None) or (num_classes if pass_classes else None) or _head_size(net)
+    classes = classes or num_classes
+    if num_classes is not None and classes != num_classes:
+        raise ValueError(f"num_classes: {spec} predicts {classes} classes, not {num_classes}, and takes no "
+                         "num_classes argument; leave num_classes unset or add that parameter to the factory")
     mean = getattr(net, "mean", IMAGENET_MEAN)
     std = getattr(net, "std", IMAGENET_STD)
     if isinstance(net, Classifier):
@@ -778,6 +780,7 @@ def load_model(
             or None/``"none"`` for random init. ``"tiny"`` has no pretrained weights and needs
             ``"none"``; checkpoints and factories bring their own weights and ignore it.
         num_classes: size of the head; by default the weights' (1000 for ImageNet), 10 for tiny.
+            A checkpoint, or a factory without a ``num_classes`` parameter, must already match it.
         init_seed: seed of the random init (the same in every process); the global generator
             is left as it was.
 

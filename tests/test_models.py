@@ -126,6 +126,17 @@ def test_classifier_gives_the_same_logits_for_every_input_layout():
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=what)
 
 
+def test_nhwc_input_reaches_the_network_as_channels_last_without_copy():
+    model = load_model("tiny", None)
+    seen = []
+    model.net.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    model(_images(1, 32))
+    model(_images(1, 32).permute(0, 3, 1, 2).contiguous())
+    assert seen == [True, False]
+
+
 def test_classifier_normalises_inside_with_its_mean_and_std():
     net = torch.nn.Flatten()
     model = Classifier(net, name="id", num_classes=12, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0))
@@ -491,6 +502,7 @@ def test_factory_models(factories):
 
     plain = load_model(f"{factories}:plain")
     assert (plain.num_classes, plain.mean, plain.std) == (6, IMAGENET_MEAN, IMAGENET_STD)
+    assert load_model(f"{factories}:plain", num_classes=6).num_classes == 6  # matches: fine
     assert load_model(f"{factories}:Scaled").num_classes == 3
     assert load_model("pixelray.models:tiny", num_classes=4).num_classes == 4
 
@@ -500,7 +512,7 @@ def test_factory_models(factories):
     [
         ("not_a_module", {}, "not a torch.nn.Module"),
         ("missing", {}, "has no 'missing'"),
-        ("plain", {"num_classes": 3}, "takes no num_classes"),
+        ("plain", {"num_classes": 3}, "predicts 6 classes, not 3, and takes no num_classes"),
     ],
 )
 def test_bad_factories_fail_clearly(factories, attr, kwargs, match):
@@ -548,3 +560,4 @@ def test_cli_weights_bad_arguments(args, offline, torch_home):
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert offline == []
+
