@@ -136,18 +136,18 @@ def draw_positions(
 
 
 def draw_values(
-    cell: Cell, image_ids: torch.Tensor, original: torch.Tensor
+    cell: Cell, image_ids: torch.Tensor | Sequence[int], original: torch.Tensor
 ) -> torch.Tensor:
     """New uint8 values for the changed entries.
 
     Args:
         cell: the cell.
-        image_ids: (N,) int64 on the batch's device.
+        image_ids: (N,) ids, any integer dtype (hashed as int64, like every draw).
         original: (N, count, C) uint8, the current values at the drawn positions
             for the C changed channels.
     """
     change = cell.change
-    keys = _image_keys(cell, image_ids).view(-1, 1, 1)
+    keys = _image_keys(cell, _as_ids(image_ids, original.device)).view(-1, 1, 1)
     n, count, n_ch = original.shape
     k = torch.arange(count, device=original.device).view(1, -1, 1)
     ch = torch.tensor(change.channel_indices, device=original.device).view(1, 1, -1)
