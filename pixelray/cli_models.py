@@ -9,17 +9,6 @@ from typing import Annotated
 
 import typer
 
-from pixelray.models import (
-    PRESETS,
-    Weights,
-    WeightsDownloadError,
-    cached_weights,
-    download_weights,
-    resolve_models,
-    torchvision_models,
-    weights_file,
-)
-
 __all__ = ["weights_app"]
 
 weights_app = typer.Typer(
@@ -29,7 +18,9 @@ weights_app = typer.Typer(
     add_completion=False,
 )
 
-_PRESET_HELP = "A preset of models (" + "; ".join(k + ": " + " ".join(v) for k, v in PRESETS.items()) + ")."
+# pixelray.models (torch, torchvision) is imported inside the commands: `pixelray --help` stays fast.
+_PRESET_HELP = "A preset of models, e.g. paper (resnet101 densenet121 vgg16 alexnet squeezenet1_1)."
+_WEIGHTS_HELP = "imagenet (IMAGENET1K_V1, the paper's), default (torchvision's DEFAULT) or an entry name."
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -39,7 +30,9 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _models(names: list[str] | None, preset: str | None, default: str | None) -> list[str]:
-    """The models the user named: arguments plus a preset, else ``default``'s list."""
+    """The models the user named: arguments plus a preset, else ``default``'s list (None: every one)."""
+    from pixelray.models import PRESETS, resolve_models, torchvision_models
+
     wanted = list(names or [])
     if preset is not None:
         if preset not in PRESETS:
@@ -50,33 +43,44 @@ def _models(names: list[str] | None, preset: str | None, default: str | None) ->
     return resolve_models(wanted)
 
 
+def _weights(value: str) -> str:
+    """The --weights value, checked: a file-backed kind (not 'none')."""
+    if value.strip().lower() == "none":
+        _fail("--weights: 'none' (random init) has no file; use imagenet or default")
+    return value
+
+
 @weights_app.command("list")
 def list_cmd(
     names: Annotated[list[str] | None, typer.Argument(help="Model names or presets (default: the paper preset).",
                                                       show_default=False)] = None,
     preset: Annotated[str | None, typer.Option("--preset", help=_PRESET_HELP)] = None,
-    weights: Annotated[Weights | None, typer.Option(
-        "--weights", help="Which weights (default: imagenet and default).", show_default=False)] = None,
+    weights: Annotated[str | None, typer.Option(
+        "--weights", help=_WEIGHTS_HELP + " Default: imagenet and default.", show_default=False)] = None,
     all_models: Annotated[bool, typer.Option("--all", help="Every torchvision classification model.")] = False,
 ) -> None:
     """Show, per model, the weights file torchvision expects and whether it is cached here.
 
     Example: pixelray weights list --preset paper
     """
+    from pixelray.models import cached_weights, torchvision_models, weights_file
+
     try:
-        if weights is Weights.NONE:
-            _fail("--weights: 'none' has no file; use imagenet or default")
+        kinds = [_weights(weights)] if weights is not None else ["imagenet", "default"]
         models = list(torchvision_models()) if all_models else _models(names, preset, "paper")
-        kinds = [weights] if weights is not None else [Weights.IMAGENET, Weights.DEFAULT]
         rows = cached_weights(models, weights=kinds)
+        known = [m for m in models if m in torchvision_models()]
+        if not rows and known:
+            weights_file(known[0], kinds[0])  # raises, naming the entries this model has
     except ValueError as exc:
         _fail(str(exc))
     if not rows:
         _fail("no torchvision models named; pretrained weights exist only for torchvision models")
     width = max(len(r[0]) for r in rows)
-    typer.echo(f"{'model':<{width}}  weights   cached  file")
+    kind_width = max(8, *(len(r[1]) for r in rows))
+    typer.echo(f"{'model':<{width}}  {'weights':<{kind_width}}  cached  file")
     for name, kind, path, present in rows:
-        typer.echo(f"{name:<{width}}  {kind:<8}  {'yes' if present else 'no':<6}  {path}")
+        typer.echo(f"{name:<{width}}  {kind:<{kind_width}}  {'yes' if present else 'no':<6}  {path}")
     files = {(r[2], r[3]) for r in rows}
     cached = sum(present for _, present in files)
     typer.echo(f"{cached} of {len(files)} files cached in {rows[0][2].parent} (set TORCH_HOME to move it)")
@@ -86,7 +90,7 @@ def list_cmd(
 def download_cmd(
     names: Annotated[list[str] | None, typer.Argument(help="Model names or presets.", show_default=False)] = None,
     preset: Annotated[str | None, typer.Option("--preset", help=_PRESET_HELP)] = None,
-    weights: Annotated[Weights, typer.Option("--weights", help="Which weights to fetch.")] = Weights.IMAGENET,
+    weights: Annotated[str, typer.Option("--weights", help=_WEIGHTS_HELP)] = "imagenet",
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the host.")] = 10.0,
     progress: Annotated[bool, typer.Option("--progress/--quiet", help="Show a progress bar.")] = True,
 ) -> None:
@@ -94,8 +98,9 @@ def download_cmd(
 
     Example: pixelray weights download --preset paper --weights imagenet
     """
-    if weights is Weights.NONE:
-        _fail("--weights: 'none' has no file to download; use imagenet or default")
+    from pixelray.models import WeightsDownloadError, download_weights, torchvision_models, weights_file
+
+    weights = _weights(weights)
     if not names and preset is None:
         _fail("name the models to download, or a preset (e.g. --preset paper)")
     try:

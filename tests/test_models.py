@@ -551,9 +551,20 @@ def test_cli_weights_download_offline_fails_fast_with_one_line(offline, torch_ho
     assert not weights_file("squeezenet1_1", "imagenet").exists()
 
 
+def test_cli_weights_list_explicit_entry_and_main_app(offline, torch_home):
+    from pixelray.cli import app
+
+    result = CliRunner().invoke(app, ["weights", "list", "resnet101", "--weights", "IMAGENET1K_V2"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"resnet101\s+IMAGENET1K_V2\s+no\s+.*resnet101-cd907fc2\.pth", result.stdout)
+    assert CliRunner().invoke(app, ["weights", "list"]).exit_code == 0
+    assert offline == []
+
+
 @pytest.mark.parametrize(
     "args", [["download"], ["download", "resnt"], ["download", "alexnet", "--weights", "none"],
-             ["list", "--preset", "nope"]],
+             ["list", "--preset", "nope"], ["list", "--weights", "bogus!"], ["list", "tiny"],
+             ["list", "vit_h_14", "--weights", "imagenet"]],
 )
 def test_cli_weights_bad_arguments(args, offline, torch_home):
     result = CliRunner().invoke(weights_app, args)
