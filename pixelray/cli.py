@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from pixelray import __version__
+from pixelray.cli_models import weights_app
 from pixelray.metrics import pixel_index, pixel_index_interval, wilson_interval
 from pixelray.spec import PixelChange
 
@@ -18,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(weights_app, name="weights")
 
 
 def fail(message: str, code: int = 2) -> None:
