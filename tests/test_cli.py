@@ -1,0 +1,134 @@
+"""The ``pixelray`` command line: help, version, ``pixel-index`` and its one-line errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pixelray import __version__
+from pixelray.cli import app
+from pixelray.metrics import pixel_index, pixel_index_interval
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), prog_name="pixelray")
+
+
+def console_script() -> str:
+    """The installed ``pixelray`` script of this interpreter's environment (else the one on PATH)."""
+    beside = Path(sys.executable).parent / "pixelray"
+    found = str(beside) if beside.is_file() else shutil.which("pixelray")
+    if found is None:
+        pytest.skip("the pixelray console script is not installed (pip install -e .)")
+    return found
+
+
+def test_help():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "Usage: pixelray" in result.stdout
+    assert "pixel-index" in result.stdout
+
+
+def test_pixel_index_help():
+    result = invoke("pixel-index", "--help")
+    assert result.exit_code == 0
+    for option in ("--wrong", "--images", "--count", "--amplitude", "--area", "--size"):
+        assert option in result.stdout
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout == f"pixelray {__version__}\n"
+
+
+def test_pixel_index_table_5():
+    result = invoke("pixel-index", "--wrong", "352", "--images", "10000", "--count", "64")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "Pi = 27.60  (95% CI 24.90 .. 30.57)"
+    assert lines[1].startswith("w = 3.5200%  (95% CI 3.1763% .. 3.8994%), n = 64, amplitude = full")
+    assert "area = 224, image = 224x224" in lines[1]
+    assert result.stderr == ""
+
+
+def test_pixel_index_shift_and_area():
+    args = ["--wrong", "1000", "--images", "10000", "--count", "16", "--amplitude", "40", "--area", "100"]
+    result = invoke("pixel-index", *args)
+    assert result.exit_code == 0, result.output
+    pi = pixel_index(1000, 10000, 16, 40, 100, 224)
+    low, high = pixel_index_interval(1000, 10000, 16, 40, 100, 224)
+    assert result.stdout.splitlines()[0] == f"Pi = {pi:.2f}  (95% CI {low:.2f} .. {high:.2f})"
+    assert "amplitude = 40, area = 100" in result.stdout
+
+
+def test_pixel_index_section_5_example():
+    result = invoke("pixel-index", "--wrong", "1000", "--images", "10000", "--count", "64", "--area", "200")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Pi = 98.34 ")
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "value"),
+    [
+        (["--amplitude", "300"], "amplitude", "300"),
+        (["--amplitude", "0"], "amplitude", "0"),
+        (["--amplitude", "half"], "amplitude", "half"),
+        (["--amplitude", "-5"], "amplitude", "-5"),
+        (["--count", "0"], "count", "0"),
+        (["--count", "50177"], "count", "50177"),
+        (["--area", "500"], "area", "500"),
+        (["--area", "0"], "area", "0"),
+        (["--wrong", "10001"], "n_wrong/n_images", "10001/10000"),
+        (["--wrong", "-1"], "n_wrong/n_images", "-1/10000"),
+        (["--images", "0", "--wrong", "0"], "n_wrong/n_images", "0/0"),
+    ],
+)
+def test_bad_values_give_a_one_line_error(extra, field, value):
+    args = {"--wrong": "352", "--images": "10000", "--count": "64"}
+    for key, val in zip(extra[::2], extra[1::2], strict=True):
+        args[key] = val
+    result = invoke("pixel-index", *[x for kv in args.items() for x in kv])
+    assert result.exit_code != 0
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {field}: ") and value in lines[0]
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+def test_console_script_works():
+    script = console_script()
+    env = {**os.environ, "NO_COLOR": "1"}
+    ok = subprocess.run(
+        [script, "pixel-index", "--wrong", "352", "--images", "10000", "--count", "64"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines()[0] == "Pi = 27.60  (95% CI 24.90 .. 30.57)"
+    bad = subprocess.run(
+        [script, "pixel-index", "--wrong", "352", "--images", "10000", "--count", "64", "--amplitude", "300"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert bad.returncode != 0 and bad.stdout == ""
+    assert bad.stderr.splitlines() == [
+        "error: amplitude: 300 is outside 1..255; use 'full' or an integer shift 1..255"
+    ]
+
+
+def test_python_dash_m():
+    result = subprocess.run(
+        [sys.executable, "-m", "pixelray", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"pixelray {__version__}"
