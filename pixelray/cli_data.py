@@ -15,8 +15,6 @@ from typing import Annotated
 
 import typer
 
-from pixelray.shards import ShardError, check_dataset, load_manifest
-
 __all__ = ["data_app", "prepare_app"]
 
 data_app = typer.Typer(
@@ -31,6 +29,10 @@ prepare_app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -53,6 +55,8 @@ def check_cmd(
 
     Example: pixelray data check data/imagenet-val
     """
+    from pixelray.shards import check_dataset, load_manifest
+
     problems = check_dataset(root)
     if problems:
         for problem in problems:
@@ -60,7 +64,7 @@ def check_cmd(
         typer.echo(f"{len(problems)} problem{'s' if len(problems) > 1 else ''} in {root}", err=True)
         raise typer.Exit(1)
     manifest = load_manifest(root)
-    typer.echo(f"ok: {manifest.num_images} images in {len(manifest.shards)} shards")
+    typer.echo(f"ok: {manifest.num_images} images in {len(manifest.shards)} shards")  # fixed format: scripts parse it
 
 
 @data_app.command("info")
@@ -68,12 +72,14 @@ def info_cmd(
     root: Annotated[str, typer.Argument(help="Data set directory or URI (s3://..., file://...).")],
 ) -> None:
     """Print a data set's manifest in short: name, source, shape, images, classes, shards."""
+    from pixelray.shards import ShardError, load_manifest
+
     try:
         m = load_manifest(root)
     except ShardError as exc:
         _fail(str(exc))
     typer.echo(f"{m.name}: {m.num_images} images, {m.height}x{m.width} RGB, {m.num_classes} classes, "
-               f"{len(m.shards)} shards, source {m.source}")
+               f"{_count(len(m.shards), 'shard')}, source {m.source}")
     shown = ", ".join(f"{i}={c}" for i, c in zip(m.class_ids[:5], m.class_names[:5], strict=False))
     typer.echo(f"classes: {shown}{', ...' if m.num_classes > 5 else ''}")
 
@@ -236,4 +242,4 @@ def synthetic_cmd(
     except ValueError as exc:
         _fail(str(exc))
     typer.echo(f"wrote {manifest.num_images} images ({manifest.num_classes} classes, {size}x{size}) in "
-               f"{len(manifest.shards)} shards to {os.path.abspath(out)}")
+               f"{_count(len(manifest.shards), 'shard')} to {os.path.abspath(out)}")

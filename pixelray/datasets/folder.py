@@ -162,7 +162,8 @@ class ConvertResult:
     @property
     def summary(self) -> str:
         """One line for people, e.g. ``wrote 198 images in 2 shards to out/; skipped 2 ...``."""
-        line = (f"wrote {self.manifest.num_images} images in {len(self.manifest.shards)} shards to "
+        shards = len(self.manifest.shards)
+        line = (f"wrote {self.manifest.num_images} images in {shards} shard{'' if shards == 1 else 's'} to "
                 f"{self.out_dir} in {self.seconds:.1f} s")
         if self.skipped:
             line += (f"; skipped {len(self.skipped)} unreadable file{'s' if len(self.skipped) > 1 else ''} "

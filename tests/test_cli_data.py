@@ -1,0 +1,127 @@
+"""``pixelray data ...`` and ``pixelray prepare ...`` end to end: real files, real Ray, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_datasets import make_val_folder, photo, save_odd_images
+from test_shards import CORRUPTIONS, corrupt
+from typer.testing import CliRunner
+
+from pixelray.cli import app
+from pixelray.shards import load_manifest
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_prepare_synthetic_then_check_ok(tmp_path):
+    result = invoke("prepare", "synthetic", "--out", tmp_path / "a", "--classes", 4, "--images", 120,
+                    "--size", 16, "--seed", 7, "--rows-per-shard", 50)
+    assert result.exit_code == 0, result.output
+    assert "wrote 120 images (4 classes, 16x16) in 3 shards" in result.stdout
+    check = invoke("data", "check", tmp_path / "a")
+    assert check.exit_code == 0 and check.stdout.strip() == "ok: 120 images in 3 shards"
+    again = invoke("prepare", "synthetic", "--out", tmp_path / "b", "--classes", 4, "--images", 120,
+                   "--size", 16, "--seed", 7, "--rows-per-shard", 50)
+    assert again.exit_code == 0
+    assert load_manifest(str(tmp_path / "a")).shards == load_manifest(str(tmp_path / "b")).shards
+    info = invoke("data", "info", tmp_path / "a")
+    assert info.exit_code == 0 and "120 images, 16x16 RGB, 4 classes, 3 shards" in info.stdout
+    bad = invoke("prepare", "synthetic", "--out", tmp_path / "c", "--classes", 1)
+    assert bad.exit_code == 2 and "error: classes: 1 is invalid" in bad.stderr
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_data_check_reports_each_problem_and_exits_1(synthetic_dataset, tmp_path, kind):
+    root = tmp_path / "copy"
+    shutil.copytree(synthetic_dataset, root)
+    corrupt(str(root), kind)
+    result = invoke("data", "check", root)
+    assert result.exit_code == 1
+    assert re.search("problem: " + CORRUPTIONS[kind], result.stderr), result.stderr
+    assert f"in {root}" in result.stderr and "ok:" not in result.stdout
+
+
+def test_data_check_missing_dataset(tmp_path):
+    result = invoke("data", "check", tmp_path / "none")
+    assert result.exit_code == 1 and "manifest.json: cannot read the manifest" in result.stderr
+    assert invoke("data", "info", tmp_path / "none").exit_code == 2
+
+
+def _tree(root, broken: bool = True):
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        photo(rng, 90, 70).save(root / cls / "1.jpg")
+    if broken:
+        save_odd_images(str(root / "dog"), {"truncated": "2.jpg"}, rng)
+
+
+def test_prepare_folder_skips_broken_jpeg_reports_it_and_exits_1(ray_local, tmp_path):
+    _tree(tmp_path / "src")
+    out = tmp_path / "out"
+    result = invoke("prepare", "folder", "--src", tmp_path / "src", "--out", out, "--size", 48, "--no-progress")
+    assert result.exit_code == 1, result.output
+    assert re.search(r"skipped: dog/2\.jpg: OSError: .*truncated", result.stderr), result.stderr
+    assert "wrote 2 images in 1 shard to" in result.stdout and "report.json" in result.stdout
+    report = json.load(open(out / "report.json"))
+    assert [s["file"] for s in report["skipped"]] == ["dog/2.jpg"]
+    assert report["transform"] == {"resize": 55, "crop": 48}
+    assert invoke("data", "check", out).stdout.strip() == "ok: 2 images in 1 shards"
+    ok = invoke("prepare", "folder", "--src", tmp_path / "src", "--out", tmp_path / "out2", "--size", 48,
+                "--resize", 60, "--allow-skipped", "--no-progress")
+    assert ok.exit_code == 0, ok.output
+    assert json.load(open(tmp_path / "out2" / "report.json"))["transform"] == {"resize": 60, "crop": 48}
+
+
+def test_prepare_folder_failures_leave_no_partial_output(ray_local, tmp_path):
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    save_odd_images(str(src / "a"), {"garbage": "1.jpg"}, np.random.default_rng(1))
+    result = invoke("prepare", "folder", "--src", src, "--out", tmp_path / "out", "--no-progress")
+    assert result.exit_code == 2 and "error: none of the 1 files could be decoded (first: a/1.jpg" in result.stderr
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    result = invoke("prepare", "folder", "--src", src, "--out", tmp_path / "full", "--no-progress")
+    assert result.exit_code == 2 and "exists and is not an empty directory" in result.stderr
+    assert os.listdir(tmp_path / "full") == ["keep.txt"]
+    result = invoke("prepare", "folder", "--src", src, "--out", tmp_path / "x", "--resize", 300, "--no-resize")
+    assert result.exit_code == 2 and "--resize and --no-resize exclude each other" in result.stderr
+
+
+def test_prepare_imagenet_devkit_via_cli(ray_local, tmp_path):
+    src, gt_path, synset_path, _ = make_val_folder(str(tmp_path), n=8)
+    missing = invoke("prepare", "imagenet", "--src", src, "--labels", gt_path, "--out", tmp_path / "o1")
+    assert missing.exit_code == 2 and "meta: required with the devkit ground truth" in missing.stderr
+    result = invoke("prepare", "imagenet", "--src", src, "--labels", gt_path, "--meta", synset_path,
+                    "--out", tmp_path / "o2", "--rows-per-shard", 4, "--allow-skipped", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "skipped: ILSVRC2012_val_00000007.JPEG" in result.stderr
+    assert "skipped: ILSVRC2012_val_00000008.JPEG" in result.stderr
+    assert "wrote 6 images in 2 shards" in result.stdout
+    assert load_manifest(str(tmp_path / "o2")).class_ids[0] == "n01000001"
+    assert not (tmp_path / "o1").exists()
+
+
+def test_console_script_check(synthetic_dataset, tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "pixelray")
+    ok = subprocess.run([exe, "data", "check", synthetic_dataset], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.strip() == "ok: 600 images in 6 shards", ok.stderr
+    root = tmp_path / "copy"
+    shutil.copytree(synthetic_dataset, root)
+    corrupt(str(root), "truncated")
+    bad = subprocess.run([exe, "data", "check", str(root)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "shard-00002.parquet: unreadable Parquet" in bad.stderr
