@@ -2,9 +2,9 @@
 
 Prints one JSON line: images/s of ``pixelray.attacks.fgsm`` (uint8 in, uint8 out: one
 forward and one backward to the input), of a forward pass under ``torch.inference_mode``,
-their ratio (the cost of FGSM in forward passes, about 2-3), and of ``torchattacks.FGSM``
-on the same float batch when torchattacks is installed (DESIGN: pixelray's FGSM must run at
-least as fast).
+their ratio (the cost of FGSM in forward passes, about 2-3), and with ``--torchattacks``
+of ``torchattacks.FGSM`` on the same float batch (DESIGN: pixelray's FGSM must run at least
+as fast).
 
 The model is a random-init ``pixelray.models.load_model`` Classifier (normalisation inside,
 parameters frozen): no weights are read or downloaded. The timings are medians over
@@ -12,7 +12,7 @@ parameters frozen): no weights are read or downloaded. The timings are medians o
 
 Usage:
     python benchmarks/fgsm.py                                  # resnet18, batch 32, 224x224, CPU
-    python benchmarks/fgsm.py --device cuda --batch 256 --amp  # on a GPU, bf16/fp16 autocast
+    python benchmarks/fgsm.py --device cuda --batch 256 --amp --torchattacks  # GPU, fp16 autocast
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--no-torchattacks", action="store_true", help="skip the torchattacks timing")
+    parser.add_argument("--torchattacks", action="store_true", help="also time torchattacks.FGSM")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.size < 16 or args.iters < 1 or args.warmup < 0:
         parser.error("--batch and --iters must be >= 1, --size >= 16 and --warmup >= 0")
@@ -100,22 +100,19 @@ def main(argv: list[str] | None = None) -> dict:
         "fgsm_cost_in_forwards": round(t_fgsm / t_forward, 3),
     }
 
-    if not args.no_torchattacks:
-        try:
-            import torchattacks
-        except ImportError:
-            torchattacks = None
-        if torchattacks is not None:
-            unit = images.float() / 255
-            atk = torchattacks.FGSM(model, eps=args.eps)
+    if args.torchattacks:
+        import torchattacks  # a dev dependency
 
-            def theirs() -> None:  # float in, rounded to uint8 like ours
-                with autocast():
-                    to_uint8(atk(unit, labels))
+        unit = images.float() / 255
+        atk = torchattacks.FGSM(model, eps=args.eps)
 
-            t_theirs = _timer(device, theirs, 0, args.iters)  # the model's kernels are warm by now
-            result["torchattacks_images_per_s"] = round(args.batch / t_theirs, 2)
-            result["speed_vs_torchattacks"] = round(t_theirs / t_fgsm, 3)
+        def theirs() -> None:  # float in (ours converts uint8 inside its timing), rounded like ours
+            with autocast():
+                to_uint8(atk(unit, labels))
+
+        t_theirs = _timer(device, theirs, 0, args.iters)  # the model's kernels are warm by now
+        result["torchattacks_images_per_s"] = round(args.batch / t_theirs, 2)
+        result["speed_vs_torchattacks"] = round(t_theirs / t_fgsm, 3)
 
     print(json.dumps(result))
     return result
