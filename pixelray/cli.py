@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from pixelray import __version__
+from pixelray.cli_data import data_app, prepare_app
 from pixelray.cli_models import weights_app
 from pixelray.metrics import pixel_index, pixel_index_interval, wilson_interval
 from pixelray.spec import PixelChange
@@ -20,6 +21,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(weights_app, name="weights")
+app.add_typer(data_app, name="data")
+app.add_typer(prepare_app, name="prepare")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -76,6 +79,71 @@ def pixel_index_cmd(
     typer.echo(f"Pi = {pi:.2f}  (95% CI {low:.2f} .. {high:.2f})")
     typer.echo(f"w = {wrong / images:.4%}  (95% CI {w_low:.4%} .. {w_high:.4%}), n = {count}, "
                f"amplitude = {change.amplitude}, area = {area or size}, image = {size}x{size}")
+
+
+@app.command("sweep")
+def sweep_cmd(
+    config: Annotated[str, typer.Argument(help="Sweep config (TOML), e.g. jobs/paper.toml.")],
+    out: Annotated[str | None, typer.Option("--out", help="Output directory (overrides [output] dir).")] = None,
+    address: Annotated[
+        str, typer.Option("--address", help="'local' starts an embedded Ray; 'auto' or ray://... joins a cluster.")
+    ] = "local",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT (0 = any free port)."),
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Run (or resume) a grid sweep; results land as Parquet under the output directory."""
+    from pixelray.config import ConfigError, load_config
+    from pixelray.sweep import SweepError, connect, run_sweep
+
+    try:
+        cfg = load_config(config, {"output_dir": out, "metrics_port": metrics_port})
+        connect(address)
+        result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True))
+    except (ConfigError, SweepError) as exc:
+        fail(str(exc))
+    _summary(result.cells_path)
+
+
+def _summary(cells_path) -> None:
+    import pandas as pd
+
+    df = pd.read_parquet(cells_path)
+    typer.echo(f"results: {cells_path} ({len(df)} rows)")
+    with pd.option_context("display.width", 120, "display.max_rows", 40):
+        cols = ["experiment", "model", "count", "amplitude", "area", "n_images", "n_wrong", "wrong_rate", "pixel_index"]
+        typer.echo(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[str, typer.Option("--out", help="Where the demo's data, models and results go.")] = "demo-out",
+    config: Annotated[str, typer.Option("--config", help="The demo sweep config.")] = "jobs/demo.toml",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Run the whole pipeline on an embedded local Ray: synthetic data, two tiny models, a sweep."""
+    from pathlib import Path
+
+    from pixelray.config import ConfigError, load_config
+    from pixelray.demo import prepare_demo
+    from pixelray.sweep import SweepError, connect, run_sweep
+
+    data, checkpoints = prepare_demo(out, log=lambda m: typer.echo(m, err=True))
+    overrides = {
+        "data": str(data),
+        "models": tuple(f"checkpoint:{p}" for p in checkpoints),
+        "output_dir": str(Path(out) / "results"),
+    }
+    try:
+        cfg = load_config(config, overrides)
+        connect("local")
+        result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True))
+    except (ConfigError, SweepError) as exc:
+        fail(str(exc))
+    _summary(result.cells_path)
+    typer.echo(f"\nquery it: python -c \"import pandas as pd; print(pd.read_parquet('{result.cells_path}'))\"")
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m pixelray`

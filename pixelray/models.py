@@ -236,10 +236,10 @@ def model_info(model: Classifier) -> dict[str, Any]:
 class TinyNet(nn.Module):
     """pixelray's small CNN: four conv blocks with BatchNorm, global average pool, linear head.
 
-    About 240 k parameters; takes 3 x H x W for any H, W >= 16.
+    About 60 k parameters; takes 3 x H x W for any H, W >= 16.
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 32) -> None:
+    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: {num_classes!r} is invalid; it must be an integer >= 1")

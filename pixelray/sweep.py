@@ -235,6 +235,18 @@ def _schedule(
             remaining -= 1
 
 
+def _preflight(pool: _Pool, config: SweepConfig) -> None:
+    """Check on a worker (where models load) that every model's weights are there."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        ray.get(pool.workers[0]["handle"].preflight.remote(list(config.models), config.weights))
+    except RayTaskError as exc:
+        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+        raise SweepError(str(cause)) from None
+
+
 def _read_unit_tables(paths: Iterable[Path]) -> pa.Table | None:
     tables = [pq.read_table(p) for p in paths]
     return pa.concat_tables(tables) if tables else None
@@ -249,6 +261,8 @@ def _versions() -> dict[str, str]:
 def _check_run_dir(out: Path, config: SweepConfig) -> None:
     """Create run.json, or refuse a directory that holds another config's run."""
     run_file = out / "run.json"
+    for stale in out.rglob(".*.tmp-*"):  # half-written files of a killed run: never read, removed
+        stale.unlink()
     if run_file.exists():
         previous = json.loads(run_file.read_text())
         if previous.get("config_hash") != config.config_hash:
@@ -293,6 +307,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, log: Callable[[str]
     pool = _Pool(config, telemetry)
     weights, num_classes = config.weights, manifest.num_classes
     try:
+        _preflight(pool, config)
         # Phase 1: clean predictions, one unit per (model, shard).
         shards = list(zip(uris, manifest.shards, strict=True))
         clean_units = [Unit("clean", m, uri, info.file) for m in config.models for uri, info in shards]

@@ -38,13 +38,13 @@ class SweepTelemetry:
         self._bar: tqdm | None = None
         self._start = 0.0
         self._images_phase = 0
-        self._done = self._total = 0
+        self._phase, self._done, self._total, self._resumed = "", 0, 0, 0
 
     def start_phase(self, phase: str, total: int, already_done: int) -> None:
         self.close_bar()
         self.units_total.labels(phase).set(total)
         self.units_done.labels(phase).inc(already_done)
-        self._phase, self._total, self._done = phase, total, already_done
+        self._phase, self._total, self._done, self._resumed = phase, total, already_done, already_done
         self._start, self._images_phase = time.monotonic(), 0
         self._bar = tqdm(
             total=total, initial=already_done, desc=f"{phase:>6}", unit="unit",
@@ -60,7 +60,7 @@ class SweepTelemetry:
         rate = self._images_phase / elapsed
         self.throughput.set(rate)
         left = self._total - self._done
-        unit_rate = (self._done - self._bar.initial) / elapsed if self._bar else 0
+        unit_rate = (self._done - self._resumed) / elapsed
         self.eta.set(left / unit_rate if unit_rate else 0)
         if self._bar is not None:
             self._bar.set_postfix_str(f"{rate:,.0f} img/s", refresh=False)

@@ -123,6 +123,17 @@ class ModelWorker:
         """Where this worker runs (node, pid, device): for logs and tests."""
         return {"pid": os.getpid(), "device": str(self.device), "model": self._model_key}
 
+    def preflight(self, models: Sequence[str], weights: str | None) -> None:
+        """Fail fast, on the worker's machine, when a model's weights or checkpoint file is missing."""
+        from pathlib import Path
+
+        from pixelray.models import require_weights
+
+        require_weights(list(models), weights or "none")
+        for spec in models:
+            if spec.startswith("checkpoint:") and not Path(spec.split(":", 1)[1]).is_file():
+                raise FileNotFoundError(f"model {spec!r}: no such checkpoint file; check the path in [models] names")
+
     def _ensure_model(self, model: str, weights: str | None, num_classes: int) -> torch.nn.Module:
         from pixelray.models import load_model
 

@@ -1,0 +1,322 @@
+"""The grid sweep on a real local Ray: exact counts, fault tolerance, resume, no re-reads."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from pixelray.config import ConfigError, parse_config
+from pixelray.models import load_model, save_checkpoint
+from pixelray.perturb import apply_pixel_changes
+from pixelray.shards import load_manifest, read_shard, shard_uris
+from pixelray.spec import Cell, PixelChange
+from pixelray.sweep import SweepError, run_sweep
+from pixelray.train import TrainConfig, fit
+
+GRID = {"counts": [8, 64, 200], "amplitudes": ["full", 60], "areas": [32, 16]}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(synthetic_dataset, tmp_path_factory):
+    """Two tiny CNNs trained briefly on the synthetic data (different seeds)."""
+    root = tmp_path_factory.mktemp("models")
+    n_classes = load_manifest(str(synthetic_dataset)).num_classes
+    paths = []
+    for seed in (0, 1):
+        model = load_model("tiny", None, num_classes=n_classes, init_seed=seed)
+        fit(model, str(synthetic_dataset), TrainConfig(epochs=2, seed=seed))
+        paths.append(save_checkpoint(model, root / f"tiny{seed}.pt", base="tiny"))
+    return [f"checkpoint:{p}" for p in paths]
+
+
+def make_config(data, models, out, grid=GRID, **eval_):
+    raw = {
+        "data": {"path": str(data)},
+        "models": {"names": list(models), "weights": "none"},
+        "eval": {"filter": "all", "batch_size": 64, **eval_},
+        "grid": grid,
+        "output": {"dir": str(out)},
+        "run": {"threads": 2},
+    }
+    return parse_config(raw)
+
+
+def plain_loop(data, models, cells, size):
+    """Independent reference: no Ray, one image at a time."""
+    ids, labels, images = [], [], []
+    for uri in shard_uris(str(data)):
+        b = read_shard(uri)
+        ids += b.image_ids.tolist()
+        labels += b.labels.tolist()
+        images += list(b.images)
+    nets = {m: load_model(m, None) for m in models}
+    with torch.inference_mode():
+        batch, truth = torch.stack(images), torch.tensor(labels)
+        ok = torch.stack([nets[m](batch).argmax(1) == truth for m in models]).all(0).tolist()
+        chosen = sorted(i for i, good in zip(ids, ok, strict=True) if good)[:size]
+        index = {i: k for k, i in enumerate(ids)}
+        wrong = {}
+        for m in models:
+            for cell in cells:
+                n = 0
+                for i in chosen:
+                    k = index[i]
+                    changed = apply_pixel_changes(images[k][None], cell, [i])
+                    n += int(nets[m](changed).argmax()) != labels[k]
+                wrong[(m, cell.cell_id)] = (len(chosen), n)
+    return wrong
+
+
+def cell_of(row):
+    amp = row.amplitude if row.amplitude == "full" else int(row.amplitude)
+    area = None if row.area == 32 else int(row.area)
+    return Cell(PixelChange(int(row["count"]), amp, area), int(row.seed))
+
+
+@pytest.mark.slow
+def test_counts_equal_an_independent_plain_loop(ray_local, synthetic_dataset, checkpoints, tmp_path):
+    cfg = make_config(synthetic_dataset, checkpoints, tmp_path / "out", size=100)
+    result = run_sweep(cfg, progress=False)
+    df = pd.read_parquet(result.cells_path)
+    assert len(df) == 2 * 12
+    assert not df.duplicated(["model", "count", "amplitude", "area"]).any()
+    expected = plain_loop(synthetic_dataset, checkpoints, cfg.unique_cells((32, 32)), 100)
+    got = {(r.model, cell_of(r).cell_id): (r.n_images, r.n_wrong) for _, r in df.iterrows()}
+    assert got == expected
+    assert df.n_wrong.sum() > 0  # the grid does damage: a test that can fail
+    # the results schema, typed
+    assert list(df.columns)[:3] == ["experiment", "model", "weights"]
+    assert df.pixel_index.notna().all() and (df.ci_low <= df.wrong_rate).all()
+    ids = (tmp_path / "out" / "image_ids.txt").read_text().split()
+    assert len(ids) == 100 and ids == sorted(ids, key=int)
+    clean = pd.read_parquet(result.clean_path)
+    assert set(clean.columns) >= {"model", "image_id", "label", "prediction", "correct"}
+    assert len(clean) == 2 * load_manifest(str(synthetic_dataset)).num_images
+
+
+@pytest.mark.slow
+def test_reads_do_not_grow_with_the_grid(ray_local, synthetic_dataset, checkpoints, tmp_path):
+    n_shards = len(shard_uris(str(synthetic_dataset)))
+    reads = []
+    for name, grid in {"small": {"counts": [4]}, "big": GRID}.items():
+        result = run_sweep(make_config(synthetic_dataset, checkpoints, tmp_path / name, grid=grid), progress=False)
+        reads.append(result.stats["reads"])
+    assert reads[0] == reads[1] == {"clean": n_shards * 2, "cells": n_shards * 2}
+
+
+def _unit_files(out: Path, phase: str = "cells"):
+    return sorted((out / "units" / phase).rglob("*.parquet"))
+
+
+def _sweep_in_thread(cfg):
+    box = {}
+
+    def target():
+        try:
+            box["result"] = run_sweep(cfg, progress=False)
+        except BaseException as exc:  # handed to the test thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _wait_for(predicate, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, synthetic_dataset, checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    result = run_sweep(make_config(synthetic_dataset, checkpoints, out), progress=False)
+    return pd.read_parquet(result.cells_path)
+
+
+def _comparable(df):
+    return df.drop(columns=["pixelray_version", "torch_version"]).reset_index(drop=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
+def test_killing_a_worker_changes_nothing(ray_local, synthetic_dataset, checkpoints, reference, tmp_path, how):
+    import ray
+
+    out = tmp_path / "out"
+    cfg = make_config(synthetic_dataset, checkpoints, out)
+    thread, box = _sweep_in_thread(cfg)
+    assert _wait_for(lambda: len(_unit_files(out)) >= 1), box
+    assert not (out / "cells.parquet").exists(), "the sweep finished before the kill; make it longer"
+    actors = [ray.get_actor(n) for n in ray.util.list_named_actors() if n.startswith(f"pixelray-worker-{os.getpid()}")]
+    assert actors
+    if how == "ray.kill":
+        ray.kill(actors[0], no_restart=True)
+    else:
+        os.kill(ray.get(actors[0].ping.remote())["pid"], signal.SIGKILL)
+    thread.join(300)
+    assert "error" not in box, box.get("error")
+    df = pd.read_parquet(out / "cells.parquet")
+    assert not df.duplicated(["experiment", "model", "count", "amplitude", "area", "seed"]).any()
+    pd.testing.assert_frame_equal(_comparable(df), _comparable(reference))
+    assert len(_unit_files(out)) == len(_unit_files(out, "clean")) == 2 * len(shard_uris(str(synthetic_dataset)))
+
+
+def _write_toml(cfg_dict, path):
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(cfg_dict))
+    return path
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_only_missing_units(synthetic_dataset, checkpoints, reference, tmp_path):
+    out = tmp_path / "out"
+    raw = {
+        "data": {"path": str(synthetic_dataset)},
+        "models": {"names": list(checkpoints), "weights": "none"},
+        "eval": {"filter": "all", "batch_size": 64},
+        "grid": GRID,
+        "output": {"dir": str(out)},
+        "run": {"threads": 1},
+    }
+    config = _write_toml(raw, tmp_path / "sweep.toml")
+    cmd = [sys.executable, "-m", "pixelray", "sweep", str(config), "--no-progress"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert _wait_for(lambda: len(_unit_files(out)) >= 3, timeout=240), proc.stdout.read().decode()[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    assert not (out / "cells.parquet").exists(), "the sweep finished before the kill; make it longer"
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in _unit_files(out) + _unit_files(out, "clean")}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = _unit_files(out) + _unit_files(out, "clean")
+    assert all((p.stat().st_ino, p.stat().st_mtime_ns) == before[p] for p in before), "finished units were redone"
+    assert len(after) > len(before)
+    assert not list(out.rglob(".*.tmp-*")), "temp files of the killed run were left behind"
+    import json
+
+    stats = json.loads((out / "stats.json").read_text())
+    n_units = 2 * len(shard_uris(str(synthetic_dataset)))
+    assert stats["units_run"]["cells"] == n_units - sum(1 for p in before if "/cells/" in str(p))
+    df = pd.read_parquet(out / "cells.parquet")
+    pd.testing.assert_frame_equal(_comparable(df), _comparable(reference))
+
+
+def test_another_config_in_the_same_directory_is_refused(ray_local, synthetic_dataset, checkpoints, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text('{"config_hash": "0123456789abcdef"}')
+    with pytest.raises(SweepError, match="another config"):
+        run_sweep(make_config(synthetic_dataset, checkpoints, out, grid={"counts": [2]}), progress=False)
+
+
+def test_a_cell_that_does_not_fit_the_images_is_refused_before_work(synthetic_dataset, checkpoints, tmp_path):
+    cfg = make_config(synthetic_dataset, checkpoints, tmp_path / "out", grid={"counts": [4], "areas": [64]})
+    with pytest.raises(ConfigError, match="area: 64 is larger than the image"):
+        run_sweep(cfg, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_with_token_auth(synthetic_dataset, checkpoints, tmp_path):
+    """A real Ray head on 127.0.0.1 with token authentication; `ray job submit` of jobs/sweep.py."""
+    import secrets
+
+    repo = Path(__file__).resolve().parents[1]
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="pxr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    head_log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}"],
+        env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        assert _wait_for(lambda: _http_ok(f"http://127.0.0.1:{dash}/api/version"), timeout=120), (
+            (tmp_path / "head.log").read_text()[-3000:])
+        out = tmp_path / "out"
+        raw = {
+            "data": {"path": str(synthetic_dataset)},
+            "models": {"names": list(checkpoints), "weights": "none"},
+            "eval": {"filter": "all", "size": 100},
+            "grid": {"counts": [2, 8], "amplitudes": ["full", 20]},
+            "output": {"dir": str(out)},
+        }
+        config = _write_toml(raw, tmp_path / "job.toml")
+        submit = [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                  "--working-dir", str(repo), "--", "python", "jobs/sweep.py", "--config", str(config)]
+        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=repo)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        assert "succeeded" in done.stdout
+        df = pd.read_parquet(out / "cells.parquet")
+        assert len(df) == 2 * 4 and (df.n_images == 100).all()
+        # a wrong token is refused
+        bad = subprocess.run(submit, env={**env, "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True, text=True,
+                             timeout=120, cwd=repo)
+        assert bad.returncode != 0
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        head_log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _http_ok(url):
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # loopback only
+            return response.status < 500
+    except OSError as exc:
+        return getattr(exc, "code", 0) in (401, 403)  # up, and asking for the token
+
+
+def test_missing_weights_fail_before_any_unit(ray_local, synthetic_dataset, tmp_path, monkeypatch):
+    cfg = parse_config({
+        "data": {"path": str(synthetic_dataset)},
+        "models": {"names": ["squeezenet1_1", f"checkpoint:{tmp_path / 'nope.pt'}"], "weights": "none"},
+        "grid": {"counts": [4]}, "output": {"dir": str(tmp_path / "out")},
+    })
+    with pytest.raises(SweepError, match="nope.pt"):
+        run_sweep(cfg, progress=False)
+    assert not (tmp_path / "out" / "units").exists()
