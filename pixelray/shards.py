@@ -469,6 +469,9 @@ class ShardWriter:
         if compression.lower() not in ("zstd", "lz4", "snappy", "gzip", "brotli", "none"):
             raise ValueError(f"compression: {compression!r} is unknown; use zstd, lz4, snappy, gzip, "
                              "brotli or none")
+        if "://" in os.fspath(out_dir):
+            raise ValueError(f"out_dir: {os.fspath(out_dir)} is a URI; ShardWriter writes a local directory "
+                             "(write locally, then copy it, e.g. with `aws s3 sync`)")
         self.out_dir = os.path.abspath(os.fspath(out_dir))
         if os.path.exists(self.out_dir) and (not os.path.isdir(self.out_dir) or os.listdir(self.out_dir)):
             raise ValueError(f"out_dir: {self.out_dir} exists and is not an empty directory; "

@@ -171,6 +171,8 @@ def test_writer_refuses_non_empty_dir_and_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="class_ids: 1 entries for 2 class_names"):
         ShardWriter(tmp_path / "b", name="t", height=2, width=2, class_names=["a", "b"], class_ids=["x"],
                     source="x")
+    with pytest.raises(ValueError, match=r"out_dir: s3://bucket/ds is a URI; ShardWriter writes a local"):
+        ShardWriter("s3://bucket/ds", name="t", height=2, width=2, class_names=["a"], source="x")
     with pytest.raises(ValueError, match="compression: 'zip' is unknown"):
         ShardWriter(tmp_path / "c", name="t", height=2, width=2, class_names=["a"], source="x",
                     compression="zip")
