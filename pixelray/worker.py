@@ -191,13 +191,18 @@ class _ActorMetrics:
     """Counters exported through Ray's metrics agent (Prometheus service discovery)."""
 
     def __init__(self):
-        from ray.util import metrics
-
+        try:
+            from ray.util import metrics
+        except ImportError:  # the worker's code used in-process on a machine without Ray
+            self._images = self._units = None
+            return
         self._images = metrics.Counter(
             "pixelray_worker_images", description="Images forwarded by workers (x cells).", tag_keys=("model",)
         )
         self._units = metrics.Counter("pixelray_worker_units", description="Units run by workers.", tag_keys=("model",))
 
     def record(self, model: str, images: int) -> None:
+        if self._images is None:
+            return
         self._images.inc(images, tags={"model": model})
         self._units.inc(1, tags={"model": model})

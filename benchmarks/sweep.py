@@ -1,0 +1,262 @@
+"""Sweep throughput against forward-only, a naive per-cell loop, and Ray Data with one pipeline per cell.
+
+All in one run, on the same images and the same model (random init is fine for timing):
+
+* forward-only: the same number of images the sweep pushes through the model (clean
+  pass + every cell), batched, in one plain process: the ceiling;
+* the sweep (Ray, ModelWorker, unit files): efficiency = forward-only time / sweep time,
+  with Ray start-up reported separately;
+* naive: the paper's Algorithm 1 as it reads: re-read the data for every cell, change
+  pixels image by image in Python, then predict;
+* Ray Data: ``read_parquet(...).map_batches(Predictor, compute=ActorPoolStrategy(size=1))``,
+  one pipeline per cell (the same vectorised perturbation inside).
+
+Prints one JSON line. CPU default (about 5 minutes on 2 cores)::
+
+    python benchmarks/sweep.py
+    python benchmarks/sweep.py --device cuda --model resnet101 --images 4096 --amp --no-ray
+
+``--no-ray`` (for machines without Ray) replaces the Ray sweep by the worker's own
+code path in-process (``ModelWorker.run`` with two units in flight, as in the actor),
+and skips the Ray Data baseline; ``--amp`` also reports the prediction agreement of
+AMP with fp32 on the perturbed images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pixelray.datasets.synthetic import make_synthetic  # noqa: E402
+from pixelray.models import load_model  # noqa: E402
+from pixelray.perturb import apply_pixel_changes  # noqa: E402
+from pixelray.shards import load_manifest, read_shard, shard_uris  # noqa: E402
+from pixelray.spec import Cell, PixelChange  # noqa: E402
+from pixelray.worker import ModelWorker, Unit, pick_device  # noqa: E402
+
+COUNTS = [4, 8, 16, 32, 64]
+AMPLITUDES = ["full", 10, 40, 70, 127]
+
+
+def grid_cells() -> list[Cell]:
+    return [Cell(PixelChange(n, a)) for n in COUNTS for a in AMPLITUDES]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_only(model, images, passes, batch, device, amp) -> float:
+    """Seconds for ``passes`` x len(images) images through the model, batched, data already in memory."""
+    x = images.to(device)
+    ctx = torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16, enabled=amp)
+    with torch.inference_mode(), ctx:
+        model(x[:batch])  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(passes):
+            for s in range(0, len(x), batch):
+                model(x[s : s + batch]).argmax(1)
+        _sync(device)
+    return time.perf_counter() - t0
+
+
+def naive_loop(model, uris, cells, batch, device) -> tuple[float, int]:
+    """Algorithm 1 as read: per cell, re-read every shard, change pixels image by image in Python."""
+    t0 = time.perf_counter()
+    wrong = 0
+    for cell in cells:
+        change = cell.change
+        for uri in uris:
+            table = pq.read_table(uri, columns=["image_id", "label", "image"])
+            shape = (len(table), *load_manifest(str(Path(uri).parent)).image_shape)
+            images = np.frombuffer(b"".join(table.column("image").to_pylist()), dtype=np.uint8).reshape(shape).copy()
+            labels = table.column("label").to_numpy()
+            for k, image_id in enumerate(table.column("image_id").to_pylist()):
+                rng = random.Random(hash((cell.key, image_id)))
+                h, w = images.shape[1:3]
+                for pos in rng.sample(range(h * w), change.count):
+                    y, x = divmod(pos, w)
+                    for c in range(3):
+                        if change.amplitude == "full":
+                            images[k, y, x, c] = rng.randint(0, 255)
+                        else:
+                            a = int(change.amplitude)
+                            images[k, y, x, c] = min(255, max(0, int(images[k, y, x, c]) + rng.randint(-a, a)))
+            x = torch.from_numpy(images).to(device)
+            with torch.inference_mode():
+                for s in range(0, len(x), batch):
+                    wrong += int((model(x[s : s + batch]).argmax(1).cpu() != torch.from_numpy(labels[s : s + batch])).sum())
+    _sync(device)
+    return time.perf_counter() - t0, wrong
+
+
+class _Predictor:
+    """Ray Data callable class: loads the model once, predicts a batch under one cell."""
+
+    def __init__(self, model: str, num_classes: int, cell: Cell, shape, threads: int):
+        torch.set_num_threads(threads)
+        self.model = load_model(model, None, num_classes=num_classes).eval()
+        self.cell, self.shape = cell, shape
+
+    def __call__(self, table):
+        n = len(table)
+        col = table.column("image").combine_chunks()
+        row = int(np.prod(self.shape))
+        raw = np.frombuffer(col.buffers()[1], dtype=np.uint8, count=n * row, offset=col.offset * row)
+        images = torch.from_numpy(raw.reshape(n, *self.shape).copy())
+        ids = torch.from_numpy(table.column("image_id").to_numpy().astype(np.int64))
+        labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
+        with torch.inference_mode():
+            preds = self.model(apply_pixel_changes(images, self.cell, ids)).argmax(1)
+        return {"wrong": np.array([int((preds != labels).sum())])}
+
+
+def ray_data_per_cell(model, uris, cells, manifest, batch, threads) -> tuple[float, int]:
+    import ray
+
+    t0 = time.perf_counter()
+    wrong = 0
+    for cell in cells:
+        ds = ray.data.read_parquet(uris, columns=["image_id", "label", "image"])
+        out = ds.map_batches(
+            _Predictor,
+            fn_constructor_kwargs=dict(model=model, num_classes=manifest.num_classes, cell=cell,
+                                       shape=manifest.image_shape, threads=threads),
+            compute=ray.data.ActorPoolStrategy(size=1),
+            batch_size=batch, batch_format="pyarrow", num_cpus=1,
+        )
+        wrong += int(sum(r["wrong"] for r in out.iter_rows()))
+    return time.perf_counter() - t0, wrong
+
+
+def sweep_ray(data, model, out, batch, threads, amp, device) -> tuple[float, dict]:
+    from pixelray.config import parse_config
+    from pixelray.sweep import run_sweep
+
+    cfg = parse_config({
+        "data": {"path": str(data)},
+        "models": {"names": [model], "weights": "none"},
+        "eval": {"filter": "none", "batch_size": batch},
+        "grid": {"counts": COUNTS, "amplitudes": AMPLITUDES},
+        "output": {"dir": str(out)},
+        "run": {"threads": threads, "amp": amp, "device": device},
+    })
+    t0 = time.perf_counter()
+    result = run_sweep(cfg, progress=False)
+    return time.perf_counter() - t0, result.stats
+
+
+def sweep_in_process(uris, manifest, model, cells, batch, threads, amp, device) -> tuple[float, int]:
+    """The worker's code path without Ray: each shard is one unit; two in flight (read overlaps compute)."""
+    worker = ModelWorker(device=device, threads=threads, batch_size=batch, amp=amp)
+    worker._ensure_model(model, None, manifest.num_classes)  # model load is not part of the steady state
+    units = [Unit("cells", model, uri, Path(uri).name) for uri in uris]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda u: worker.run(u, None, manifest.num_classes, cells), units))
+    _sync(pick_device(device))
+    return time.perf_counter() - t0, int(sum(r["n_wrong"].sum() for r in results))
+
+
+def amp_agreement(model, images, ids, cells, batch, device) -> float:
+    x = images.to(device)
+    ids = ids.to(device)
+    same = total = 0
+    with torch.inference_mode():
+        for cell in cells[:: max(1, len(cells) // 5)]:
+            for s in range(0, len(x), batch):
+                xb = apply_pixel_changes(x[s : s + batch], cell, ids[s : s + batch])
+                p32 = model(xb).argmax(1)
+                with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16):
+                    p16 = model(xb).argmax(1)
+                same += int((p32 == p16).sum())
+                total += len(p32)
+    return same / total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="squeezenet1_1")
+    ap.add_argument("--images", type=int, default=128)
+    ap.add_argument("--rows-per-shard", type=int, default=64)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--amp", action="store_true", help="autocast in the sweep and forward-only; report agreement")
+    ap.add_argument("--no-ray", action="store_true", help="worker code path in-process; no Ray Data baseline")
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--naive-cells", type=int, default=25, help="time the naive loop on this many cells, scaled")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cells = grid_cells()
+    tmp = Path(tempfile.mkdtemp(prefix="pxbench"))
+    report: dict = {"model": args.model, "device": args.device, "images": args.images, "size": args.size,
+                    "cells": len(cells), "batch": args.batch, "amp": args.amp, "threads": args.threads}
+    try:
+        data = tmp / "data"
+        make_synthetic(data, classes=10, images=args.images, size=args.size, seed=0, rows_per_shard=args.rows_per_shard)
+        manifest = load_manifest(str(data))
+        uris = shard_uris(str(data))
+        parts = [read_shard(u) for u in uris]
+        images = torch.cat([p.images for p in parts])
+        ids = torch.cat([p.image_ids for p in parts])
+        model = load_model(args.model, None, num_classes=manifest.num_classes).to(device, memory_format=torch.channels_last)
+
+        if args.no_ray:
+            t_sweep, wrong = sweep_in_process(uris, manifest, args.model, cells, args.batch, args.threads, args.amp,
+                                              args.device)
+            passes = len(cells)
+            report["mode"] = "in-process worker (no Ray)"
+        else:
+            from pixelray.sweep import connect
+
+            t0 = time.perf_counter()
+            connect("local")
+            report["ray_start_s"] = round(time.perf_counter() - t0, 2)
+            t_sweep, stats = sweep_ray(data, args.model, tmp / "out", args.batch, args.threads, args.amp, args.device)
+            passes = len(cells) + 1  # the clean pass, then every cell
+            report["mode"] = "ray sweep"
+            report["reads"] = stats["reads"]
+        report["sweep_s"] = round(t_sweep, 2)
+        t_fwd = forward_only(model, images, passes, args.batch, device, args.amp)
+        report["forward_only_s"] = round(t_fwd, 2)
+        report["images_per_s_sweep"] = round(passes * args.images / t_sweep, 1)
+        report["images_per_s_forward_only"] = round(passes * args.images / t_fwd, 1)
+        report["efficiency"] = round(t_fwd / t_sweep, 3)
+        if args.amp:
+            report["amp_agreement"] = round(amp_agreement(model, images, ids, cells, args.batch, device), 5)
+        if not args.skip_naive:
+            sub = cells[:: max(1, len(cells) // args.naive_cells)][: args.naive_cells]
+            t_naive, _ = naive_loop(model, uris, sub, args.batch, device)
+            t_naive *= len(cells) / len(sub)
+            report["naive_s"] = round(t_naive, 2)
+            report["naive_cells_timed"] = len(sub)
+            report["speedup_vs_naive"] = round(t_naive / t_sweep, 2)
+        if not args.no_ray:
+            t_rd, _ = ray_data_per_cell(args.model, uris, cells, manifest, args.batch, args.threads)
+            report["ray_data_s"] = round(t_rd, 2)
+            report["speedup_vs_ray_data"] = round(t_rd / t_sweep, 2)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
