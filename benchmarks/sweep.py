@@ -85,7 +85,7 @@ def naive_loop(model, uris, cells, batch, device) -> tuple[float, int]:
             table = pq.read_table(uri, columns=["image_id", "label", "image"])
             shape = (len(table), *load_manifest(str(Path(uri).parent)).image_shape)
             images = np.frombuffer(b"".join(table.column("image").to_pylist()), dtype=np.uint8).reshape(shape).copy()
-            labels = table.column("label").to_numpy()
+            labels = table.column("label").to_numpy().copy()
             for k, image_id in enumerate(table.column("image_id").to_pylist()):
                 rng = random.Random(hash((cell.key, image_id)))
                 h, w = images.shape[1:3]
@@ -100,7 +100,8 @@ def naive_loop(model, uris, cells, batch, device) -> tuple[float, int]:
             x = torch.from_numpy(images).to(device)
             with torch.inference_mode():
                 for s in range(0, len(x), batch):
-                    wrong += int((model(x[s : s + batch]).argmax(1).cpu() != torch.from_numpy(labels[s : s + batch])).sum())
+                    preds = model(x[s : s + batch]).argmax(1).cpu()
+                    wrong += int((preds != torch.from_numpy(labels[s : s + batch])).sum())
     _sync(device)
     return time.perf_counter() - t0, wrong
 
@@ -217,7 +218,8 @@ def main() -> None:
         parts = [read_shard(u) for u in uris]
         images = torch.cat([p.images for p in parts])
         ids = torch.cat([p.image_ids for p in parts])
-        model = load_model(args.model, None, num_classes=manifest.num_classes).to(device, memory_format=torch.channels_last)
+        model = load_model(args.model, None, num_classes=manifest.num_classes)
+        model = model.to(device, memory_format=torch.channels_last)
 
         if args.no_ray:
             t_sweep, wrong = sweep_in_process(uris, manifest, args.model, cells, args.batch, args.threads, args.amp,

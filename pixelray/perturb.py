@@ -108,9 +108,29 @@ def _area_positions(cell: Cell, ids: torch.Tensor, area_size: int) -> torch.Tens
         index = torch.arange(n_draws, device=ids.device)
         candidates = _uniform(_stream(keys, _STREAM_POSITION, index), area_size)
         keep, enough = _first_distinct(candidates, count)
+        if ids.device.type != "cpu":
+            # A host sync here would stall the device on every call. With area > 8 x count,
+            # fewer than `count` distinct values among 2 x count + 32 draws has probability
+            # below 1e-30, and it fails loudly rather than giving other positions.
+            torch._assert_async(enough.all(), "pixelray: too few distinct candidate positions")
+            return _select(candidates, keep, count)
         if bool(enough.all()):
-            return candidates[keep].view(len(ids), count)
+            return _select(candidates, keep, count)
         n_draws *= 2
+
+
+def _select(candidates: torch.Tensor, keep: torch.Tensor, count: int) -> torch.Tensor:
+    """The kept candidates of each row, in row order, without a host sync (unlike boolean indexing)."""
+    slot = torch.where(keep, keep.cumsum(dim=1) - 1, count)  # dropped ones go to a spare column
+    out = torch.empty((candidates.shape[0], count + 1), dtype=candidates.dtype, device=candidates.device)
+    return out.scatter_(1, slot, candidates)[:, :count]
+
+
+def _channels(channels: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Channel indices as a tensor on ``device`` (no host-to-device copy for all three)."""
+    if channels == (0, 1, 2):
+        return torch.arange(3, device=device)
+    return torch.tensor(channels, device=device)
 
 
 def draw_positions(
@@ -150,7 +170,7 @@ def draw_values(
     keys = _image_keys(cell, _as_ids(image_ids, original.device)).view(-1, 1, 1)
     n, count, n_ch = original.shape
     k = torch.arange(count, device=original.device).view(1, -1, 1)
-    ch = torch.tensor(change.channel_indices, device=original.device).view(1, 1, -1)
+    ch = _channels(change.channel_indices, original.device).view(1, 1, -1)
     bits = _stream(keys, _STREAM_VALUE, k * 4 + ch)
     if change.amplitude == "full":
         return _uniform(bits, 256).to(torch.uint8)
@@ -197,7 +217,7 @@ def apply_pixel_changes(
         return out
     flat = draw_positions(cell, ids, height, width)  # (N, count)
     ys, xs = (flat // width).unsqueeze(-1), (flat % width).unsqueeze(-1)
-    ch = torch.tensor(cell.change.channel_indices, device=images.device).view(1, 1, -1)
+    ch = _channels(cell.change.channel_indices, images.device).view(1, 1, -1)
     rows = torch.arange(images.shape[0], device=images.device).view(-1, 1, 1)
     index = (rows, ys, xs, ch) if layout == "NHWC" else (rows, ch, ys, xs)
     index = torch.broadcast_tensors(*index)
