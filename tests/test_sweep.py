@@ -17,27 +17,13 @@ import pytest
 import torch
 
 from pixelray.config import ConfigError, parse_config
-from pixelray.models import load_model, save_checkpoint
+from pixelray.models import load_model
 from pixelray.perturb import apply_pixel_changes
 from pixelray.shards import load_manifest, read_shard, shard_uris
 from pixelray.spec import Cell, PixelChange
 from pixelray.sweep import SweepError, run_sweep
-from pixelray.train import TrainConfig, fit
 
 GRID = {"counts": [8, 64, 200], "amplitudes": ["full", 60], "areas": [32, 16]}
-
-
-@pytest.fixture(scope="module")
-def checkpoints(synthetic_dataset, tmp_path_factory):
-    """Two tiny CNNs trained briefly on the synthetic data (different seeds)."""
-    root = tmp_path_factory.mktemp("models")
-    n_classes = load_manifest(str(synthetic_dataset)).num_classes
-    paths = []
-    for seed in (0, 1):
-        model = load_model("tiny", None, num_classes=n_classes, init_seed=seed)
-        fit(model, str(synthetic_dataset), TrainConfig(epochs=2, seed=seed))
-        paths.append(save_checkpoint(model, root / f"tiny{seed}.pt", base="tiny"))
-    return [f"checkpoint:{p}" for p in paths]
 
 
 def make_config(data, models, out, grid=GRID, **eval_):
@@ -85,13 +71,13 @@ def cell_of(row):
 
 
 @pytest.mark.slow
-def test_counts_equal_an_independent_plain_loop(ray_local, synthetic_dataset, checkpoints, tmp_path):
-    cfg = make_config(synthetic_dataset, checkpoints, tmp_path / "out", size=100)
+def test_counts_equal_an_independent_plain_loop(ray_local, synthetic_dataset, tiny_checkpoints, tmp_path):
+    cfg = make_config(synthetic_dataset, tiny_checkpoints, tmp_path / "out", size=100)
     result = run_sweep(cfg, progress=False)
     df = pd.read_parquet(result.cells_path)
     assert len(df) == 2 * 12
     assert not df.duplicated(["model", "count", "amplitude", "area"]).any()
-    expected = plain_loop(synthetic_dataset, checkpoints, cfg.unique_cells((32, 32)), 100)
+    expected = plain_loop(synthetic_dataset, tiny_checkpoints, cfg.unique_cells((32, 32)), 100)
     got = {(r.model, cell_of(r).cell_id): (r.n_images, r.n_wrong) for _, r in df.iterrows()}
     assert got == expected
     assert df.n_wrong.sum() > 0  # the grid does damage: a test that can fail
@@ -106,11 +92,11 @@ def test_counts_equal_an_independent_plain_loop(ray_local, synthetic_dataset, ch
 
 
 @pytest.mark.slow
-def test_reads_do_not_grow_with_the_grid(ray_local, synthetic_dataset, checkpoints, tmp_path):
+def test_reads_do_not_grow_with_the_grid(ray_local, synthetic_dataset, tiny_checkpoints, tmp_path):
     n_shards = len(shard_uris(str(synthetic_dataset)))
     reads = []
     for name, grid in {"small": {"counts": [4]}, "big": GRID}.items():
-        result = run_sweep(make_config(synthetic_dataset, checkpoints, tmp_path / name, grid=grid), progress=False)
+        result = run_sweep(make_config(synthetic_dataset, tiny_checkpoints, tmp_path / name, grid=grid), progress=False)
         reads.append(result.stats["reads"])
     assert reads[0] == reads[1] == {"clean": n_shards * 2, "cells": n_shards * 2}
 
@@ -143,9 +129,9 @@ def _wait_for(predicate, timeout=120.0):
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local, synthetic_dataset, checkpoints, tmp_path_factory):
+def reference(ray_local, synthetic_dataset, tiny_checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
-    result = run_sweep(make_config(synthetic_dataset, checkpoints, out), progress=False)
+    result = run_sweep(make_config(synthetic_dataset, tiny_checkpoints, out), progress=False)
     return pd.read_parquet(result.cells_path)
 
 
@@ -155,11 +141,11 @@ def _comparable(df):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
-def test_killing_a_worker_changes_nothing(ray_local, synthetic_dataset, checkpoints, reference, tmp_path, how):
+def test_killing_a_worker_changes_nothing(ray_local, synthetic_dataset, tiny_checkpoints, reference, tmp_path, how):
     import ray
 
     out = tmp_path / "out"
-    cfg = make_config(synthetic_dataset, checkpoints, out)
+    cfg = make_config(synthetic_dataset, tiny_checkpoints, out)
     thread, box = _sweep_in_thread(cfg)
     assert _wait_for(lambda: len(_unit_files(out)) >= 1), box
     assert not (out / "cells.parquet").exists(), "the sweep finished before the kill; make it longer"
@@ -185,11 +171,11 @@ def _write_toml(cfg_dict, path):
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_only_missing_units(synthetic_dataset, checkpoints, reference, tmp_path):
+def test_killed_driver_resumes_only_missing_units(synthetic_dataset, tiny_checkpoints, reference, tmp_path):
     out = tmp_path / "out"
     raw = {
         "data": {"path": str(synthetic_dataset)},
-        "models": {"names": list(checkpoints), "weights": "none"},
+        "models": {"names": list(tiny_checkpoints), "weights": "none"},
         "eval": {"filter": "all", "batch_size": 64},
         "grid": GRID,
         "output": {"dir": str(out)},
@@ -221,16 +207,16 @@ def test_killed_driver_resumes_only_missing_units(synthetic_dataset, checkpoints
     pd.testing.assert_frame_equal(_comparable(df), _comparable(reference))
 
 
-def test_another_config_in_the_same_directory_is_refused(ray_local, synthetic_dataset, checkpoints, tmp_path):
+def test_another_config_in_the_same_directory_is_refused(ray_local, synthetic_dataset, tiny_checkpoints, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "run.json").write_text('{"config_hash": "0123456789abcdef"}')
     with pytest.raises(SweepError, match="another config"):
-        run_sweep(make_config(synthetic_dataset, checkpoints, out, grid={"counts": [2]}), progress=False)
+        run_sweep(make_config(synthetic_dataset, tiny_checkpoints, out, grid={"counts": [2]}), progress=False)
 
 
-def test_a_cell_that_does_not_fit_the_images_is_refused_before_work(synthetic_dataset, checkpoints, tmp_path):
-    cfg = make_config(synthetic_dataset, checkpoints, tmp_path / "out", grid={"counts": [4], "areas": [64]})
+def test_a_cell_that_does_not_fit_the_images_is_refused_before_work(synthetic_dataset, tiny_checkpoints, tmp_path):
+    cfg = make_config(synthetic_dataset, tiny_checkpoints, tmp_path / "out", grid={"counts": [4], "areas": [64]})
     with pytest.raises(ConfigError, match="area: 64 is larger than the image"):
         run_sweep(cfg, progress=False)
     assert not (tmp_path / "out").exists()
@@ -245,7 +231,7 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_ray_job_submit_with_token_auth(synthetic_dataset, checkpoints, tmp_path):
+def test_ray_job_submit_with_token_auth(synthetic_dataset, tiny_checkpoints, tmp_path):
     """A real Ray head on 127.0.0.1 with token authentication; `ray job submit` of jobs/sweep.py."""
     import secrets
 
@@ -274,7 +260,7 @@ def test_ray_job_submit_with_token_auth(synthetic_dataset, checkpoints, tmp_path
         out = tmp_path / "out"
         raw = {
             "data": {"path": str(synthetic_dataset)},
-            "models": {"names": list(checkpoints), "weights": "none"},
+            "models": {"names": list(tiny_checkpoints), "weights": "none"},
             "eval": {"filter": "all", "size": 100},
             "grid": {"counts": [2, 8], "amplitudes": ["full", 20]},
             "output": {"dir": str(out)},
@@ -282,7 +268,12 @@ def test_ray_job_submit_with_token_auth(synthetic_dataset, checkpoints, tmp_path
         config = _write_toml(raw, tmp_path / "job.toml")
         submit = [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
                   "--working-dir", str(repo), "--", "python", "jobs/sweep.py", "--config", str(config)]
-        done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=repo)
+        deadline = time.monotonic() + 90
+        while True:  # the dashboard answers before its job agent is ready ("No available agent")
+            done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=repo)
+            if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(3)
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         assert "succeeded" in done.stdout
         df = pd.read_parquet(out / "cells.parquet")
