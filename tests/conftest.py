@@ -29,3 +29,20 @@ def synthetic_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic") / "synthetic-c10-n600"
     make_synthetic(root, classes=10, images=600, size=32, seed=0, rows_per_shard=100)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(synthetic_dataset, tmp_path_factory):
+    """Two tiny CNNs trained briefly on the synthetic data (seeds 0 and 1), as ``checkpoint:PATH`` model specs."""
+    from pixelray.models import load_model, save_checkpoint
+    from pixelray.shards import load_manifest
+    from pixelray.train import TrainConfig, fit
+
+    root = tmp_path_factory.mktemp("models")
+    n_classes = load_manifest(str(synthetic_dataset)).num_classes
+    paths = []
+    for seed in (0, 1):
+        model = load_model("tiny", None, num_classes=n_classes, init_seed=seed)
+        fit(model, str(synthetic_dataset), TrainConfig(epochs=2, seed=seed))
+        paths.append(save_checkpoint(model, root / f"tiny{seed}.pt", base="tiny"))
+    return [f"checkpoint:{p}" for p in paths]
