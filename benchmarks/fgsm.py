@@ -20,29 +20,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from timing import median_seconds
 
 from pixelray.attacks import fgsm, to_uint8
 from pixelray.models import load_model
-
-
-def _timer(device: torch.device, fn: Callable[[], object], warmup: int, iters: int) -> float:
-    """Median seconds of ``fn()``, synchronising the device around each run."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -85,8 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
         with autocast():
             fgsm(model, images, labels, args.eps)
 
-    t_forward = _timer(device, forward, args.warmup, args.iters)
-    t_fgsm = _timer(device, attack, args.warmup, args.iters)
+    t_forward = median_seconds(forward, args.iters, args.warmup, device)
+    t_fgsm = median_seconds(attack, args.iters, args.warmup, device)
     result = {
         "model": args.model,
         "device": str(device),
@@ -110,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
             with autocast():
                 to_uint8(atk(unit, labels))
 
-        t_theirs = _timer(device, theirs, 0, args.iters)  # the model's kernels are warm by now
+        t_theirs = median_seconds(theirs, args.iters, 0, device)  # the model's kernels are warm by now
         result["torchattacks_images_per_s"] = round(args.batch / t_theirs, 2)
         result["speed_vs_torchattacks"] = round(t_theirs / t_fgsm, 3)
 

@@ -16,34 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
+from timing import median_seconds
 
 from pixelray.perturb import apply_pixel_changes, draw_positions
 from pixelray.spec import Cell, PixelChange
-
-
-def timed(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> float:
-    """Median wall seconds of ``fn`` over ``repeats`` runs, after ``warmup`` runs."""
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -76,10 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": args.batch,
         "count": args.count,
         "size": args.size,
-        "perturb_nhwc_s": timed(lambda: apply_pixel_changes(nhwc, cell, ids), reps, warm, device),
-        "perturb_nchw_cl_s": timed(lambda: apply_pixel_changes(nchw_cl, cell, ids), reps, warm, device),
-        "clone_s": timed(lambda: nhwc.clone(), reps, warm, device),
-        "draw_positions_s": timed(lambda: draw_positions(cell, ids, args.size, args.size), reps, warm, device),
+        "perturb_nhwc_s": median_seconds(lambda: apply_pixel_changes(nhwc, cell, ids), reps, warm, device),
+        "perturb_nchw_cl_s": median_seconds(lambda: apply_pixel_changes(nchw_cl, cell, ids), reps, warm, device),
+        "clone_s": median_seconds(lambda: nhwc.clone(), reps, warm, device),
+        "draw_positions_s": median_seconds(lambda: draw_positions(cell, ids, args.size, args.size), reps, warm, device),
     }
 
     import torchvision  # only the forward pass needs it
@@ -92,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
             model(x)
 
     forward(batch[: max(1, args.batch // 8)])  # warm-up on a slice: a full extra pass would double the runtime
-    result["resnet18_forward_s"] = timed(forward, args.forward_repeats, 0, device)
+    result["resnet18_forward_s"] = median_seconds(forward, args.forward_repeats, 0, device)
     forward_s = result["resnet18_forward_s"]
     for name in ("nhwc", "nchw_cl"):
         seconds = result[f"perturb_{name}_s"]
