@@ -1,9 +1,10 @@
 """Sweep configuration: TOML in, frozen validated dataclasses out.
 
 A config names the data, the models, the evaluation set and the grid, either as
-one cross product (``[grid]``) or as named experiments (``[[experiment]]``).
-Every mistake is refused here, before any work starts, with the key, the value
-and the fix.
+one cross product (``[grid]``) or as named experiments (``[[experiment]]``), and
+optionally an adversarial attack (``[attack]``, see :class:`AttackConfig`) whose
+examples go through the same grid. Every mistake is refused here, before any
+work starts, with the key, the value and the fix.
 
 Example:
     >>> cfg = parse_config({"data": {"path": "shards"}, "models": {"names": ["tiny"]},
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,17 @@ import tomllib
 
 from pixelray.spec import Cell, PixelChange, parse_channels
 
-__all__ = ["ConfigError", "Experiment", "Filter", "SweepConfig", "load_config", "parse_config"]
+__all__ = [
+    "AttackConfig",
+    "AttackKind",
+    "ConfigError",
+    "Experiment",
+    "Filter",
+    "Keep",
+    "SweepConfig",
+    "load_config",
+    "parse_config",
+]
 
 
 class ConfigError(ValueError):
@@ -38,6 +49,75 @@ class Filter(str, Enum):
     ALL = "all"  # images every model classifies correctly (the paper)
     PER_MODEL = "per-model"  # images each model classifies correctly, per model
     NONE = "none"  # every image
+
+
+class AttackKind(str, Enum):
+    """Adversarial attacks a sweep can run."""
+
+    FGSM = "fgsm"  # Goodfellow et al., one signed-gradient step (paper Exp. 4)
+
+
+class Keep(str, Enum):
+    """Which adversarial examples go through the grid."""
+
+    SUCCESSFUL = "successful"  # those the attacked model misclassifies after uint8 rounding (the paper)
+    ALL = "all"  # every attacked image, fooled or not
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """The ``[attack]`` section: which attack, at which steps, on which images.
+
+    The attack runs on the images the ``[eval]`` filter admits (not cut to the eval
+    size: the attack has its own ``size``), per model, white-box.
+
+    Args:
+        kind: the attack (:class:`AttackKind`).
+        eps: steps in pixel units k, each meaning k/255 in [0, 1] pixel space, e.g. (1, 2, 4, 8).
+        keep: ``successful`` keeps the examples the model misclassifies after rounding to
+            uint8; ``all`` keeps every example.
+        size: keep at most this many examples per (model, eps), lowest image ids first
+            (the paper: 10,000 successful examples); None keeps all.
+    """
+
+    kind: AttackKind = AttackKind.FGSM
+    eps: tuple[int, ...] = (1, 2, 4, 8)
+    keep: Keep = Keep.SUCCESSFUL
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "kind", AttackKind(self.kind))
+        except ValueError:
+            allowed = [k.value for k in AttackKind]
+            raise ValueError(f"kind = {self.kind!r}: unknown attack; allowed: {allowed}") from None
+        try:
+            object.__setattr__(self, "keep", Keep(self.keep))
+        except ValueError:
+            raise ValueError(f"keep = {self.keep!r}: allowed: {[k.value for k in Keep]}") from None
+        eps = tuple(self.eps) if isinstance(self.eps, (list, tuple)) else self.eps
+        if (
+            not isinstance(eps, tuple) or not eps
+            or not all(isinstance(e, int) and not isinstance(e, bool) for e in eps)
+        ):
+            shown = list(eps) if isinstance(eps, tuple) else eps
+            raise ValueError(
+                f"eps = {shown!r}: expected a non-empty list of integers k (pixel units, k/255), e.g. [1, 2, 4, 8]"
+            )
+        bad = [e for e in eps if not 1 <= e <= 255]
+        if bad:
+            raise ValueError(
+                f"eps = {list(eps)!r}: {bad} outside 1..255; eps is in pixel units k meaning k/255, e.g. [1, 2, 4, 8]"
+            )
+        if len(set(eps)) != len(eps):
+            raise ValueError(f"eps = {list(eps)!r}: each value may appear once")
+        object.__setattr__(self, "eps", eps)
+        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1):
+            raise ValueError(f"size = {self.size!r}: must be an integer >= 1, or omit it to keep every example")
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the attack's results."""
+        return {"kind": self.kind.value, "eps": list(self.eps), "keep": self.keep.value, "size": self.size}
 
 
 @dataclass(frozen=True)
@@ -83,7 +163,8 @@ class SweepConfig:
     amp: bool = False
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    attack: AttackConfig | None = None
+    save_adversarial: str | None = None  # directory for adversarial image shards (optional)
 
     def cells(self, image_size: tuple[int, int] | None = None) -> list[tuple[str, Cell]]:
         """(experiment name, cell) pairs in config order; a cell may appear under several experiments."""
@@ -113,6 +194,8 @@ class SweepConfig:
             "eval_size": self.eval_size,
             "seeds": list(self.seeds),
             "experiments": [asdict(e) for e in self.experiments],
+            # only when present, so that a config without [attack] keeps its hash
+            **({"attack": self.attack.identity()} if self.attack is not None else {}),
         }
 
     @property
@@ -173,6 +256,18 @@ def _experiment(table: dict, where: str, name: str) -> Experiment:
     except ValueError as exc:
         raise ConfigError(f"[{where}] {exc}") from None
     return exp
+
+
+def _attack(table: dict, where: str) -> AttackConfig:
+    _unknown(table, {"kind", "eps", "keep", "size"}, where)
+    kind = _get(table, "kind", where, str, fix="e.g. kind = 'fgsm'")
+    eps = _get(table, "eps", where, list, [1, 2, 4, 8], fix="a list of integers k meaning k/255, e.g. [1, 2, 4, 8]")
+    keep = _get(table, "keep", where, str, "successful", fix="'successful' or 'all'")
+    size = _get(table, "size", where, int, None, fix="a positive number of examples, or omit it for all")
+    try:
+        return AttackConfig(kind=kind, eps=tuple(eps), keep=keep, size=size)
+    except ValueError as exc:
+        raise ConfigError(f"[{where}] {exc}") from None
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[str, Any] | None = None) -> SweepConfig:
@@ -238,9 +333,12 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
     if len(set(names_seen)) != len(names_seen):
         raise ConfigError(f"experiment names must be distinct, got {names_seen}")
 
+    attack = _attack(_get(raw, "attack", source, dict), "attack") if "attack" in raw else None
+
     out = _get(raw, "output", source, dict, {})
-    _unknown(out, {"dir"}, "output")
+    _unknown(out, {"dir", "save_adversarial"}, "output")
     output_dir = _get(out, "dir", "output", str, None)
+    save_adversarial = _get(out, "save_adversarial", "output", str, None, fix="a directory for adversarial shards")
 
     run = _get(raw, "run", source, dict, {})
     allowed_run = {"device", "workers", "threads", "amp", "metrics_port", "metrics_host"}
@@ -265,11 +363,18 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
         "amp": _get(run, "amp", "run", bool, False),
         "metrics_port": _get(run, "metrics_port", "run", int, None),
         "metrics_host": _get(run, "metrics_host", "run", str, "127.0.0.1"),
-        "extra": {k: raw[k] for k in ("attack",) if k in raw},
+        "attack": attack,
+        "save_adversarial": save_adversarial,
     }
     for key, value in (overrides or {}).items():
         if value is not None:
             fields[key] = value
+    if fields["save_adversarial"] and fields["attack"] is None:
+        raise ConfigError(f"{source}: save_adversarial = {fields['save_adversarial']!r} but there is no [attack] "
+                          "section; add [attack] kind = 'fgsm' or drop the option")
+    if fields["save_adversarial"] and "://" in fields["save_adversarial"]:
+        raise ConfigError(f"{source}: save_adversarial = {fields['save_adversarial']!r} is a URI; give a directory "
+                          "every worker can write (a shared file system), then copy it, e.g. with `aws s3 sync`")
     if not fields["output_dir"]:
         raise ConfigError(f"{source}: no output directory; add [output] dir = 'results/NAME' or pass --out DIR")
     return SweepConfig(**fields)
