@@ -111,6 +111,10 @@ def aggregate(rows: Iterable[Mapping[str, Any]], image_size: int | tuple[int, in
     Each input row carries the :data:`CELL_KEYS` plus ``n_images`` and ``n_wrong``
     (other keys pass through from the first row of a cell). ``area`` None means
     the whole image. Output rows keep the order in which each cell first appears.
+
+    Rows over adversarial examples also carry ``n_restored`` (examples classified
+    correctly again after the change); it is summed too and gives ``restored_rate``.
+    Rows without it (or with None) get ``n_restored`` and ``restored_rate`` None.
     """
     cells: dict[tuple, dict[str, Any]] = {}
     for row in rows:
@@ -121,6 +125,8 @@ def aggregate(rows: Iterable[Mapping[str, Any]], image_size: int | tuple[int, in
         else:
             into["n_images"] += row["n_images"]
             into["n_wrong"] += row["n_wrong"]
+            if into.get("n_restored") is not None:
+                into["n_restored"] += row["n_restored"]
     height, width = _size(image_size)
     out = []
     for row in cells.values():
@@ -132,6 +138,9 @@ def aggregate(rows: Iterable[Mapping[str, Any]], image_size: int | tuple[int, in
         row["pixel_index"] = (
             pixel_index(k, n, row["count"], row["amplitude"], area, (height, width)) if n else math.nan
         )
+        restored = row.get("n_restored")
+        row["n_restored"] = None if restored is None else int(restored)
+        row["restored_rate"] = None if restored is None else (restored / n if n else math.nan)
         row["image_size"] = height
         out.append(row)
     return out
