@@ -93,13 +93,23 @@ def sweep_cmd(
         typer.Option("--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT (0 = any free port)."),
     ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    save_adversarial: Annotated[
+        str | None,
+        typer.Option(
+            "--save-adversarial",
+            help="Write the attack's adversarial examples as pixelray shards under DIR/<model>/eps<k>/ "
+            "(overrides save_adversarial in the config's output table).",
+            metavar="DIR",
+        ),
+    ] = None,
 ) -> None:
     """Run (or resume) a grid sweep; results land as Parquet under the output directory."""
     from pixelray.config import ConfigError, load_config
     from pixelray.sweep import SweepError, connect, run_sweep
 
     try:
-        cfg = load_config(config, {"output_dir": out, "metrics_port": metrics_port})
+        overrides = {"output_dir": out, "metrics_port": metrics_port, "save_adversarial": save_adversarial}
+        cfg = load_config(config, overrides)
         connect(address)
         result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True))
     except (ConfigError, SweepError) as exc:
@@ -114,6 +124,9 @@ def _summary(cells_path) -> None:
     typer.echo(f"results: {cells_path} ({len(df)} rows)")
     with pd.option_context("display.width", 120, "display.max_rows", 40):
         cols = ["experiment", "model", "count", "amplitude", "area", "n_images", "n_wrong", "wrong_rate", "pixel_index"]
+        if df["attack"].notna().any():  # rows over adversarial examples: which attack, and how many restored
+            cols[2:2] = ["attack", "eps"]
+            cols.append("n_restored")
         typer.echo(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 

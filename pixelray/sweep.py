@@ -9,20 +9,66 @@ plan over the evaluation-set images of each shard. Each finished unit is written
 as its own Parquet file (temp + rename), so a rerun of the same config into the
 same directory skips what is done; a different config there is refused.
 
+With an ``[attack]`` section a third phase, *attack*, runs one unit per (model,
+shard) over the attack's candidates: the images the ``[eval]`` filter admits (its
+``size`` does not apply: the attack keeps ``[attack] size`` examples of its own).
+The worker reads the shard once, makes the FGSM examples at every eps with the
+unit's model, runs every cell over the eligible ones (those that fool the model
+after uint8 rounding; every one with ``keep = "all"``) and has every model of the
+sweep judge them. It returns per-image bits, which become the unit file. The
+driver then keeps, per (model, eps), the ``size`` eligible examples with the
+lowest image ids and sums the bits over them: the selection is exact and global,
+whatever the shard layout, batch size or order in which units finish. Units are
+run in image-id order, and a unit whose lowest candidate id lies above ``size``
+eligible examples at every eps (among finished units) is skipped: its images
+could not be kept.
+
 Layout of an output directory::
 
     run.json                 config identity, hash and versions
     units/clean/<model>/<shard>.parquet
     units/cells/<model>/<shard>.parquet
+    units/attack/<model>/<shard>.parquet   per (eps, image) bits, see _attack_unit_table
     image_ids.txt            the evaluated image ids (per-model filter: image_ids/<model>.txt)
     clean.parquet            model, image_id, label, prediction, correct
-    cells.parquet            one row per experiment x model x cell (DESIGN.md "Results schema")
+    cells.parquet            one row per experiment x model x cell (DESIGN.md "Results schema"),
+                             and with an attack one more per experiment x model x eps x cell
+    attack.parquet           one row per model x eps: the attack's success rate (ATTACK_SCHEMA)
+    transfer.parquet         one row per source model x target model x eps (TRANSFER_SCHEMA)
+    attack_ids.parquet       model, eps, image_id of every kept adversarial example
     stats.json               shard reads per phase, units run, timings
+
+Attack rows of ``cells.parquet`` have ``attack = "fgsm"`` and ``eps`` = k/255 (the
+step in [0, 1] pixel units, as ``attacks.fgsm`` takes it; ``[attack] eps`` gives k).
+``n_images`` counts the kept examples, ``n_restored`` those the model classifies
+correctly again after the pixel change, ``restored_rate = n_restored / n_images``;
+``n_wrong = n_images - n_restored`` (still misclassified), so ``wrong_rate``, the
+interval and ``pixel_index`` keep their meaning. ``n_restored`` and
+``restored_rate`` are null in rows without an attack. The paper's Table 9 prints
+``n_wrong`` as "Misclassification" and ``restored_rate`` as "Recognition rate".
+
+``attack.parquet``: model, weights, attack, eps, keep, n_attacked, n_success_float,
+n_success, success_rate_float, success_rate (misclassified before / after uint8
+rounding), ci_low, ci_high (Wilson, on success_rate), n_kept, ... The rates are
+over one deterministic set per model: the candidates up to the highest image id
+kept at any eps (all candidates when some eps has fewer than ``size``).
+
+``transfer.parquet``: source_model (attacked), target_model (judge), eps, n_images
+(kept examples of the source), n_correct (the target predicts the true label),
+n_fooled, fooled_rate, ci_low, ci_high, ... The diagonal (source = target) is the
+source's own verdict. With ``filter = "all"`` every target classified the clean
+images correctly, so ``fooled_rate`` is the rate at which the attack transfers.
+
+Adversarial images never enter a results table. ``save_adversarial = DIR`` writes
+every eligible example (a superset of the kept ones: see attack_ids.parquet) as a
+pixelray data set per model and eps, ``DIR/<model>/eps<k>/`` (shards + manifest.json),
+which a later sweep can name as its ``[data] path``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import defaultdict, deque
@@ -36,23 +82,55 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pixelray import __version__
-from pixelray.config import ConfigError, Filter, SweepConfig
-from pixelray.metrics import aggregate
+from pixelray.config import ConfigError, Filter, Keep, SweepConfig
+from pixelray.metrics import aggregate, wilson_interval
 from pixelray.spec import Cell
 from pixelray.telemetry import SweepTelemetry
-from pixelray.worker import ModelWorker, Unit, model_slug
+from pixelray.worker import AttackPlan, ModelWorker, Unit, model_slug
 
-__all__ = ["SweepError", "SweepResult", "connect", "run_sweep", "select_eval_set", "write_table_atomic"]
+__all__ = [
+    "ATTACK_SCHEMA",
+    "CELLS_SCHEMA",
+    "TRANSFER_SCHEMA",
+    "SweepError",
+    "SweepResult",
+    "connect",
+    "run_sweep",
+    "select_eval_set",
+    "select_kept",
+    "write_table_atomic",
+]
 
 CELLS_SCHEMA = pa.schema([
     ("experiment", pa.string()), ("model", pa.string()), ("weights", pa.string()),
     ("attack", pa.string()), ("eps", pa.float64()), ("count", pa.int64()), ("amplitude", pa.string()),
     ("area", pa.int64()), ("channels", pa.string()), ("positions", pa.string()), ("seed", pa.int64()),
-    ("n_images", pa.int64()), ("n_wrong", pa.int64()), ("accuracy", pa.float64()),
-    ("wrong_rate", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
-    ("pixel_index", pa.float64()), ("image_size", pa.int64()), ("dataset", pa.string()),
+    ("n_images", pa.int64()), ("n_wrong", pa.int64()), ("n_restored", pa.int64()), ("accuracy", pa.float64()),
+    ("wrong_rate", pa.float64()), ("restored_rate", pa.float64()), ("ci_low", pa.float64()),
+    ("ci_high", pa.float64()), ("pixel_index", pa.float64()), ("image_size", pa.int64()), ("dataset", pa.string()),
     ("config_hash", pa.string()), ("pixelray_version", pa.string()), ("torch_version", pa.string()),
 ])
+
+_RUN_COLUMNS = [
+    ("dataset", pa.string()), ("config_hash", pa.string()),
+    ("pixelray_version", pa.string()), ("torch_version", pa.string()),
+]
+
+ATTACK_SCHEMA = pa.schema([
+    ("model", pa.string()), ("weights", pa.string()), ("attack", pa.string()), ("eps", pa.float64()),
+    ("keep", pa.string()), ("n_attacked", pa.int64()), ("n_success_float", pa.int64()), ("n_success", pa.int64()),
+    ("success_rate_float", pa.float64()), ("success_rate", pa.float64()), ("ci_low", pa.float64()),
+    ("ci_high", pa.float64()), ("n_kept", pa.int64()), ("image_size", pa.int64()), *_RUN_COLUMNS,
+])
+
+TRANSFER_SCHEMA = pa.schema([
+    ("source_model", pa.string()), ("target_model", pa.string()), ("weights", pa.string()),
+    ("attack", pa.string()), ("eps", pa.float64()), ("n_images", pa.int64()), ("n_correct", pa.int64()),
+    ("n_fooled", pa.int64()), ("fooled_rate", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
+    *_RUN_COLUMNS,
+])
+
+_IDS_SCHEMA = pa.schema([("model", pa.string()), ("eps", pa.float64()), ("image_id", pa.int64())])
 
 
 class SweepError(RuntimeError):
@@ -65,6 +143,8 @@ class SweepResult:
     cells_path: Path
     clean_path: Path
     stats: dict[str, Any] = field(default_factory=dict)
+    attack_path: Path | None = None  # with an [attack] section
+    transfer_path: Path | None = None
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:
@@ -174,6 +254,7 @@ def _schedule(
     submit: Callable[[Any, Unit], Any],
     on_done: Callable[[Unit, dict], None],
     telemetry: SweepTelemetry,
+    skip: Callable[[Unit], bool] | None = None,
 ) -> None:
     """Run ``units`` on the pool's workers until all are done.
 
@@ -181,6 +262,10 @@ def _schedule(
     out it switches to the model with the most work left (fewest workers on it).
     A unit whose worker died is re-queued and the worker replaced; an error raised
     by the unit itself (bad data, missing weights) stops the sweep.
+
+    ``skip(unit)`` (optional) drops units that are no longer needed before they are
+    submitted. It must be monotone along each model's queue: once it holds for a
+    unit it holds for every later unit of that model, which are dropped with it.
     """
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
@@ -189,7 +274,15 @@ def _schedule(
     for unit in units:
         pending[unit.model].append(unit)
 
+    def drop_unneeded() -> None:
+        for queue in pending.values():
+            if queue and skip is not None and skip(queue[0]):
+                for unit in queue:
+                    telemetry.unit_done(unit.model, 0)
+                queue.clear()
+
     def next_unit(worker: dict[str, Any]) -> Unit | None:
+        drop_unneeded()
         model = worker["model"]
         if not pending.get(model):
             left = {m: q for m, q in pending.items() if q}
@@ -202,8 +295,7 @@ def _schedule(
             worker["model"] = model
         return pending[model].popleft()
 
-    remaining = len(units)
-    while remaining:
+    while True:
         for worker in list(pool.workers):
             while len(worker["inflight"]) < pool.depth:
                 unit = next_unit(worker)
@@ -212,7 +304,9 @@ def _schedule(
                 worker["inflight"][submit(worker["handle"], unit)] = unit
         refs = {ref: w for w in pool.workers for ref in w["inflight"]}
         if not refs:
-            raise SweepError("no worker could take the remaining units")
+            if any(pending.values()):
+                raise SweepError("no worker could take the remaining units")
+            return
         ready, _ = ray.wait(list(refs), num_returns=1, timeout=None)
         for ref in ready:
             worker = refs[ref]
@@ -232,7 +326,6 @@ def _schedule(
                     pool.replace(worker)
                 continue
             on_done(unit, result)
-            remaining -= 1
 
 
 def _preflight(pool: _Pool, config: SweepConfig) -> None:
@@ -302,7 +395,9 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, log: Callable[[str]
     telemetry = SweepTelemetry(config.metrics_port, config.metrics_host, progress)
     if telemetry.port:
         say(f"metrics: http://{config.metrics_host}:{telemetry.port}/metrics")
-    stats: dict[str, Any] = {"reads": {"clean": 0, "cells": 0}, "units_run": {"clean": 0, "cells": 0}}
+    phases = ("clean", "cells", "attack") if config.attack is not None else ("clean", "cells")
+    stats: dict[str, Any] = {"reads": dict.fromkeys(phases, 0), "units_run": dict.fromkeys(phases, 0)}
+    attack_units: list[Unit] = []
     t_start = time.perf_counter()
     pool = _Pool(config, telemetry)
     weights, num_classes = config.weights, manifest.num_classes
@@ -369,6 +464,12 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, log: Callable[[str]
         todo = [u for u in cell_units if not unit_path(u).exists()]
         telemetry.start_phase("cells", len(cell_units), len(cell_units) - len(todo))
         _schedule(pool, todo, lambda h, u: h.run.remote(u, weights, num_classes, cells), cells_done, telemetry)
+
+        # Phase 3: the attack, its cells and its judges over the candidates of each (model, shard).
+        if config.attack is not None:
+            attack_units = _run_attack_phase(
+                config, pool, telemetry, clean_units, correct, shard_ids, cells, unit_path, stats, num_classes
+            )
         telemetry.close_bar()
     finally:
         pool.shutdown()
@@ -378,33 +479,59 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, log: Callable[[str]
     clean_table = _read_unit_tables(unit_path(u) for u in clean_units)
     clean_path = out / "clean.parquet"
     write_table_atomic(clean_table.sort_by([("model", "ascending"), ("image_id", "ascending")]), clean_path)
-    rows = _cell_rows(config, manifest, cell_pairs, [unit_path(u) for u in cell_units], size)
+    common = {
+        "weights": config.weights or "none", "dataset": manifest.name, "config_hash": config.config_hash,
+        **_versions(),
+    }
+    rows = _cell_rows(config, cell_pairs, [unit_path(u) for u in cell_units], size, common)
+    attack_path = transfer_path = None
+    if config.attack is not None:
+        tables = _attack_results(config, manifest, cell_pairs, attack_units, unit_path, size, common)
+        rows += tables["cells"]
+        attack_path, transfer_path = out / "attack.parquet", out / "transfer.parquet"
+        write_table_atomic(pa.Table.from_pylist(tables["attack"], schema=ATTACK_SCHEMA), attack_path)
+        write_table_atomic(pa.Table.from_pylist(tables["transfer"], schema=TRANSFER_SCHEMA), transfer_path)
+        write_table_atomic(pa.Table.from_pylist(tables["ids"], schema=_IDS_SCHEMA), out / "attack_ids.parquet")
+        if config.save_adversarial:
+            _write_adversarial_manifests(config, manifest, attack_units, unit_path)
     cells_path = out / "cells.parquet"
-    write_table_atomic(pa.Table.from_pylist(rows, schema=CELLS_SCHEMA), cells_path)
+    write_table_atomic(pa.Table.from_pylist(aggregate(rows, size), schema=CELLS_SCHEMA), cells_path)
     stats.update({
         "shards": len(uris), "models": len(config.models), "cells": len(cells),
         "eval_images": {m: int(len(v)) for m, v in eval_ids.items()},
         "wall_s": time.perf_counter() - t_start, "config_hash": config.config_hash,
     })
     _write_text_atomic(json.dumps(stats, indent=2) + "\n", out / "stats.json")
-    return SweepResult(out, cells_path, clean_path, stats)
+    stats.update(_attack_stats(attack_units, unit_path))
+    return SweepResult(out, cells_path, clean_path, stats, attack_path, transfer_path)
 
 
-def _cell_rows(config, manifest, cell_pairs, paths, size) -> list[dict[str, Any]]:
-    """Per-unit counts -> one row per (experiment, model, cell), in the results schema."""
+def _experiments_of(cell_pairs) -> tuple[dict[str, list[str]], dict[str, Cell]]:
+    """cell_id -> the experiments naming it (config order), and cell_id -> Cell (plan order)."""
     experiments_of: dict[str, list[str]] = defaultdict(list)
     by_id: dict[str, Cell] = {}
     for exp, cell in cell_pairs:
         if exp not in experiments_of[cell.cell_id]:
             experiments_of[cell.cell_id].append(exp)
         by_id[cell.cell_id] = cell
+    return experiments_of, by_id
+
+
+def _cell_columns(cell: Cell, size: tuple[int, int]) -> dict[str, Any]:
+    change = cell.change
+    height, width = size
+    area = change.area if change.area is not None else (height if height == width else None)
+    return {
+        "count": change.count, "amplitude": str(change.amplitude), "area": area, "channels": _channels_label(cell),
+        "positions": change.positions, "seed": cell.seed,
+    }
+
+
+def _cell_rows(config, cell_pairs, paths, size, common) -> list[dict[str, Any]]:
+    """Per-unit counts -> rows per (experiment, model, cell) in the results schema, to be summed by aggregate."""
+    experiments_of, by_id = _experiments_of(cell_pairs)
     table = _read_unit_tables(paths)
     unit_rows = table.to_pylist() if table is not None else []
-    height, width = size
-    common = {
-        "weights": config.weights or "none", "attack": None, "eps": None, "dataset": manifest.name,
-        "config_hash": config.config_hash, **_versions(),
-    }
     exp_order = {e.name: i for i, e in enumerate(config.experiments)}
     model_order = {m: i for i, m in enumerate(config.models)}
     cell_order = {cell_id: i for i, cell_id in enumerate(by_id)}
@@ -413,14 +540,248 @@ def _cell_rows(config, manifest, cell_pairs, paths, size) -> list[dict[str, Any]
         cell = by_id.get(r["cell_id"])
         if cell is None:
             raise ConfigError(f"unit result names cell {r['cell_id']!r}, which is not in this config's plan")
-        change = cell.change
-        area = change.area if change.area is not None else (height if height == width else None)
         for exp in experiments_of[r["cell_id"]]:
             rows.append({
-                **common, "experiment": exp, "model": r["model"], "count": change.count,
-                "amplitude": str(change.amplitude), "area": area, "channels": _channels_label(cell),
-                "positions": change.positions, "seed": cell.seed, "cell_id": r["cell_id"],
-                "n_images": r["n_images"], "n_wrong": r["n_wrong"],
+                **common, "attack": None, "eps": None, "experiment": exp, "model": r["model"],
+                **_cell_columns(cell, size), "cell_id": r["cell_id"],
+                "n_images": r["n_images"], "n_wrong": r["n_wrong"], "n_restored": None,
             })
     rows.sort(key=lambda r: (exp_order[r["experiment"]], model_order[r["model"]], cell_order[r["cell_id"]]))
-    return [{k: v for k, v in row.items() if k != "cell_id"} for row in aggregate(rows, size)]
+    for row in rows:
+        del row["cell_id"]
+    return rows
+
+
+# ---------------------------------------------------------------------------- the attack phase
+
+_META_CELLS, _META_JUDGES, _META_SAVED = b"pixelray.cells", b"pixelray.judges", b"pixelray.saved"
+
+
+def _attack_unit_table(res: dict, eps: tuple[int, ...], cells: list[Cell], judges: tuple[str, ...]) -> pa.Table:
+    """A worker's bits as one row per (eps, image): eps (k), image_id, label, success_float, success,
+    restored (one bool per cell, in the plan's order) and correct_by (one per judge, in the sweep's model
+    order); the cell ids, the judges and any saved shards are in the file's metadata."""
+    n_eps, n = res["success"].shape
+
+    def per_row(bits: np.ndarray) -> pa.Array:  # (E, K, N) -> (E * N) lists of K
+        k = bits.shape[1]
+        flat = np.ascontiguousarray(bits.transpose(0, 2, 1)).reshape(-1)
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.bool_()), k)
+
+    table = pa.table({
+        "eps": pa.array(np.repeat(np.asarray(eps, dtype=np.int64), n), pa.int64()),
+        "image_id": pa.array(np.tile(res["image_id"], n_eps), pa.int64()),
+        "label": pa.array(np.tile(res["label"], n_eps), pa.int64()),
+        "success_float": pa.array(res["success_float"].reshape(-1), pa.bool_()),
+        "success": pa.array(res["success"].reshape(-1), pa.bool_()),
+        "restored": per_row(res["restored"]),
+        "correct_by": per_row(res["correct_by"]),
+    })
+    return table.replace_schema_metadata({
+        _META_CELLS: json.dumps([c.cell_id for c in cells]),
+        _META_JUDGES: json.dumps(list(judges)),
+        _META_SAVED: json.dumps(res.get("saved") or [None] * n_eps),
+    })
+
+
+def select_kept(image_ids: np.ndarray, eligible: np.ndarray, size: int | None) -> np.ndarray:
+    """Indices of the kept examples: the ``size`` eligible ones with the lowest ids (all with None), id order."""
+    index = np.flatnonzero(eligible)
+    return index[np.argsort(image_ids[index], kind="stable")][:size]
+
+
+class _KeptSoFar:
+    """Eligible image ids per (model, eps) from the attack units finished so far; decides which units to skip."""
+
+    def __init__(self, n_eps: int, size: int | None, keep_all: bool):
+        self.size, self.keep_all = size, keep_all
+        self.ids: dict[str, list[list[np.ndarray]]] = defaultdict(lambda: [[] for _ in range(n_eps)])
+
+    def add(self, model: str, table: pa.Table, eps: tuple[int, ...]) -> None:
+        t_eps = table["eps"].to_numpy()
+        ids = table["image_id"].to_numpy()
+        ok = table["success"].to_numpy(zero_copy_only=False)
+        for e, k in enumerate(eps):
+            mine = t_eps == k
+            self.ids[model][e].append(ids[mine] if self.keep_all else ids[mine & ok])
+
+    def covers(self, unit: Unit) -> bool:
+        """True when ``size`` eligible examples below the unit's lowest candidate id exist at every eps."""
+        if self.size is None or self.keep_all or not unit.image_ids:
+            return False
+        low = unit.image_ids[0]
+        per_eps = self.ids[unit.model]
+        return all(sum(int((a < low).sum()) for a in parts) >= self.size for parts in per_eps)
+
+
+def _run_attack_phase(config, pool, telemetry, clean_units, correct, shard_ids, cells, unit_path, stats, num_classes):
+    """Plan, skip what is done, and run the attack units; returns every planned unit (run, resumed or skipped)."""
+    attack = config.attack
+    keep_all = attack.keep is Keep.ALL
+    # keep = "all" knows its examples now: the ``size`` lowest candidate ids.
+    candidates = select_eval_set(correct, config.filter, attack.size if keep_all else None)
+    units = []
+    for unit in clean_units:
+        wanted = np.intersect1d(shard_ids[(unit.model, unit.shard)], candidates[unit.model])
+        if len(wanted):
+            units.append(Unit("attack", unit.model, unit.shard, unit.shard_name, tuple(wanted.tolist())))
+    units.sort(key=lambda u: u.image_ids[0])  # lowest ids first: later units may prove unneeded
+    save_dir = os.path.abspath(config.save_adversarial) if config.save_adversarial else None  # workers' cwd differs
+    plan = AttackPlan(attack.eps, keep_all, tuple(config.models), save_dir)
+    kept = _KeptSoFar(len(attack.eps), attack.size, keep_all)
+    todo = []
+    for unit in units:
+        path = unit_path(unit)
+        if path.exists():
+            kept.add(unit.model, pq.read_table(path, columns=["eps", "image_id", "success"]), attack.eps)
+        else:
+            todo.append(unit)
+
+    def attack_done(unit: Unit, res: dict) -> None:
+        table = _attack_unit_table(res, attack.eps, cells, plan.judges)
+        write_table_atomic(table, unit_path(unit))
+        kept.add(unit.model, table, attack.eps)
+        stats["reads"]["attack"] += res["reads"]
+        stats["units_run"]["attack"] += 1
+        telemetry.unit_done(unit.model, len(res["image_id"]) * len(attack.eps))
+
+    telemetry.start_phase("attack", len(units), len(units) - len(todo))
+    _schedule(
+        pool, todo, lambda h, u: h.run.remote(u, config.weights, num_classes, cells, plan), attack_done, telemetry,
+        skip=kept.covers,
+    )
+    return units
+
+
+def _attack_stats(units: list[Unit], unit_path) -> dict[str, Any]:
+    if not units:
+        return {}
+    done = sum(unit_path(u).exists() for u in units)
+    return {"attack_units": {"planned": len(units), "done": done, "skipped": len(units) - done}}
+
+
+def _load_attack_units(units: list[Unit], unit_path, cell_ids: list[str], judges: list[str]) -> pa.Table | None:
+    tables = []
+    for unit in units:
+        path = unit_path(unit)
+        if not path.exists():
+            continue
+        table = pq.read_table(path)
+        meta = table.schema.metadata or {}
+        if json.loads(meta.get(_META_CELLS, b"[]")) != cell_ids or json.loads(meta.get(_META_JUDGES, b"[]")) != judges:
+            raise SweepError(f"{path}: written for another plan of cells or models; delete it and rerun")
+        tables.append(table.replace_schema_metadata(None))
+    return pa.concat_tables(tables) if tables else None
+
+
+def _bits(table: pa.Table, column: str, width: int) -> np.ndarray:
+    values = table[column].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(-1, width)
+
+
+def _attack_results(config, manifest, cell_pairs, units, unit_path, size, common) -> dict[str, list[dict]]:
+    """Unit bits -> kept examples per (model, eps) -> rows of cells (attack rows), attack, transfer and ids."""
+    attack = config.attack
+    keep_all = attack.keep is Keep.ALL
+    experiments_of, by_id = _experiments_of(cell_pairs)
+    cell_ids, judges = list(by_id), list(config.models)
+    exp_order = {e.name: i for i, e in enumerate(config.experiments)}
+    name = attack.kind.value
+    out: dict[str, list[dict]] = {"cells": [], "attack": [], "transfer": [], "ids": []}
+    for model in config.models:
+        mine = [u for u in units if u.model == model]
+        table = _load_attack_units(mine, unit_path, cell_ids, judges)
+        if table is None:
+            table = _empty_attack_table(len(cell_ids), len(judges))
+        t_eps = table["eps"].to_numpy()
+        ids_all = table["image_id"].to_numpy()
+        ok_all = table["success"].to_numpy(zero_copy_only=False)
+        ok_float_all = table["success_float"].to_numpy(zero_copy_only=False)
+        restored_all = _bits(table, "restored", len(cell_ids))
+        correct_all = _bits(table, "correct_by", len(judges))
+        rows_of = [np.flatnonzero(t_eps == k) for k in attack.eps]
+        chosen = [
+            r[select_kept(ids_all[r], np.ones(len(r), bool) if keep_all else ok_all[r], attack.size)] for r in rows_of
+        ]
+        # One deterministic set for the success rates: candidates up to the highest kept id at any eps
+        # (every unit below it has run), or every candidate when some eps kept fewer than ``size``.
+        full = attack.size is not None and all(len(c) == attack.size for c in chosen)
+        cutoff = max(int(ids_all[c[-1]]) for c in chosen) if full else None
+        if cutoff is not None:
+            missing = [u for u in mine if u.image_ids[0] <= cutoff and not unit_path(u).exists()]
+            if missing:
+                raise SweepError(f"attack units {[u.key for u in missing]} are missing below the kept ids; rerun")
+        for e, k in enumerate(attack.eps):
+            eps = k / 255
+            r, c = rows_of[e], chosen[e]
+            attacked = r if cutoff is None else r[ids_all[r] <= cutoff]
+            n_att, n_ok = len(attacked), int(ok_all[attacked].sum())
+            low, high = wilson_interval(n_ok, n_att) if n_att else (math.nan, math.nan)
+            out["attack"].append({
+                **common, "model": model, "attack": name, "eps": eps, "keep": attack.keep.value,
+                "n_attacked": n_att, "n_success_float": int(ok_float_all[attacked].sum()), "n_success": n_ok,
+                "success_rate_float": ok_float_all[attacked].mean() if n_att else math.nan,
+                "success_rate": n_ok / n_att if n_att else math.nan, "ci_low": low, "ci_high": high,
+                "n_kept": len(c), "image_size": size[0],
+            })
+            out["ids"] += [{"model": model, "eps": eps, "image_id": int(i)} for i in ids_all[c]]
+            restored = restored_all[c].sum(axis=0)
+            for cell_id, n_restored in zip(cell_ids, restored.tolist(), strict=True):
+                for exp in experiments_of[cell_id]:
+                    out["cells"].append({
+                        **common, "experiment": exp, "model": model, "attack": name, "eps": eps,
+                        **_cell_columns(by_id[cell_id], size), "n_images": len(c),
+                        "n_wrong": len(c) - n_restored, "n_restored": n_restored,
+                        "_order": (exp_order[exp], config.models.index(model), e, cell_ids.index(cell_id)),
+                    })
+            correct = correct_all[c].sum(axis=0)
+            for target, n_correct in zip(judges, correct.tolist(), strict=True):
+                fooled = len(c) - n_correct
+                low, high = wilson_interval(fooled, len(c)) if len(c) else (math.nan, math.nan)
+                out["transfer"].append({
+                    **common, "source_model": model, "target_model": target, "attack": name, "eps": eps,
+                    "n_images": len(c), "n_correct": n_correct, "n_fooled": fooled,
+                    "fooled_rate": fooled / len(c) if len(c) else math.nan, "ci_low": low, "ci_high": high,
+                })
+    out["cells"].sort(key=lambda row: row["_order"])
+    for row in out["cells"]:
+        del row["_order"]
+    return out
+
+
+def _empty_attack_table(n_cells: int, n_judges: int) -> pa.Table:
+    empty = pa.array([], pa.bool_())
+    return pa.table({
+        "eps": pa.array([], pa.int64()), "image_id": pa.array([], pa.int64()), "label": pa.array([], pa.int64()),
+        "success_float": empty, "success": empty,
+        "restored": pa.FixedSizeListArray.from_arrays(empty, n_cells),
+        "correct_by": pa.FixedSizeListArray.from_arrays(empty, n_judges),
+    })
+
+
+def _write_adversarial_manifests(config, manifest, units, unit_path) -> None:
+    """One pixelray data set per (model, eps) under ``save_adversarial``: the saved shards + manifest.json."""
+    from pixelray.shards import MANIFEST_NAME, Manifest, ShardInfo
+
+    root = Path(config.save_adversarial)
+    for model in config.models:
+        saved: list[list[dict]] = [[] for _ in config.attack.eps]
+        for unit in units:
+            path = unit_path(unit)
+            if unit.model != model or not path.exists():
+                continue
+            meta = pq.read_schema(path).metadata or {}
+            for e, info in enumerate(json.loads(meta.get(_META_SAVED, b"[]"))):
+                if info:
+                    saved[e].append(info)
+        for e, k in enumerate(config.attack.eps):
+            if not saved[e]:
+                continue
+            shards = tuple(ShardInfo(**s) for s in sorted(saved[e], key=lambda s: s["min_id"]))
+            adv = Manifest(
+                name=f"{manifest.name}-{config.attack.kind.value}-eps{k}-{model_slug(model)}",
+                height=manifest.height, width=manifest.width, num_images=sum(s.rows for s in shards),
+                num_classes=manifest.num_classes, class_names=manifest.class_names, class_ids=manifest.class_ids,
+                shards=shards, source=config.attack.kind.value,
+            )
+            _write_text_atomic(adv.to_json(), root / model_slug(model) / f"eps{k}" / MANIFEST_NAME)

@@ -1,0 +1,301 @@
+"""FGSM inside the sweep: config, exact counts against a plain loop, determinism, resume, saved examples."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pixelray.attacks import fgsm
+from pixelray.config import AttackConfig, AttackKind, ConfigError, Keep, parse_config
+from pixelray.models import load_model
+from pixelray.perturb import apply_pixel_changes
+from pixelray.shards import check_dataset, load_manifest, read_shard, shard_uris
+from pixelray.spec import Cell, PixelChange
+from pixelray.sweep import run_sweep
+from pixelray.worker import attack_outcomes
+
+GRID = {"counts": [4, 32], "amplitudes": ["full", 60]}
+# eps 4/255 fools the tiny CNNs on a few percent of the images, 32/255 on more than half: with
+# size 20 the weakest eps needs about half of the shards, so the last units are skipped.
+ATTACK = {"kind": "fgsm", "eps": [4, 8, 16, 32], "keep": "successful", "size": 20}
+VERSIONS = ["pixelray_version", "torch_version"]
+
+
+def raw_config(data, models, out, batch_size=64, workers=1, threads=2, attack=ATTACK, **output):
+    return {
+        "data": {"path": str(data)},
+        "models": {"names": list(models), "weights": "none"},
+        "eval": {"filter": "all", "batch_size": batch_size, "size": 100},
+        "grid": GRID,
+        "attack": dict(attack),
+        "output": {"dir": str(out), **output},
+        "run": {"workers": workers, "threads": threads},
+    }
+
+
+# ---------------------------------------------------------------------------- config
+
+
+BASE = {"data": {"path": "d"}, "models": {"names": ["tiny"]}, "grid": {"counts": [4]}, "output": {"dir": "o"}}
+
+
+def test_attack_section_parses_and_enters_the_config_hash():
+    plain = parse_config(BASE)
+    cfg = parse_config({**BASE, "attack": {"kind": "fgsm", "eps": [1, 2, 4, 8], "size": 10000}})
+    assert plain.attack is None and "attack" not in plain.identity()
+    assert cfg.attack == AttackConfig(AttackKind.FGSM, (1, 2, 4, 8), Keep.SUCCESSFUL, 10000)
+    assert cfg.identity()["attack"] == {"kind": "fgsm", "eps": [1, 2, 4, 8], "keep": "successful", "size": 10000}
+    assert cfg.config_hash != plain.config_hash
+    other = parse_config({**BASE, "attack": {"kind": "fgsm", "eps": [1, 2, 4, 8], "size": 10000, "keep": "all"}})
+    assert other.config_hash != cfg.config_hash
+    # where the examples are saved is not part of the results' identity
+    saved = parse_config({**BASE, "attack": {"kind": "fgsm", "eps": [1, 2, 4, 8], "size": 10000}},
+                         overrides={"save_adversarial": "adv"})
+    assert saved.save_adversarial == "adv" and saved.config_hash == cfg.config_hash
+
+
+@pytest.mark.parametrize(("attack", "message"), [
+    ({"kind": "pgd"}, r"\[attack\] kind = 'pgd': unknown attack; allowed: \['fgsm'\]"),
+    ({"kind": "fgsm", "eps": [0, 2]}, r"\[attack\] eps = \[0, 2\]: \[0\] outside 1..255"),
+    ({"kind": "fgsm", "eps": [8, 256]}, r"eps = \[8, 256\]: \[256\] outside 1..255; eps is in pixel units k"),
+    ({"kind": "fgsm", "eps": [0.5]}, r"eps = \[0.5\]: expected a non-empty list of integers k"),
+    ({"kind": "fgsm", "eps": []}, r"eps = \[\]: expected a non-empty list of integers"),
+    ({"kind": "fgsm", "eps": [2, 2]}, r"eps = \[2, 2\]: each value may appear once"),
+    ({"kind": "fgsm", "keep": "some"}, r"keep = 'some': allowed: \['successful', 'all'\]"),
+    ({"kind": "fgsm", "size": 0}, r"\[attack\] size = 0: must be an integer >= 1"),
+    ({"kind": "fgsm", "size": "many"}, r"\[attack\] size = 'many': expected int"),
+    ({"eps": [1]}, r"\[attack\] kind: missing"),
+    ({"kind": "fgsm", "steps": 3}, r"\[attack\] unknown key\(s\) \['steps'\]"),
+])
+def test_bad_attack_sections_are_refused(attack, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({**BASE, "attack": attack})
+
+
+def test_save_adversarial_needs_an_attack_and_a_directory():
+    with pytest.raises(ConfigError, match="no \\[attack\\] section"):
+        parse_config({**BASE, "output": {"dir": "o", "save_adversarial": "adv"}})
+    with pytest.raises(ConfigError, match="save_adversarial = 's3://b/adv' is a URI"):
+        parse_config({**BASE, "attack": {"kind": "fgsm"}, "output": {"dir": "o", "save_adversarial": "s3://b/adv"}})
+
+
+# ---------------------------------------------------------------------------- the worker's numerics
+
+
+def _tiny(spec):
+    return load_model(spec, None).to(memory_format=torch.channels_last).eval()
+
+
+def test_attack_outcomes_do_not_depend_on_batch_size(synthetic_dataset, tiny_checkpoints):
+    model, judge = (_tiny(m) for m in tiny_checkpoints)
+    batch = read_shard(shard_uris(synthetic_dataset)[0])
+    cells = [Cell(PixelChange(4)), Cell(PixelChange(32, 60))]
+    runs = [
+        attack_outcomes(model, batch.images, batch.labels, batch.image_ids, [4, 32], cells, [None, judge], bs)
+        for bs in (100, 64, 7)
+    ]
+    for other in runs[1:]:
+        assert other.keys() == runs[0].keys()
+        for key in runs[0]:
+            np.testing.assert_array_equal(other[key], runs[0][key], err_msg=key)
+    success = runs[0]["success"]
+    assert 0 < success[0].sum() < success[1].sum()  # a bigger step fools more
+    # only the examples that fool the model go through the cells and the judges
+    assert not (runs[0]["restored"] & ~success[:, None, :]).any() and runs[0]["restored"].any()
+    np.testing.assert_array_equal(runs[0]["correct_by"][:, 0], np.zeros_like(success))
+
+
+# ---------------------------------------------------------------------------- the reference
+
+
+def plain_attack(data, models, cells, eps, size):
+    """Independent reference: every candidate attacked in one batch, kept ids chosen globally, no Ray."""
+    parts = [read_shard(uri) for uri in shard_uris(str(data))]
+    ids = torch.cat([p.image_ids for p in parts])
+    labels = torch.cat([p.labels for p in parts])
+    images = torch.cat([p.images for p in parts])
+    nets = {m: _tiny(m) for m in models}
+    with torch.inference_mode():
+        ok = torch.stack([nets[m](images).argmax(1) == labels for m in models]).all(0)
+    order = torch.argsort(ids[ok])
+    cand_ids, cand_labels, cand_images = ids[ok][order], labels[ok][order], images[ok][order]
+    out = {"attack": {}, "cells": {}, "transfer": {}, "examples": {}}
+    for m in models:
+        per_eps = {}
+        for k in eps:
+            adv = fgsm(nets[m], cand_images, cand_labels, k / 255)
+            with torch.inference_mode():
+                fooled = nets[m](adv).argmax(1) != cand_labels
+            kept = torch.nonzero(fooled).flatten()[:size]
+            per_eps[k] = (fooled, kept)
+            out["examples"][(m, k)] = (cand_ids[kept], adv[kept])
+            with torch.inference_mode():
+                for cell in cells:
+                    changed = apply_pixel_changes(adv[kept], cell, cand_ids[kept])
+                    restored = int((nets[m](changed).argmax(1) == cand_labels[kept]).sum())
+                    out["cells"][(m, k, cell.cell_id)] = (len(kept), restored)
+                for target in models:
+                    correct = int((nets[target](adv[kept]).argmax(1) == cand_labels[kept]).sum())
+                    out["transfer"][(m, target, k)] = (len(kept), correct)
+        # the success rates: over the candidates up to the highest kept id at any eps
+        cutoff = max(int(cand_ids[kept[-1]]) for _, kept in per_eps.values())
+        upto = cand_ids <= cutoff
+        for k, (fooled, kept) in per_eps.items():
+            out["attack"][(m, k)] = (int(upto.sum()), int(fooled[upto].sum()), len(kept))
+    return out
+
+
+def cell_of(row):
+    amp = row.amplitude if row.amplitude == "full" else int(row.amplitude)
+    return Cell(PixelChange(int(row["count"]), amp, None), int(row.seed))
+
+
+def _k(eps):
+    return round(eps * 255)
+
+
+@pytest.fixture(scope="module")
+def attack_run(ray_local, synthetic_dataset, tiny_checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("attack")
+    raw = raw_config(synthetic_dataset, tiny_checkpoints, out / "run", save_adversarial=str(out / "adv"))
+    return run_sweep(parse_config(raw), progress=False)
+
+
+def _tables(out: Path):
+    return {name: pd.read_parquet(out / f"{name}.parquet").drop(columns=VERSIONS, errors="ignore")
+            for name in ("cells", "attack", "transfer", "attack_ids")}
+
+
+# ---------------------------------------------------------------------------- integration
+
+
+@pytest.mark.slow
+def test_attack_counts_equal_an_independent_plain_loop(attack_run, synthetic_dataset, tiny_checkpoints):
+    cfg = parse_config(raw_config(synthetic_dataset, tiny_checkpoints, "unused"))
+    cells = cfg.unique_cells((32, 32))
+    expected = plain_attack(synthetic_dataset, tiny_checkpoints, cells, ATTACK["eps"], ATTACK["size"])
+    tables = _tables(attack_run.out_dir)
+
+    attack = tables["attack"]
+    assert len(attack) == 2 * 4 and (attack.attack == "fgsm").all() and (attack.keep == "successful").all()
+    got = {(r.model, _k(r.eps)): (r.n_attacked, r.n_success, r.n_kept) for r in attack.itertuples()}
+    assert got == expected["attack"]
+    assert (attack.n_kept == ATTACK["size"]).all()
+    assert (attack.n_success_float >= 0).all() and attack.success_rate_float.between(0, 1).all()
+    for _, per_model in attack.groupby("model"):  # the success rate rises with eps
+        assert per_model.sort_values("eps").success_rate.is_monotonic_increasing
+        assert per_model.success_rate.iloc[-1] > 2 * per_model.success_rate.iloc[0]
+
+    df = tables["cells"]
+    plain, adv = df[df.attack.isna()], df[df.attack == "fgsm"]
+    assert len(plain) == 2 * len(cells) and plain.n_restored.isna().all() and plain.eps.isna().all()
+    assert len(adv) == 2 * 4 * len(cells)  # every (model, eps, cell): the restored count is reported
+    assert adv.n_restored.notna().all() and adv.restored_rate.notna().all()
+    got = {(r.model, _k(r.eps), cell_of(r).cell_id): (r.n_images, int(r.n_restored)) for _, r in adv.iterrows()}
+    assert got == expected["cells"]
+    assert (adv.n_wrong == adv.n_images - adv.n_restored).all()
+    assert np.allclose(adv.restored_rate, adv.accuracy) and adv.n_restored.sum() > 0
+    assert adv.pixel_index.notna().all()
+
+    transfer = tables["transfer"]
+    assert len(transfer) == 2 * 2 * 4
+    got = {(r.source_model, r.target_model, _k(r.eps)): (r.n_images, r.n_correct) for r in transfer.itertuples()}
+    assert got == expected["transfer"]
+    diagonal = transfer[transfer.source_model == transfer.target_model]
+    assert (diagonal.n_fooled == diagonal.n_images).all()  # kept = successful on its own model
+    assert (transfer.n_fooled + transfer.n_correct == transfer.n_images).all()
+
+    ids = tables["attack_ids"]
+    for (model, k), (kept_ids, _) in expected["examples"].items():
+        assert ids[(ids.model == model) & (ids.eps.mul(255).round() == k)].image_id.tolist() == kept_ids.tolist()
+    # the images never enter a results table
+    for name, table in tables.items():
+        assert not {"image", "adv", "pixels"} & set(table.columns), name
+    stats = attack_run.stats
+    n_shards = len(shard_uris(synthetic_dataset))
+    assert stats["reads"]["attack"] == stats["units_run"]["attack"] <= 2 * n_shards
+    assert stats["attack_units"]["skipped"] >= 1  # the examples were found before the last shards
+
+
+@pytest.mark.slow
+def test_saved_examples_are_a_dataset_holding_the_kept_examples(attack_run, synthetic_dataset, tiny_checkpoints):
+    adv_root = attack_run.out_dir.parent / "adv"
+    cfg = parse_config(raw_config(synthetic_dataset, tiny_checkpoints, "unused"))
+    expected = plain_attack(synthetic_dataset, tiny_checkpoints, cfg.unique_cells((32, 32)), ATTACK["eps"],
+                            ATTACK["size"])
+    dirs = sorted(p.parent for p in adv_root.glob("*/eps*/manifest.json"))
+    assert len(dirs) == 2 * 4
+    for (model, k), (kept_ids, kept_images) in expected["examples"].items():
+        folder = next(d for d in dirs if d.name == f"eps{k}" and d.parent.name.endswith(Path(model).name))
+        assert check_dataset(str(folder)) == []
+        assert load_manifest(str(folder)).num_classes == load_manifest(synthetic_dataset).num_classes
+        saved = [read_shard(uri, kept_ids.tolist()) for uri in shard_uris(str(folder))]
+        got_ids = torch.cat([s.image_ids for s in saved])
+        got_images = torch.cat([s.images for s in saved])
+        assert sorted(got_ids.tolist()) == kept_ids.tolist()
+        order = torch.argsort(got_ids)
+        assert torch.equal(got_images[order], kept_images)  # pixel for pixel the examples of the plain loop
+
+
+@pytest.mark.slow
+def test_same_counts_across_runs_batch_sizes_and_workers(attack_run, synthetic_dataset, tiny_checkpoints, tmp_path):
+    raw = raw_config(synthetic_dataset, tiny_checkpoints, tmp_path / "out", batch_size=17, workers=2, threads=1)
+    result = run_sweep(parse_config(raw), progress=False)
+    first, second = _tables(attack_run.out_dir), _tables(result.out_dir)
+    for name in first:
+        pd.testing.assert_frame_equal(first[name], second[name], obj=name)
+
+
+def _unit_files(out: Path, phase: str):
+    return sorted((out / "units" / phase).rglob("*.parquet"))
+
+
+def _wait_for(predicate, timeout):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_only_missing_attack_units(attack_run, synthetic_dataset, tiny_checkpoints, tmp_path):
+    import tomli_w
+
+    out = tmp_path / "out"
+    config = tmp_path / "sweep.toml"
+    config.write_text(tomli_w.dumps(raw_config(synthetic_dataset, tiny_checkpoints, out, threads=1)))
+    cmd = [sys.executable, "-m", "pixelray", "sweep", str(config), "--no-progress"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert _wait_for(lambda: len(_unit_files(out, "attack")) >= 1, timeout=240), proc.stdout.read().decode()[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    assert not (out / "attack.parquet").exists(), "the sweep finished before the kill; make it longer"
+    phases = ("clean", "cells", "attack")
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for ph in phases for p in _unit_files(out, ph)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all((p.stat().st_ino, p.stat().st_mtime_ns) == before[p] for p in before), "finished units were redone"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["units_run"]["clean"] == stats["units_run"]["cells"] == 0
+    n_before = sum(1 for p in before if "/attack/" in str(p))
+    assert stats["units_run"]["attack"] == len(_unit_files(out, "attack")) - n_before > 0
+    assert not list(out.rglob(".*.tmp-*")), "temp files of the killed run were left behind"
+    first, resumed = _tables(attack_run.out_dir), _tables(out)
+    for name in first:
+        pd.testing.assert_frame_equal(first[name], resumed[name], obj=name)
