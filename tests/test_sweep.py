@@ -246,12 +246,16 @@ def test_ray_job_submit_with_token_auth(synthetic_dataset, tiny_checkpoints, tmp
     }
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
+    # every port of its own: the session's local Ray (ray_local) may hold the default ones
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     temp_dir = tempfile.mkdtemp(prefix="pxr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     head_log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats",
-         f"--temp-dir={temp_dir}"],
+         f"--temp-dir={temp_dir}", *ports],
         env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
