@@ -62,7 +62,8 @@ images correctly, so ``fooled_rate`` is the rate at which the attack transfers.
 Adversarial images never enter a results table. ``save_adversarial = DIR`` writes
 every eligible example (a superset of the kept ones: see attack_ids.parquet) as a
 pixelray data set per model and eps, ``DIR/<model>/eps<k>/`` (shards + manifest.json),
-which a later sweep can name as its ``[data] path``.
+which a later sweep can name as its ``[data] path``. A resumed run adds the examples of
+the units it runs; units finished by an earlier run without the option have none saved.
 """
 
 from __future__ import annotations
@@ -501,8 +502,8 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, log: Callable[[str]
         "eval_images": {m: int(len(v)) for m, v in eval_ids.items()},
         "wall_s": time.perf_counter() - t_start, "config_hash": config.config_hash,
     })
-    _write_text_atomic(json.dumps(stats, indent=2) + "\n", out / "stats.json")
     stats.update(_attack_stats(attack_units, unit_path))
+    _write_text_atomic(json.dumps(stats, indent=2) + "\n", out / "stats.json")
     return SweepResult(out, cells_path, clean_path, stats, attack_path, transfer_path)
 
 

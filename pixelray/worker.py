@@ -167,9 +167,12 @@ def attack_outcomes(
 ) -> dict[str, np.ndarray]:
     """FGSM with ``model`` at each eps, then every cell and every judge over the examples; per-image bits.
 
-    The attack runs in fp32 (on CUDA without TF32) in slices of ``batch_size`` (``amp``
-    applies to the cells and judges only). The cells and the judges see the uint8 examples, and only the *eligible*
-    ones: those the model misclassifies after rounding, or all with ``keep_all``.
+    The attack runs in fp32 (on CUDA without TF32) in slices of ``batch_size``; ``amp``
+    applies to the cells and judges only. The cells and the judges see the uint8
+    examples, and only the *eligible* ones: those the model misclassifies after
+    rounding, or all with ``keep_all``. On CPU the bits of an image do not depend on
+    the batch size for the tiny CNN; big torchvision models can differ in a few
+    near-zero gradient signs across batch sizes (oneDNN, see ``attacks.py``).
 
     Args:
         model: the attacked classifier (uint8 or [0, 1] input, normalisation inside).
