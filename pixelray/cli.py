@@ -118,16 +118,28 @@ def sweep_cmd(
 
 
 def _summary(cells_path) -> None:
+    """A compact view of a run: wrong rate per cell and model, and the attack's success rate."""
+    from pathlib import Path
+
     import pandas as pd
 
     df = pd.read_parquet(cells_path)
     typer.echo(f"results: {cells_path} ({len(df)} rows)")
-    with pd.option_context("display.width", 120, "display.max_rows", 40):
-        cols = ["experiment", "model", "count", "amplitude", "area", "n_images", "n_wrong", "wrong_rate", "pixel_index"]
-        if df["attack"].notna().any():  # rows over adversarial examples: which attack, and how many restored
-            cols[2:2] = ["attack", "eps"]
-            cols.append("n_restored")
-        typer.echo(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    short = {m: Path(m.split(":", 1)[-1]).name if m.startswith("checkpoint:") else m for m in df.model.unique()}
+    plain = df[df.attack.isna()].assign(model=lambda d: d.model.map(short))
+    with pd.option_context("display.width", 120, "display.max_rows", 60, "display.max_columns", 12):
+        if len(plain):
+            table = plain.pivot_table(index=["experiment", "count", "amplitude", "area"], columns="model",
+                                      values="wrong_rate", sort=False)
+            typer.echo("\nmisclassified after the change (%):")
+            typer.echo((100 * table).round(2).to_string())
+        attack_path = Path(cells_path).with_name("attack.parquet")
+        if attack_path.exists():
+            attack = pd.read_parquet(attack_path).assign(model=lambda d: d.model.map(short))
+            attack = attack.assign(eps=(attack.eps * 255).round().astype(int))
+            typer.echo("\nFGSM success rate (%), eps in k/255 (restored counts per cell: cells.parquet, n_restored):")
+            typer.echo((100 * attack.pivot_table(index="eps", columns="model", values="success_rate")).round(2)
+                       .to_string())
 
 
 @app.command("demo")
