@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import unit_files, wait_for
 
 from pixelray.attacks import fgsm
 from pixelray.config import AttackConfig, AttackKind, ConfigError, Keep, parse_config
@@ -255,19 +256,6 @@ def test_same_counts_across_runs_batch_sizes_and_workers(attack_run, synthetic_d
         pd.testing.assert_frame_equal(first[name], second[name], obj=name)
 
 
-def _unit_files(out: Path, phase: str):
-    return sorted((out / "units" / phase).rglob("*.parquet"))
-
-
-def _wait_for(predicate, timeout):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.mark.slow
@@ -281,20 +269,20 @@ def test_killed_driver_resumes_only_missing_attack_units(attack_run, synthetic_d
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        assert _wait_for(lambda: len(_unit_files(out, "attack")) >= 1, timeout=240), proc.stdout.read().decode()[-3000:]
+        assert wait_for(lambda: len(unit_files(out, "attack")) >= 1, timeout=240), proc.stdout.read().decode()[-3000:]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
     assert not (out / "attack.parquet").exists(), "the sweep finished before the kill; make it longer"
     phases = ("clean", "cells", "attack")
-    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for ph in phases for p in _unit_files(out, ph)}
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for ph in phases for p in unit_files(out, ph)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert all((p.stat().st_ino, p.stat().st_mtime_ns) == before[p] for p in before), "finished units were redone"
     stats = json.loads((out / "stats.json").read_text())
     assert stats["units_run"]["clean"] == stats["units_run"]["cells"] == 0
     n_before = sum(1 for p in before if "/attack/" in str(p))
-    assert stats["units_run"]["attack"] == len(_unit_files(out, "attack")) - n_before > 0
+    assert stats["units_run"]["attack"] == len(unit_files(out, "attack")) - n_before > 0
     assert not list(out.rglob(".*.tmp-*")), "temp files of the killed run were left behind"
     first, resumed = _tables(attack_run.out_dir), _tables(out)
     for name in first:

@@ -27,7 +27,7 @@ def console_script() -> str:
     beside = Path(sys.executable).parent / "pixelray"
     found = str(beside) if beside.is_file() else shutil.which("pixelray")
     if found is None:
-        pytest.skip("the pixelray console script is not installed (pip install -e .)")
+        pytest.fail("the pixelray console script is not installed; run `make install` (pip install -e .)")
     return found
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from helpers import unit_files, wait_for
 
 from pixelray.config import ConfigError, parse_config
 from pixelray.models import load_model
@@ -101,9 +102,6 @@ def test_reads_do_not_grow_with_the_grid(ray_local, synthetic_dataset, tiny_chec
     assert reads[0] == reads[1] == {"clean": n_shards * 2, "cells": n_shards * 2}
 
 
-def _unit_files(out: Path, phase: str = "cells"):
-    return sorted((out / "units" / phase).rglob("*.parquet"))
-
 
 def _sweep_in_thread(cfg):
     box = {}
@@ -118,14 +116,6 @@ def _sweep_in_thread(cfg):
     thread.start()
     return thread, box
 
-
-def _wait_for(predicate, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +137,7 @@ def test_killing_a_worker_changes_nothing(ray_local, synthetic_dataset, tiny_che
     out = tmp_path / "out"
     cfg = make_config(synthetic_dataset, tiny_checkpoints, out)
     thread, box = _sweep_in_thread(cfg)
-    assert _wait_for(lambda: len(_unit_files(out)) >= 1), box
+    assert wait_for(lambda: len(unit_files(out)) >= 1), box
     assert not (out / "cells.parquet").exists(), "the sweep finished before the kill; make it longer"
     actors = [ray.get_actor(n) for n in ray.util.list_named_actors() if n.startswith(f"pixelray-worker-{os.getpid()}")]
     assert actors
@@ -160,7 +150,7 @@ def test_killing_a_worker_changes_nothing(ray_local, synthetic_dataset, tiny_che
     df = pd.read_parquet(out / "cells.parquet")
     assert not df.duplicated(["experiment", "model", "count", "amplitude", "area", "seed"]).any()
     pd.testing.assert_frame_equal(_comparable(df), _comparable(reference))
-    assert len(_unit_files(out)) == len(_unit_files(out, "clean")) == 2 * len(shard_uris(str(synthetic_dataset)))
+    assert len(unit_files(out)) == len(unit_files(out, "clean")) == 2 * len(shard_uris(str(synthetic_dataset)))
 
 
 def _write_toml(cfg_dict, path):
@@ -186,15 +176,15 @@ def test_killed_driver_resumes_only_missing_units(synthetic_dataset, tiny_checkp
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        assert _wait_for(lambda: len(_unit_files(out)) >= 3, timeout=240), proc.stdout.read().decode()[-3000:]
+        assert wait_for(lambda: len(unit_files(out)) >= 3, timeout=240), proc.stdout.read().decode()[-3000:]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
     assert not (out / "cells.parquet").exists(), "the sweep finished before the kill; make it longer"
-    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in _unit_files(out) + _unit_files(out, "clean")}
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in unit_files(out) + unit_files(out, "clean")}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    after = _unit_files(out) + _unit_files(out, "clean")
+    after = unit_files(out) + unit_files(out, "clean")
     assert all((p.stat().st_ino, p.stat().st_mtime_ns) == before[p] for p in before), "finished units were redone"
     assert len(after) > len(before)
     assert not list(out.rglob(".*.tmp-*")), "temp files of the killed run were left behind"
@@ -259,7 +249,7 @@ def test_ray_job_submit_with_token_auth(synthetic_dataset, tiny_checkpoints, tmp
         env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        assert _wait_for(lambda: _http_ok(f"http://127.0.0.1:{dash}/api/version"), timeout=120), (
+        assert wait_for(lambda: _http_ok(f"http://127.0.0.1:{dash}/api/version"), timeout=120), (
             (tmp_path / "head.log").read_text()[-3000:])
         out = tmp_path / "out"
         raw = {
