@@ -18,6 +18,7 @@ models' weights (about 1 GB for the paper's five ImageNet models).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -59,8 +60,9 @@ class Unit:
 
 
 def model_slug(name: str) -> str:
-    """A file-name-safe form of a model spec."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[-120:]
+    """A file-name-safe, unique form of a model spec: its readable tail and a short hash of all of it."""
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[-80:]
+    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def pick_device(device: str = "auto") -> torch.device:
