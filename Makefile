@@ -25,8 +25,11 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/pixelray demo
 
-bench: $(STAMP)
+bench: $(STAMP)  # each prints one JSON line; see the docstrings for GPU flags
 	$(BIN)/python benchmarks/perturb.py
+	$(BIN)/python benchmarks/shards.py
+	$(BIN)/python benchmarks/fgsm.py
+	$(BIN)/python benchmarks/sweep.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
