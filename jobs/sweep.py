@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from pixelray.config import ConfigError, load_config
-from pixelray.sweep import SweepError, connect, run_sweep
+from pixelray.sweep import SweepError, run_sweep
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -46,8 +46,9 @@ def main(
         )
     try:
         cfg = load_config(config, overrides)
-        connect("auto" if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID") else "local")
-        result = run_sweep(cfg, progress=True, log=lambda m: typer.echo(m, err=True))
+        in_job = os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID")
+        result = run_sweep(cfg, progress=True, log=lambda m: typer.echo(m, err=True),
+                           address="auto" if in_job else "local")
     except (ConfigError, SweepError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

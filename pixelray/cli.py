@@ -105,13 +105,12 @@ def sweep_cmd(
 ) -> None:
     """Run (or resume) a grid sweep; results land as Parquet under the output directory."""
     from pixelray.config import ConfigError, load_config
-    from pixelray.sweep import SweepError, connect, run_sweep
+    from pixelray.sweep import SweepError, run_sweep
 
     try:
         overrides = {"output_dir": out, "metrics_port": metrics_port, "save_adversarial": save_adversarial}
         cfg = load_config(config, overrides)
-        connect(address)
-        result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True))
+        result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True), address=address)
     except (ConfigError, SweepError) as exc:
         fail(str(exc))
     _summary(result.cells_path)
@@ -153,7 +152,7 @@ def demo_cmd(
 
     from pixelray.config import ConfigError, load_config
     from pixelray.demo import prepare_demo
-    from pixelray.sweep import SweepError, connect, run_sweep
+    from pixelray.sweep import SweepError, run_sweep
 
     data, checkpoints = prepare_demo(out, log=lambda m: typer.echo(m, err=True))
     overrides = {
@@ -163,8 +162,7 @@ def demo_cmd(
     }
     try:
         cfg = load_config(config, overrides)
-        connect("local")
-        result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True))
+        result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True), address="local")
     except (ConfigError, SweepError) as exc:
         fail(str(exc))
     _summary(result.cells_path)

@@ -295,6 +295,12 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
         raise ConfigError(f"[models] names = {list(names)!r}: expected a non-empty list of model names")
     if len(set(names)) != len(names):
         raise ConfigError(f"[models] names = {list(names)!r}: each model may appear once")
+    from pixelray.models import resolve_models
+
+    try:
+        resolve_models(list(names))  # the form of each spec, with close matches for a typo; nothing is loaded
+    except ValueError as exc:
+        raise ConfigError(f"[models] {exc}") from None
     weights = models_t.get("weights", "imagenet")
     if weights not in ("imagenet", "default", "none", None):
         raise ConfigError(f"[models] weights = {weights!r}: allowed: 'imagenet', 'default', 'none'")

@@ -374,8 +374,19 @@ def _channels_label(cell: Cell) -> str:
     return "all" if ch == "all" else ",".join(map(str, ch))
 
 
-def run_sweep(config: SweepConfig, *, progress: bool = True, log: Callable[[str], None] | None = None) -> SweepResult:
-    """Run (or resume) a whole sweep on the connected Ray cluster (an embedded one if none)."""
+def run_sweep(
+    config: SweepConfig,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    address: str | None = None,
+) -> SweepResult:
+    """Run (or resume) a whole sweep.
+
+    The config, the data set and the plan are checked first; only then does it join Ray
+    (the connected cluster, else ``address``: None/``local`` starts an embedded one,
+    ``auto`` or an address joins a cluster).
+    """
     import torch  # noqa: F401  (versions)
 
     from pixelray.shards import load_manifest, shard_uris
@@ -392,7 +403,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, log: Callable[[str]
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_run_dir(out, config)
-    connect(None)
+    connect(address)
     telemetry = SweepTelemetry(config.metrics_port, config.metrics_host, progress)
     if telemetry.port:
         say(f"metrics: http://{config.metrics_host}:{telemetry.port}/metrics")

@@ -132,3 +132,32 @@ def test_python_dash_m():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"pixelray {__version__}"
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ("[data]\npath = 'x'\n[models]\nnames = ['tiny']\n[grid]\ncounts = [0]\n", "count: 0 is invalid"),
+        ("[data]\npath = 'x'\n[models]\nnames = ['tiny']\n[grid]\ncounts = [4]\nshape = 1\n",
+         r"\[grid\] unknown key\(s\) \['shape'\]"),
+        ("[data]\npath = 'nowhere'\n[models]\nnames = ['tiny']\n[grid]\ncounts = [4]\n", "path = 'nowhere'"),
+        ("[data\n", "not valid TOML"),
+    ],
+)
+def test_sweep_refuses_a_bad_config_in_one_line_and_writes_nothing(tmp_path, toml, message):
+    import re
+
+    config = tmp_path / "sweep.toml"
+    config.write_text(toml)
+    out = tmp_path / "out"
+    result = invoke("sweep", str(config), "--out", str(out), "--no-progress")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), result.stderr
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_sweep_of_a_missing_config_file(tmp_path):
+    result = invoke("sweep", str(tmp_path / "none.toml"))
+    assert result.exit_code == 2 and "no such config file" in result.stderr

@@ -47,6 +47,7 @@ def test_paper_config_is_tables_6_to_8_on_the_five_models():
         (base(data={}), r"\[data\] path: missing"),
         (base(models={"names": []}), r"\[models\] names"),
         (base(models={"names": ["a", "a"]}), "each model may appear once"),
+        (base(models={"names": ["resnet1010"]}), r"\[models\] model: 'resnet1010' is unknown; did you mean resnet101"),
         (base(models={"preset": "nope"}), r"preset = 'nope': unknown; allowed: \['paper'\]"),
         (base(models={"names": ["tiny"], "weights": "v2"}), r"weights = 'v2': allowed"),
         (base(eval={"filter": "some"}), r"filter = 'some': allowed: \['all', 'per-model', 'none'\]"),
