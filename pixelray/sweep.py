@@ -315,7 +315,7 @@ def _schedule(
             try:
                 result = ray.get(ref)
             except RayTaskError as exc:
-                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                cause = _cause(exc)
                 raise SweepError(f"unit {unit.key} failed: {type(cause).__name__}: {cause}") from None
             except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
                 telemetry.unit_failed()
@@ -337,8 +337,12 @@ def _preflight(pool: _Pool, config: SweepConfig) -> None:
     try:
         ray.get(pool.workers[0]["handle"].preflight.remote(list(config.models), config.weights))
     except RayTaskError as exc:
-        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        raise SweepError(str(cause)) from None
+        raise SweepError(str(_cause(exc))) from None
+
+
+def _cause(exc: Exception) -> BaseException:
+    """The user's exception inside a Ray task error (bad data, missing weights), else the error itself."""
+    return exc.cause if getattr(exc, "cause", None) is not None else exc
 
 
 def _read_unit_tables(paths: Iterable[Path]) -> pa.Table | None:

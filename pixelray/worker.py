@@ -36,7 +36,10 @@ from pixelray.attacks import fgsm_with_success
 from pixelray.perturb import apply_pixel_changes
 from pixelray.spec import Cell
 
-__all__ = ["AttackPlan", "ModelWorker", "Unit", "attack_outcomes", "count_wrong", "pick_device", "predict"]
+__all__ = [
+    "AttackPlan", "ModelWorker", "Unit", "attack_outcomes", "correct_under_cells", "count_wrong", "pick_device",
+    "predict",
+]
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,30 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int, amp: 
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64, device=images.device)
 
 
+def correct_under_cells(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    image_ids: torch.Tensor,
+    cells: Sequence[Cell],
+    batch_size: int,
+    amp: bool = False,
+) -> torch.Tensor:
+    """bool (cells, images) on the images' device: does the model still predict the label under each cell?
+
+    Each slice of ``batch_size`` images is perturbed under every cell on the device;
+    nothing is synchronised with the host.
+    """
+    correct = torch.empty((len(cells), images.shape[0]), dtype=torch.bool, device=images.device)
+    with torch.inference_mode(), _autocast(images.device, amp):
+        for start in range(0, images.shape[0], batch_size):
+            part = slice(start, start + batch_size)
+            batch, ids, truth = images[part], image_ids[part], labels[part]
+            for i, cell in enumerate(cells):
+                correct[i, part] = model(apply_pixel_changes(batch, cell, ids)).argmax(dim=1) == truth
+    return correct
+
+
 def count_wrong(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -97,22 +124,9 @@ def count_wrong(
     batch_size: int,
     amp: bool = False,
 ) -> np.ndarray:
-    """Misclassified counts per cell (int64 array, one per cell) over one set of images.
-
-    Each slice of ``batch_size`` images is perturbed under every cell on the
-    images' device; the counts stay on the device until the end (one sync).
-    """
-    wrong = torch.zeros(len(cells), dtype=torch.int64, device=images.device)
-    with torch.inference_mode(), _autocast(images.device, amp):
-        for start in range(0, images.shape[0], batch_size):
-            batch = images[start : start + batch_size]
-            ids = image_ids[start : start + batch_size]
-            truth = labels[start : start + batch_size]
-            for i, cell in enumerate(cells):
-                logits = model(apply_pixel_changes(batch, cell, ids))
-                wrong[i] += (logits.argmax(dim=1) != truth).sum()
-    return wrong.cpu().numpy()
-
+    """Misclassified counts per cell (int64 array, one per cell) over one set of images (one host sync)."""
+    correct = correct_under_cells(model, images, labels, image_ids, cells, batch_size, amp)
+    return (~correct).sum(dim=1).cpu().numpy()
 
 @dataclass(frozen=True)
 class AttackPlan:
@@ -145,12 +159,6 @@ def _exact_fp32(device: torch.device):
         yield
     finally:
         torch.backends.cudnn.allow_tf32 = before
-
-
-def _correct_bits(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, amp: bool
-) -> torch.Tensor:
-    return predict(model, images, batch_size, amp) == labels
 
 
 def attack_outcomes(
@@ -215,14 +223,9 @@ def attack_outcomes(
         adv, truth, ids = examples[chosen], labels[chosen], image_ids[chosen]
         if on_examples is not None:
             on_examples(e, ids, truth, adv)
-        with torch.inference_mode(), _autocast(dev, amp):
-            for start in range(0, len(chosen), batch_size):
-                part = slice(start, start + batch_size)
-                for c, cell in enumerate(cells):
-                    logits = model(apply_pixel_changes(adv[part], cell, ids[part]))
-                    restored[e, c, chosen[part]] = logits.argmax(dim=1) == truth[part]
+        restored[e][:, chosen] = correct_under_cells(model, adv, truth, ids, cells, batch_size, amp)
         for j, judge in enumerate(judges):
-            verdict = ~success[e, chosen] if judge is None else _correct_bits(judge, adv, truth, batch_size, amp)
+            verdict = ~success[e, chosen] if judge is None else predict(judge, adv, batch_size, amp) == truth
             correct_by[e, j, chosen] = verdict
     return {
         "success_float": success_float.cpu().numpy(),
