@@ -305,6 +305,9 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
     if weights not in ("imagenet", "default", "none", None):
         raise ConfigError(f"[models] weights = {weights!r}: allowed: 'imagenet', 'default', 'none'")
     weights = None if weights == "none" else weights
+    if weights is not None and "tiny" in names:
+        raise ConfigError(f"[models] weights = {weights!r}: 'tiny' has no pretrained weights; "
+                          "set weights = 'none' (random init) or name a trained 'checkpoint:PATH'")
 
     ev = _get(raw, "eval", source, dict, {})
     _unknown(ev, {"filter", "size", "seeds", "batch_size"}, "eval")

@@ -356,21 +356,27 @@ def _versions() -> dict[str, str]:
     return {"pixelray_version": __version__, "torch_version": torch.__version__}
 
 
-def _check_run_dir(out: Path, config: SweepConfig) -> None:
-    """Create run.json, or refuse a directory that holds another config's run."""
+def _refuse_another_run(out: Path, config: SweepConfig) -> None:
+    """Refuse an output directory that holds another config's run (before any work)."""
     run_file = out / "run.json"
+    if run_file.exists():
+        previous = json.loads(run_file.read_text()).get("config_hash")
+        if previous != config.config_hash:
+            raise SweepError(
+                f"{out} holds a run of another config (hash {previous} != {config.config_hash}); "
+                "use another output directory (--out) or delete this one"
+            )
+
+
+def _start_run_dir(out: Path, config: SweepConfig) -> None:
+    """Create the output directory and run.json, or clear a resumed one of half-written files."""
+    out.mkdir(parents=True, exist_ok=True)
     for stale in out.rglob(".*.tmp-*"):  # half-written files of a killed run: never read, removed
         stale.unlink()
-    if run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if previous.get("config_hash") != config.config_hash:
-            raise SweepError(
-                f"{out} holds a run of another config (hash {previous.get('config_hash')} != "
-                f"{config.config_hash}); use another output directory (--out) or delete this one"
-            )
-        return
-    meta = {"config_hash": config.config_hash, "config": config.identity(), **_versions(), "created": time.time()}
-    _write_text_atomic(json.dumps(meta, indent=2, default=str) + "\n", run_file)
+    run_file = out / "run.json"
+    if not run_file.exists():
+        meta = {"config_hash": config.config_hash, "config": config.identity(), **_versions(), "created": time.time()}
+        _write_text_atomic(json.dumps(meta, indent=2, default=str) + "\n", run_file)
 
 
 def _channels_label(cell: Cell) -> str:
@@ -405,8 +411,7 @@ def run_sweep(
     cells = list(dict.fromkeys(c for _, c in cell_pairs))
     uris = shard_uris(config.data)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_run_dir(out, config)
+    _refuse_another_run(out, config)
     connect(address)
     telemetry = SweepTelemetry(config.metrics_port, config.metrics_host, progress)
     if telemetry.port:
@@ -418,7 +423,8 @@ def run_sweep(
     pool = _Pool(config, telemetry)
     weights, num_classes = config.weights, manifest.num_classes
     try:
-        _preflight(pool, config)
+        _preflight(pool, config)  # nothing is written before the models are known to load
+        _start_run_dir(out, config)
         # Phase 1: clean predictions, one unit per (model, shard).
         shards = list(zip(uris, manifest.shards, strict=True))
         clean_units = [Unit("clean", m, uri, info.file) for m in config.models for uri, info in shards]

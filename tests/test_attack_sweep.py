@@ -46,7 +46,10 @@ def raw_config(data, models, out, batch_size=64, workers=1, threads=2, attack=AT
 # ---------------------------------------------------------------------------- config
 
 
-BASE = {"data": {"path": "d"}, "models": {"names": ["tiny"]}, "grid": {"counts": [4]}, "output": {"dir": "o"}}
+BASE = {
+    "data": {"path": "d"}, "models": {"names": ["tiny"], "weights": "none"}, "grid": {"counts": [4]},
+    "output": {"dir": "o"},
+}
 
 
 def test_attack_section_parses_and_enters_the_config_hash():

@@ -134,13 +134,16 @@ def test_python_dash_m():
     assert result.stdout.strip() == f"pixelray {__version__}"
 
 
+TINY = "[models]\nnames = ['tiny']\nweights = 'none'\n"
+
+
 @pytest.mark.parametrize(
     "toml, message",
     [
-        ("[data]\npath = 'x'\n[models]\nnames = ['tiny']\n[grid]\ncounts = [0]\n", "count: 0 is invalid"),
-        ("[data]\npath = 'x'\n[models]\nnames = ['tiny']\n[grid]\ncounts = [4]\nshape = 1\n",
+        (f"[data]\npath = 'x'\n{TINY}[grid]\ncounts = [0]\n", "count: 0 is invalid"),
+        (f"[data]\npath = 'x'\n{TINY}[grid]\ncounts = [4]\nshape = 1\n",
          r"\[grid\] unknown key\(s\) \['shape'\]"),
-        ("[data]\npath = 'nowhere'\n[models]\nnames = ['tiny']\n[grid]\ncounts = [4]\n", "path = 'nowhere'"),
+        (f"[data]\npath = 'nowhere'\n{TINY}[grid]\ncounts = [4]\n", "path = 'nowhere'"),
         ("[data\n", "not valid TOML"),
     ],
 )

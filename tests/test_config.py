@@ -50,6 +50,7 @@ def test_paper_config_is_tables_6_to_8_on_the_five_models():
         (base(models={"names": ["resnet1010"]}), r"\[models\] model: 'resnet1010' is unknown; did you mean resnet101"),
         (base(models={"preset": "nope"}), r"preset = 'nope': unknown; allowed: \['paper'\]"),
         (base(models={"names": ["tiny"], "weights": "v2"}), r"weights = 'v2': allowed"),
+        (base(models={"names": ["tiny"]}), r"weights = 'imagenet': 'tiny' has no pretrained weights; set weights"),
         (base(eval={"filter": "some"}), r"filter = 'some': allowed: \['all', 'per-model', 'none'\]"),
         (base(eval={"size": 0}), r"size = 0: must be >= 1"),
         (base(eval={"seeds": [1, 1]}), r"seeds = \[1, 1\]"),

@@ -304,4 +304,4 @@ def test_missing_weights_fail_before_any_unit(ray_local, synthetic_dataset, tmp_
     })
     with pytest.raises(SweepError, match="nope.pt"):
         run_sweep(cfg, progress=False)
-    assert not (tmp_path / "out" / "units").exists()
+    assert not (tmp_path / "out").exists()  # no partial output
