@@ -566,7 +566,7 @@ def _check_loadable(name: str, label: str, path: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - unpickling, truncation, wrong format
         raise WeightsMissingError(
             f"{name} weights '{label}' in {path} cannot be read as a weights-only state_dict "
-            f"({type(exc).__name__}: {exc}); delete it and run `pixelray weights download {name}`"
+            f"({_first_line(exc)}); delete it and run `pixelray weights download {name}`"
         ) from exc
 
 
@@ -657,17 +657,30 @@ def _load_factory(spec: str, num_classes: int | None, init_seed: int) -> Classif
 
 
 def _build_net(base: str, num_classes: int, init_seed: int) -> nn.Module:
-    """A randomly initialised network of architecture ``base`` (a checkpoint's skeleton)."""
-    kind = _kind(base)
-    if kind == "checkpoint":
-        raise ValueError(f"base: {base!r} is a checkpoint; a checkpoint's base must be an architecture "
-                         "(a torchvision name, 'tiny' or 'module.path:factory')")
-    if kind == "tiny":
+    """A randomly initialised network of built-in architecture ``base`` (a checkpoint's skeleton).
+
+    Only torchvision names and ``tiny``: a checkpoint never makes pixelray import or call code.
+    """
+    if base == "tiny":
         with _seeded(init_seed):
             return tiny(num_classes)
-    if kind == "torchvision":
+    if _is_builtin(base):
         return _load_torchvision(base, Weights.NONE, num_classes, init_seed).net
-    return _load_factory(base, num_classes, init_seed).net
+    raise ValueError(f"base: {base!r} is not a built-in architecture ({_BUILTIN_HINT})")
+
+
+_BUILTIN_HINT = "a torchvision classification model name or 'tiny'"
+
+
+def _is_builtin(base: str) -> bool:
+    """True for an architecture pixelray builds itself (torchvision names, tiny); never imports anything."""
+    return base == "tiny" or base in torchvision_models()
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message on one line (torch's unpickling errors run to a page)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def sidecar_path(path: str | os.PathLike[str]) -> Path:
@@ -697,8 +710,12 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
         if key not in meta:
             raise ValueError(f"checkpoint: sidecar {side} lacks {key!r}; it needs base, num_classes, "
                              "mean and std")
-    if not isinstance(meta["base"], str):
-        raise ValueError(f"checkpoint: sidecar {side}: base {meta['base']!r} must be a model spec string")
+    if not isinstance(meta["base"], str) or not _is_builtin(meta["base"]):
+        close = difflib.get_close_matches(str(meta["base"]).lower(), _known_names(), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"checkpoint: sidecar {side}: base {meta['base']!r} is not a built-in architecture{hint} "
+                         f"({_BUILTIN_HINT}); a file never names code to run: for an architecture of your own, "
+                         "load the weights in your own 'module.path:factory' named in the config")
     classes = meta["num_classes"]
     if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
         raise ValueError(f"checkpoint: sidecar {side}: num_classes {classes!r} must be an integer >= 1")
@@ -747,8 +764,8 @@ def _load_checkpoint(spec: str, num_classes: int | None, init_seed: int) -> Clas
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
-        raise ValueError(f"checkpoint: {path} is not a weights-only state_dict ({type(exc).__name__}: "
-                         f"{exc}); save it with save_checkpoint (torch.save of a state_dict)") from exc
+        raise ValueError(f"checkpoint: {path} is not a weights-only state_dict ({_first_line(exc)}); save it "
+                         "with save_checkpoint (torch.save of a state_dict)") from exc
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint: {path} holds {type(state).__name__}, not a state_dict of tensors")
     net = _build_net(meta["base"], meta["num_classes"], init_seed)
@@ -842,14 +859,14 @@ def save_checkpoint(
 ) -> Path:
     """Save a model as a plain state_dict plus a JSON sidecar ``PATH.json``, each atomically.
 
-    ``load_model("checkpoint:PATH")`` rebuilds it: architecture ``base`` (a torchvision name,
-    ``"tiny"`` or ``"module.path:factory"``), the model's num_classes and mean/std, then the
+    ``load_model("checkpoint:PATH")`` rebuilds it: architecture ``base`` (a torchvision name or
+    ``"tiny"``; never user code), the model's num_classes and mean/std, then the
     state_dict, read with ``torch.load(weights_only=True)``.
 
     Args:
         model: the classifier to save (its ``net`` state_dict is stored, on CPU).
         path: the state_dict file, e.g. ``runs/x/model.pt``; parent folders are created.
-        base: the architecture spec the state_dict fits.
+        base: the built-in architecture the state_dict fits (a torchvision name or ``"tiny"``).
         metadata: free-form JSON-serialisable data (augmentation, data set, epochs, ...).
         name: the loaded model's name in result rows; default: the file's stem.
 
@@ -860,6 +877,9 @@ def save_checkpoint(
         raise ValueError(f"model: {type(model).__name__} is not a Classifier; wrap it or use load_model")
     if _kind(base) == "checkpoint":
         raise ValueError(f"base: {base!r} is a checkpoint; name the architecture (e.g. {model.name!r})")
+    if not _is_builtin(base):
+        raise ValueError(f"base: {base!r} is not a built-in architecture ({_BUILTIN_HINT}); a checkpoint may "
+                         "not name code to run, so save user architectures' state_dicts yourself")
     path = Path(path).expanduser()
     if path.suffix == ".json":
         raise ValueError(f"path: {path} ends in .json, the sidecar's suffix; use e.g. model.pt")

@@ -418,7 +418,7 @@ _GOOD = {"base": "tiny", "num_classes": 10, "mean": [0.5] * 3, "std": [0.5] * 3}
         ({**_GOOD, "num_classes": "ten"}, None, "num_classes"),
         ({**_GOOD, "std": [0.5, 0.0, 0.5]}, None, "std"),
         ({**_GOOD, "base": "alexnet"}, None, "does not fit base 'alexnet'"),
-        ({**_GOOD, "base": "checkpoint:other.pt"}, None, "a checkpoint's base must be an architecture"),
+        ({**_GOOD, "base": "checkpoint:other.pt"}, None, "base 'checkpoint:other.pt' is not a built-in architecture"),
         ({**_GOOD, "base": "resnet10l"}, None, "did you mean"),
         ({**_GOOD, "sha256": "0" * 64}, None, "does not match the sha256"),
         (_GOOD, {"when": datetime.datetime(2021, 1, 1)}, "not a weights-only state_dict"),
