@@ -23,12 +23,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import posixpath
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -44,11 +46,14 @@ __all__ = [
     "Manifest",
     "ShardBatch",
     "ShardError",
+    "ShardExpectation",
     "ShardInfo",
     "ShardWriter",
     "check_dataset",
+    "check_shards",
     "load_manifest",
     "read_shard",
+    "shard_uri",
     "shard_uris",
 ]
 
@@ -207,6 +212,65 @@ class ShardBatch:
         return int(self.image_ids.shape[0])
 
 
+@dataclass(frozen=True)
+class ShardExpectation:
+    """What a shard must be, from its manifest entry; :func:`read_shard` checks a read against it.
+
+    Args:
+        file: the shard's file name in the manifest (named in messages).
+        rows: number of rows.
+        min_id, max_id: the range of its image ids.
+        shape: (H, W, 3) of every image.
+        num_classes: labels lie in ``0..num_classes-1``.
+        sha256: the file's digest; None skips the (whole-file) hash.
+    """
+
+    file: str
+    rows: int
+    min_id: int
+    max_id: int
+    shape: tuple[int, int, int]
+    num_classes: int
+    sha256: str | None = None
+
+    @classmethod
+    def of(cls, manifest: Manifest, info: ShardInfo, sha256: bool = False) -> ShardExpectation:
+        return cls(info.file, info.rows, info.min_id, info.max_id, manifest.image_shape, manifest.num_classes,
+                   info.sha256 if sha256 else None)
+
+    def replace(self, **changes: Any) -> ShardExpectation:
+        return replace(self, **changes)
+
+    def mismatches(self, where: str, *, rows: int | None = None, shape: tuple[int, ...] | None = None,
+                   ids: np.ndarray | None = None, labels: np.ndarray | None = None) -> list[str]:
+        """How a shard's rows, image shape, ids (all of them) and labels differ from this expectation."""
+        problems = []
+        if rows is not None and rows != self.rows:
+            problems.append(f"{where}: {rows} rows, but the manifest says {self.rows}")
+        if shape is not None and tuple(shape) != tuple(self.shape):
+            problems.append(f"{where}: image shape {_shape_text(shape)} differs from the manifest's "
+                            f"{_shape_text(self.shape)}")
+        if ids is not None and len(ids):
+            low, high = int(ids.min()), int(ids.max())
+            if (low, high) != (self.min_id, self.max_id):
+                problems.append(f"{where}: image_id range {low}..{high} differs from the manifest's "
+                                f"{self.min_id}..{self.max_id}")
+            uniq, counts = np.unique(ids, return_counts=True)
+            if (counts > 1).any():
+                problems.append(f"{where}: image_id {int(uniq[counts > 1][0])} appears more than once; "
+                                "image ids must be unique in the data set")
+        if labels is not None and len(labels):
+            bad = labels[(labels < 0) | (labels >= self.num_classes)]
+            if len(bad):
+                problems.append(f"{where}: labels {int(bad.min())}..{int(bad.max())} outside "
+                                f"0..{self.num_classes - 1} (num_classes {self.num_classes})")
+        return problems
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(int(v)) for v in shape)
+
+
 # ---------------------------------------------------------------------------- paths
 
 
@@ -243,9 +307,40 @@ def load_manifest(root: str) -> Manifest:
     return Manifest.from_json(text, where)
 
 
-def shard_uris(root: str) -> list[str]:
-    """Full path or URI of every shard of the data set at ``root``, in manifest order."""
-    return [_join(root, s.file) for s in load_manifest(root).shards]
+def _resolve_root(root: str) -> tuple[pafs.FileSystem, str]:
+    """:func:`_resolve` of a data set root; a URI's once per process (an object store's client is not free)."""
+    return _resolve_uri_root(root) if "://" in root else _resolve(root)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve_uri_root(root: str) -> tuple[pafs.FileSystem, str]:
+    return _resolve(root)
+
+
+def _normal(path: str) -> str:
+    return posixpath.normpath(path.replace("\\", "/"))
+
+
+def shard_uri(root: str, file: str) -> str:
+    """Full path or URI of a shard, refused unless it lies inside the data set root.
+
+    The check resolves the path the way the reader does (a URI's percent-escapes decoded,
+    ``..`` folded), so that ``..%2F..%2Fetc`` in a manifest cannot reach out of the root.
+    """
+    uri = _join(root, file)
+    fs_root, root_path = _resolve_root(os.fspath(root))
+    fs, path = _resolve(uri)
+    inside = _normal(root_path).rstrip("/") + "/"
+    if type(fs) is not type(fs_root) or not _normal(path).startswith(inside):
+        raise ShardError(f"{file}: resolves to {_normal(path)}, outside the data set root {_normal(root_path)}; "
+                         f"a manifest may only name files inside its data set (check {_join(root, MANIFEST_NAME)})")
+    return uri
+
+
+def shard_uris(root: str, manifest: Manifest | None = None) -> list[str]:
+    """Full path or URI of every shard of the data set at ``root``, in manifest order (see :func:`shard_uri`)."""
+    manifest = manifest or load_manifest(root)
+    return [shard_uri(root, s.file) for s in manifest.shards]
 
 
 # ---------------------------------------------------------------------------- reading
@@ -334,7 +429,26 @@ def _int_column(table: pa.Table, name: str, where: str) -> np.ndarray:
     return col.to_numpy().astype(np.int64, copy=False)
 
 
-def read_shard(uri: str, image_ids: Sequence[int] | None = None) -> ShardBatch:
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _open_for_read(fs: pafs.FileSystem, path: str, uri: str, sha256: str | None):
+    """The shard's bytes as a readable file; with ``sha256``, read whole and checked first."""
+    if sha256 is None:
+        return fs.open_input_file(path)
+    with fs.open_input_file(path) as f:
+        data = f.read_buffer()
+    digest = hashlib.sha256(memoryview(data)).hexdigest()
+    if digest != sha256:
+        raise ShardError(f"{uri}: sha256 {digest[:12]}... differs from the manifest's {sha256[:12]}...; the file "
+                         "changed after conversion or is corrupt (`pixelray data check` lists every problem)")
+    return pa.BufferReader(data)
+
+
+def read_shard(
+    uri: str, image_ids: Sequence[int] | None = None, expect: ShardExpectation | None = None
+) -> ShardBatch:
     """Read one shard into torch tensors, copying the pixels at most once.
 
     A shard written by :class:`ShardWriter` (one row group) is read without copying
@@ -344,14 +458,18 @@ def read_shard(uri: str, image_ids: Sequence[int] | None = None) -> ShardBatch:
         uri: local path or pyarrow filesystem URI (``s3://...``, ``file://...``) of a shard.
         image_ids: keep only these ids (ids not in this shard are ignored); rows keep
             the shard's order. ``None`` reads every row.
+        expect: the shard's manifest entry; the read is checked against it (rows, image
+            shape, id range and uniqueness, labels, and the whole file's sha256 when it
+            has one) and refused with a one-line message naming the shard.
 
     Raises:
-        ShardError: the file is missing, unreadable or not a pixelray shard.
+        ShardError: the file is missing, unreadable, not a pixelray shard, or not what
+            ``expect`` says.
     """
     fs, path = _resolve(uri)
     columns = ["image_id", "label", "image"]
     try:
-        with fs.open_input_file(path) as f:
+        with _open_for_read(fs, path, uri, expect.sha256 if expect else None) as f:
             pf = pq.ParquetFile(f, pre_buffer=True)  # coalesced reads: fewer requests on object stores
             schema = pf.schema_arrow
             missing = [c for c in columns if c not in schema.names]
@@ -359,11 +477,15 @@ def read_shard(uri: str, image_ids: Sequence[int] | None = None) -> ShardBatch:
                 raise ShardError(f"{uri}: missing column(s) {', '.join(missing)} "
                                  f"(columns: {', '.join(schema.names)})")
             shape = _image_shape(schema, uri)
+            all_ids = _int_column(pf.read(columns=["image_id"]), "image_id", uri)
+            if expect is not None:
+                problems = expect.mismatches(uri, rows=pf.metadata.num_rows, shape=shape, ids=all_ids)
+                if problems:
+                    raise ShardError(problems[0])
             if image_ids is None:
                 table = pf.read(columns=columns, use_threads=True)
                 keep = None
             else:
-                all_ids = _int_column(pf.read(columns=["image_id"]), "image_id", uri)
                 wanted = np.asarray(image_ids, dtype=np.int64).reshape(-1)
                 rows = np.flatnonzero(np.isin(all_ids, wanted))
                 sizes = np.array([pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)])
@@ -381,10 +503,14 @@ def read_shard(uri: str, image_ids: Sequence[int] | None = None) -> ShardBatch:
     except FileNotFoundError:
         raise ShardError(f"{uri}: shard not found") from None
     except (OSError, pa.ArrowException) as exc:
-        raise ShardError(f"{uri}: unreadable Parquet ({exc}); the file is truncated or corrupt, "
+        raise ShardError(f"{uri}: unreadable Parquet ({_one_line(exc)}); the file is truncated or corrupt, "
                          "re-run the conversion or check the copy") from None
     ids = _int_column(table, "image_id", uri)
     labels = _int_column(table, "label", uri)
+    if expect is not None:
+        problems = expect.mismatches(uri, labels=labels)
+        if problems:
+            raise ShardError(problems[0])
     views = _image_views(table.column("image"), shape, uri)
     if keep is None:
         images = _gather(views, None, shape)
@@ -396,6 +522,69 @@ def read_shard(uri: str, image_ids: Sequence[int] | None = None) -> ShardBatch:
         labels=torch.tensor(labels, dtype=torch.int64),
         images=images,
     )
+
+
+def _inspect(root: str, info: ShardInfo, manifest: Manifest) -> tuple[str | None, np.ndarray | None]:
+    """(first problem or None, image ids) of one shard, from its footer, ids and labels only."""
+    try:
+        uri = shard_uri(root, info.file)
+    except ShardError as exc:
+        return str(exc), None
+    fs, path = _resolve(uri)
+    expect = ShardExpectation.of(manifest, info)
+    try:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            schema = pf.schema_arrow
+            missing = [c for c in _COLUMNS[:3] if c not in schema.names]
+            if missing:
+                return f"{uri}: missing column(s) {', '.join(missing)} (columns: {', '.join(schema.names)})", None
+            shape = _image_shape(schema, uri)
+            table = pf.read(columns=["image_id", "label"])
+    except ShardError as exc:
+        return str(exc), None
+    except FileNotFoundError:
+        return f"{uri}: shard not found", None
+    except (OSError, pa.ArrowException) as exc:
+        return (f"{uri}: unreadable Parquet ({_one_line(exc)}); the file is truncated or corrupt, re-run the "
+                "conversion or check the copy"), None
+    try:
+        ids = _int_column(table, "image_id", uri)
+        labels = _int_column(table, "label", uri)
+    except ShardError as exc:
+        return str(exc), None
+    problems = expect.mismatches(uri, rows=table.num_rows, shape=shape, ids=ids, labels=labels)
+    return (problems[0] if problems else None), ids
+
+
+def check_shards(root: str, manifest: Manifest | None = None, threads: int = 8) -> None:
+    """Check every shard against the manifest without reading pixels: where it lies, the footer
+    (columns, image shape, rows), the ids (range, unique across the data set) and the labels.
+
+    Cheap (two small columns per shard), so a sweep runs it before any work; the pixels
+    and the sha256 are checked by the worker that reads the shard.
+
+    Raises:
+        ShardError: the first problem, in manifest order, naming the shard.
+    """
+    manifest = manifest or load_manifest(root)
+    with ThreadPoolExecutor(max(1, min(threads, len(manifest.shards)))) as pool:
+        found = list(pool.map(lambda info: _inspect(root, info, manifest), manifest.shards))
+    for problem, _ in found:
+        if problem:
+            raise ShardError(problem)
+    ranges = sorted((info.min_id, info.max_id) for info in manifest.shards)
+    if all(prev[1] < cur[0] for prev, cur in zip(ranges, ranges[1:], strict=False)):
+        return  # disjoint ranges (checked above against the ids) cannot share an id
+    ids = np.concatenate([f[1] for f in found])
+    which = np.concatenate([np.full(len(f[1]), i) for i, f in enumerate(found)])
+    order = np.argsort(ids, kind="stable")
+    dup = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+    if len(dup):
+        first, second = order[dup[0]], order[dup[0] + 1]
+        raise ShardError(f"{manifest.shards[which[second]].file}: image_id {int(ids[second])} is also in "
+                         f"{manifest.shards[which[first]].file}; image ids must be unique across the data set "
+                         "(`pixelray data check` lists them all)")
 
 
 # ---------------------------------------------------------------------------- writing
@@ -668,7 +857,10 @@ def _rows_text(rows: np.ndarray) -> str:
 def _check_shard(root: str, info: ShardInfo, manifest: Manifest, fs: pafs.FileSystem,
                  ) -> tuple[list[str], np.ndarray | None]:
     """Problems with one shard, and its image_ids (None when unreadable)."""
-    uri = _join(root, info.file)
+    try:
+        uri = shard_uri(root, info.file)
+    except ShardError as exc:
+        return [str(exc)], None
     path = _resolve(uri)[1]
     name = info.file
     problems: list[str] = []
