@@ -34,6 +34,7 @@ __all__ = [
     "Filter",
     "Keep",
     "SweepConfig",
+    "Verify",
     "load_config",
     "parse_config",
 ]
@@ -55,6 +56,14 @@ class AttackKind(str, Enum):
     """Adversarial attacks a sweep can run."""
 
     FGSM = "fgsm"  # Goodfellow et al., one signed-gradient step (paper Exp. 4)
+
+
+class Verify(str, Enum):
+    """How a worker checks each shard it reads against the manifest."""
+
+    AUTO = "auto"  # sha256 for local files, basic for object stores
+    SHA256 = "sha256"  # basic, plus the whole file's sha256 (once per shard and worker)
+    BASIC = "basic"  # rows, image shape, id range, labels
 
 
 class Keep(str, Enum):
@@ -163,6 +172,8 @@ class SweepConfig:
     amp: bool = False
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    metrics_linger: float = 5.0  # seconds the metrics endpoint stays up after the final tables
+    verify: Verify = Verify.AUTO
     attack: AttackConfig | None = None
     save_adversarial: str | None = None  # directory for adversarial image shards (optional)
 
@@ -277,8 +288,13 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
     """
     _unknown(raw, _TOP_KEYS, source)
     data = _get(raw, "data", source, dict, fix="add [data] path = 'DIR'")
-    _unknown(data, {"path"}, "data")
+    _unknown(data, {"path", "verify"}, "data")
     data_path = _get(data, "path", "data", str, fix="a local directory of shards or a URI such as s3://bucket/shards")
+    verify = _get(data, "verify", "data", str, "auto")
+    try:
+        verify = Verify(verify)
+    except ValueError:
+        raise ConfigError(f"[data] verify = {verify!r}: allowed: {[v.value for v in Verify]}") from None
 
     models_t = _get(raw, "models", source, dict, fix="add [models] names = ['resnet101'] or preset = 'paper'")
     _unknown(models_t, {"names", "preset", "weights"}, "models")
@@ -350,7 +366,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
     save_adversarial = _get(out, "save_adversarial", "output", str, None, fix="a directory for adversarial shards")
 
     run = _get(raw, "run", source, dict, {})
-    allowed_run = {"device", "workers", "threads", "amp", "metrics_port", "metrics_host"}
+    allowed_run = {"device", "workers", "threads", "amp", "metrics_port", "metrics_host", "metrics_linger"}
     _unknown(run, allowed_run, "run")
     device = _get(run, "device", "run", str, "auto")
     if device not in ("auto", "cpu", "cuda"):
@@ -372,12 +388,15 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
         "amp": _get(run, "amp", "run", bool, False),
         "metrics_port": _get(run, "metrics_port", "run", int, None),
         "metrics_host": _get(run, "metrics_host", "run", str, "127.0.0.1"),
+        "metrics_linger": _get(run, "metrics_linger", "run", (int, float), 5.0),
+        "verify": verify,
         "attack": attack,
         "save_adversarial": save_adversarial,
     }
     for key, value in (overrides or {}).items():
         if value is not None:
             fields[key] = value
+    _check_run(fields)
     if fields["save_adversarial"] and fields["attack"] is None:
         raise ConfigError(f"{source}: save_adversarial = {fields['save_adversarial']!r} but there is no [attack] "
                           "section; add [attack] kind = 'fgsm' or drop the option")
@@ -387,6 +406,21 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
     if not fields["output_dir"]:
         raise ConfigError(f"{source}: no output directory; add [output] dir = 'results/NAME' or pass --out DIR")
     return SweepConfig(**fields)
+
+
+def _check_run(fields: dict[str, Any]) -> None:
+    """The ``[run]`` values (from the file or the command line): positive counts, a real port."""
+    for key in ("workers", "threads"):
+        value = fields[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"[run] {key} = {value!r}: must be an integer >= 1, or omit it for the default")
+    port = fields["metrics_port"]
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+        raise ConfigError(f"[run] metrics_port = {port!r}: must be in 0..65535 (0 = any free port)")
+    linger = fields["metrics_linger"]
+    if isinstance(linger, bool) or not isinstance(linger, (int, float)) or not 0 <= linger < float("inf"):
+        raise ConfigError(f"[run] metrics_linger = {linger!r}: must be a number of seconds >= 0 "
+                          "(--metrics-linger)")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
