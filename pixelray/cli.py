@@ -27,7 +27,7 @@ app.add_typer(prepare_app, name="prepare")
 
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error to stderr and exit non-zero (no traceback)."""
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
     raise typer.Exit(code)
 
 
@@ -68,6 +68,11 @@ def pixel_index_cmd(
 
     Example: pixelray pixel-index --wrong 352 --images 10000 --count 64
     """
+    for flag, value in (("--size", size), ("--images", images)):
+        if value < 1:
+            fail(f"{flag} {value}: must be an integer >= 1")
+    if not 0 <= wrong <= images:
+        fail(f"--wrong {wrong}: must be in 0..--images ({images})")
     try:
         change = PixelChange(count=count, amplitude=parse_amplitude(amplitude), area=area)
         change.check_image(size, size)
@@ -92,6 +97,11 @@ def sweep_cmd(
         int | None,
         typer.Option("--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT (0 = any free port)."),
     ] = None,
+    metrics_linger: Annotated[
+        float | None,
+        typer.Option("--metrics-linger", help="Seconds the metrics endpoint stays up after the last table "
+                     "is written, for a final scrape (default 5; [run] metrics_linger)."),
+    ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     save_adversarial: Annotated[
         str | None,
@@ -108,7 +118,8 @@ def sweep_cmd(
     from pixelray.sweep import SweepError, run_sweep
 
     try:
-        overrides = {"output_dir": out, "metrics_port": metrics_port, "save_adversarial": save_adversarial}
+        overrides = {"output_dir": out, "metrics_port": metrics_port, "metrics_linger": metrics_linger,
+                     "save_adversarial": save_adversarial}
         cfg = load_config(config, overrides)
         result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True), address=address)
     except (ConfigError, SweepError) as exc:

@@ -24,7 +24,7 @@ class SweepTelemetry:
         r = self.registry
         self.units_total = Gauge("pixelray_units_total", "Units planned in this phase.", ["phase"], registry=r)
         self.units_done = Counter("pixelray_units_done", "Units finished (incl. resumed).", ["phase"], registry=r)
-        self.units_failed = Counter("pixelray_units_failed", "Units re-queued after a worker failure.", registry=r)
+        self.units_failed = Counter("pixelray_units_failed", "Units re-queued after their worker died.", registry=r)
         self.images = Counter("pixelray_images_evaluated", "Images evaluated (x cells).", ["model"], registry=r)
         self.throughput = Gauge("pixelray_images_per_second", "Recent images/s (x cells).", registry=r)
         self.eta = Gauge("pixelray_eta_seconds", "Estimated seconds left in this phase.", registry=r)
@@ -77,9 +77,13 @@ class SweepTelemetry:
             self._bar.close()
             self._bar = None
 
-    def close(self) -> None:
+    def close(self, linger: float = 0.0) -> None:
+        """Stop the progress bar and the metrics server, keeping the server up ``linger`` seconds
+        first, so that a scrape after the last unit sees the final counts."""
         self.close_bar()
         if self.server is not None:
+            if linger > 0:
+                time.sleep(linger)
             self.server.shutdown()
             self.server.server_close()
             self.server = None

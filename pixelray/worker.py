@@ -27,6 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -34,32 +35,45 @@ import torch
 
 from pixelray.attacks import fgsm_with_success
 from pixelray.perturb import apply_pixel_changes
+from pixelray.shards import ShardExpectation
 from pixelray.spec import Cell
 
 __all__ = [
-    "AttackPlan", "ModelWorker", "Unit", "attack_outcomes", "correct_under_cells", "count_wrong", "pick_device",
-    "predict",
+    "AttackPlan", "ModelWorker", "Phase", "Unit", "attack_outcomes", "correct_under_cells", "count_wrong",
+    "pick_device", "predict",
 ]
+
+
+class Phase(str, Enum):
+    """The phases of a sweep, in the order they run."""
+
+    CLEAN = "clean"  # every model predicts every image once
+    CELLS = "cells"  # every cell over the evaluation set
+    ATTACK = "attack"  # adversarial examples, then every cell and every judge over them
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One piece of work: a phase ("clean", "cells" or "attack"), a model and a shard.
+    """One piece of work: a phase, a model and a shard.
 
     ``image_ids`` (cells and attack phases) are the images of that shard to run:
     the evaluation set, or the attack's candidates.
     """
 
-    phase: str
+    phase: Phase
     model: str
     shard: str  # URI or path of the shard file
     shard_name: str  # its file name in the manifest, used for the unit file
     image_ids: tuple[int, ...] | None = None
+    expect: ShardExpectation | None = None  # the manifest's entry; the read is checked against it
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "phase", Phase(self.phase))
 
     @property
     def key(self) -> str:
         stem = self.shard_name.rsplit(".", 1)[0]
-        return f"{self.phase}/{model_slug(self.model)}/{stem}"
+        return f"{self.phase.value}/{model_slug(self.model)}/{stem}"
 
 
 def model_slug(name: str) -> str:
@@ -284,20 +298,26 @@ class ModelWorker:
         self._lock = threading.Lock()
         self._models: OrderedDict[tuple, torch.nn.Module] = OrderedDict()  # LRU, most recent last
         self._model_key: tuple | None = None  # the model of the last unit
+        self._verified: set[tuple] = set()  # (path, size, mtime) of shards whose sha256 matched
         self._metrics = _ActorMetrics()
 
     def ping(self) -> dict:
         """Where this worker runs (node, pid, device): for logs and tests."""
         return {"pid": os.getpid(), "device": str(self.device), "model": self._model_key}
 
-    def preflight(self, models: Sequence[str], weights: str | None) -> None:
-        """Fail fast, on the worker's machine, when a model's weights or checkpoint file is missing."""
+    def preflight(self, models: Sequence[str], weights: str | None, num_classes: int) -> None:
+        """Load every model once, on the worker's machine, before the sweep writes anything.
+
+        Fails with the first model that cannot load (missing weights, a bad checkpoint) or
+        that predicts another number of classes than the data set has. Missing weights of
+        several models are reported together first, without loading anything.
+        """
         from pixelray.models import require_weights
 
         require_weights(list(models), weights or "none")
-        for spec in models:
-            if spec.startswith("checkpoint:") and not Path(spec.split(":", 1)[1]).is_file():
-                raise FileNotFoundError(f"model {spec!r}: no such checkpoint file; check the path in [models] names")
+        with self._lock:
+            for spec in models:
+                self._ensure_model(spec, weights, num_classes)
 
     def _ensure_model(self, model: str, weights: str | None, num_classes: int, hold: int = 1) -> torch.nn.Module:
         """The model on this worker's device, loaded once; at most ``hold`` models stay loaded (LRU)."""
@@ -310,7 +330,9 @@ class ModelWorker:
         if net is None:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            net = load_model(model, weights, num_classes=num_classes if weights is None else None)
+            # a checkpoint brings its own head (checked below); a random init is built for the data set
+            fit_head = weights is None and not model.startswith("checkpoint:")
+            net = load_model(model, weights, num_classes=num_classes if fit_head else None)
             if net.num_classes != num_classes:
                 raise ValueError(
                     f"model {model!r} predicts {net.num_classes} classes but the data set has {num_classes}; "
@@ -320,10 +342,20 @@ class ModelWorker:
         self._models[key] = net
         return net
 
-    def _read(self, shard: str, image_ids: Sequence[int] | None):
+    def _read(self, unit: Unit):
+        """Read the unit's images, checked against the manifest; each file's sha256 once per worker."""
         from pixelray.shards import read_shard
 
-        return read_shard(shard, image_ids)
+        expect = unit.expect
+        stamp = None
+        if expect is not None and expect.sha256 is not None:
+            stamp = _file_stamp(unit.shard)
+            if stamp is not None and stamp in self._verified:
+                expect = expect.replace(sha256=None)
+        batch = read_shard(unit.shard, unit.image_ids, expect)
+        if stamp is not None:
+            self._verified.add(stamp)
+        return batch
 
     def run(
         self,
@@ -340,7 +372,7 @@ class ModelWorker:
         and timing.
         """
         t0 = time.perf_counter()
-        batch = self._read(unit.shard, unit.image_ids)  # outside the lock: overlaps the other unit's compute
+        batch = self._read(unit)  # outside the lock: overlaps the other unit's compute
         t_read = time.perf_counter() - t0
         with self._lock:
             t1 = time.perf_counter()
@@ -350,21 +382,21 @@ class ModelWorker:
             images = batch.images.to(self.device, non_blocking=True)
             labels = batch.labels.to(self.device)
             ids = batch.image_ids.to(self.device)
-            if unit.phase == "clean":
+            if unit.phase is Phase.CLEAN:
                 preds = predict(model, images, self.batch_size, self.amp).cpu().numpy()
                 out = {"image_id": batch.image_ids.numpy(), "label": batch.labels.numpy(), "prediction": preds}
                 n_eval = len(preds)
-            elif unit.phase == "cells":
+            elif unit.phase is Phase.CELLS:
                 wrong = count_wrong(model, images, labels, ids, list(cells), self.batch_size, self.amp)
                 out = {"cell_index": np.arange(len(cells)), "n_images": np.full(len(cells), len(ids)), "n_wrong": wrong}
                 n_eval = len(ids) * len(cells)
-            elif unit.phase == "attack" and attack is not None:
+            elif unit.phase is Phase.ATTACK and attack is not None:
                 out, n_eval = self._attack(unit, model, images, labels, ids, cells, attack, weights, num_classes)
             else:
                 raise ValueError(f"unit phase {unit.phase!r}: expected 'clean', 'cells' or 'attack' (with a plan)")
             t_compute = time.perf_counter() - t1
         self._metrics.record(unit.model, n_eval)
-        return {**out, "reads": 1, "read_s": t_read, "compute_s": t_compute, "pid": os.getpid()}
+        return {**out, "reads": 1, "images": n_eval, "read_s": t_read, "compute_s": t_compute, "pid": os.getpid()}
 
     def _attack(self, unit, model, images, labels, ids, cells, attack: AttackPlan, weights, num_classes):
         hold = max(1, len(attack.judges))
@@ -388,6 +420,18 @@ class ModelWorker:
         eligible = bits["success"].size if attack.keep_all else int(bits["success"].sum())
         n_eval = bits["success"].size + eligible * (len(cells) + len(judges))
         return out, n_eval
+
+
+def _file_stamp(uri: str) -> tuple | None:
+    """(path, size, mtime) of a local shard file, to remember that its hash was checked; None elsewhere."""
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    if "://" in path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
 class _ActorMetrics:

@@ -1,0 +1,166 @@
+"""``run_sweep``: check everything that can be checked, claim the output, run the phases, write the results.
+
+Order matters for "nothing wrong is ever silent, nothing half-done is ever left":
+
+1. Before Ray: the config (already valid), the data (manifest, and every shard's footer,
+   ids and labels: :func:`~pixelray.shards.check_shards`), the plan (cells fit the
+   images), the output directory (claimed with a lock; another config's run refused) and
+   the metrics port. A failure here writes nothing.
+2. Join Ray, start the workers, and load every model once (the preflight). A failure
+   still writes nothing: the claim is undone.
+3. ``run.json``, then the phases (clean, cells, attack), each unit file written as it
+   finishes: from here on a killed run resumes where it stopped.
+4. The results tables, each written atomically; the metrics endpoint lingers so the
+   final counts can be scraped, then the lock is released.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pixelray.atomic import write_table_atomic, write_text_atomic
+from pixelray.config import SweepConfig
+from pixelray.errors import SweepError
+from pixelray.metrics import aggregate
+from pixelray.rundir import RunDir
+from pixelray.shards import Manifest, ShardError, check_shards, load_manifest, shard_uris
+from pixelray.sweep.attack import run_attack
+from pixelray.sweep.attack_results import attack_results, write_adversarial_manifests
+from pixelray.sweep.cells import run_cells
+from pixelray.sweep.clean import run_clean, select_eval_set, write_eval_ids
+from pixelray.sweep.context import RunContext
+from pixelray.sweep.pool import WorkerPool, connect
+from pixelray.sweep.results import (
+    ATTACK_SCHEMA,
+    CELLS_SCHEMA,
+    IDS_SCHEMA,
+    TRANSFER_SCHEMA,
+    cell_rows,
+    common_columns,
+    versions,
+)
+from pixelray.telemetry import SweepTelemetry
+
+__all__ = ["SweepResult", "run_sweep"]
+
+
+@dataclass
+class SweepResult:
+    out_dir: Path
+    cells_path: Path
+    clean_path: Path
+    stats: dict[str, Any] = field(default_factory=dict)
+    attack_path: Path | None = None  # with an [attack] section
+    transfer_path: Path | None = None
+
+
+def _check_data(config: SweepConfig) -> tuple[Manifest, list[str]]:
+    """The manifest and shard paths, after checking every shard's footer, ids and labels (no pixels)."""
+    try:
+        manifest = load_manifest(config.data)
+        uris = shard_uris(config.data, manifest)
+        check_shards(config.data, manifest)
+    except (OSError, ShardError) as exc:
+        raise SweepError(f"[data] path = {config.data!r}: {' '.join(str(exc).split())}") from None
+    return manifest, uris
+
+
+def _start_telemetry(config: SweepConfig, progress: bool) -> SweepTelemetry:
+    try:
+        return SweepTelemetry(config.metrics_port, config.metrics_host, progress)
+    except OSError as exc:
+        where = f"{config.metrics_host}:{config.metrics_port}"
+        raise SweepError(f"[run] metrics_port = {config.metrics_port}: {where} is in use or cannot be bound "
+                         f"({exc.strerror or exc}); pick another port, or 0 for any free one") from None
+
+
+def run_sweep(
+    config: SweepConfig,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    address: str | None = None,
+) -> SweepResult:
+    """Run (or resume) a whole sweep (see the module docstring for the order of things).
+
+    ``address``: None/``local`` starts an embedded Ray, ``auto`` or an address joins a
+    cluster; an already connected Ray is used as it is.
+    """
+    say = log or (lambda msg: None)
+    t_start = time.perf_counter()
+    manifest, uris = _check_data(config)
+    cell_pairs = config.cells((manifest.height, manifest.width))
+    run_dir = RunDir(config.output_dir, log=say)
+    run_dir.claim(config.config_hash)
+    telemetry = pool = None
+    started = False
+    try:
+        run_dir.refuse_another_config(config.config_hash)
+        telemetry = _start_telemetry(config, progress)
+        if telemetry.port:
+            say(f"metrics: http://{config.metrics_host}:{telemetry.port}/metrics")
+        connect(address)
+        pool = WorkerPool(config, telemetry)
+        pool.call("preflight", list(config.models), config.weights, manifest.num_classes)
+        run_dir.start({
+            "config_hash": config.config_hash, "config": config.identity(), **versions(), "created": time.time(),
+        })
+        started = True
+        ctx = RunContext(config, manifest, uris, cell_pairs, run_dir, pool, telemetry, say)
+        clean = run_clean(ctx)
+        eval_ids = select_eval_set(clean.correct, config.filter, config.eval_size)
+        write_eval_ids(ctx, eval_ids)
+        counts = run_cells(ctx, clean, eval_ids)
+        attack = run_attack(ctx, clean) if config.attack is not None else None
+        telemetry.close_bar()
+        pool.shutdown()
+        result = _write_results(ctx, clean, eval_ids, counts, attack, t_start)
+        telemetry.close(linger=config.metrics_linger)
+        return result
+    except BaseException:
+        if not started:
+            run_dir.abandon()
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if telemetry is not None:
+            telemetry.close()
+        run_dir.release()
+
+
+def _write_results(ctx: RunContext, clean, eval_ids, counts: pa.Table | None, attack, t_start: float) -> SweepResult:
+    config, out, size = ctx.config, ctx.run_dir.path, ctx.size
+    clean_path = out / "clean.parquet"
+    write_table_atomic(clean.table(), clean_path)
+    common = common_columns(config, ctx.manifest.name)
+    rows = cell_rows(config, ctx.cell_pairs, counts, size, common)
+    attack_path = transfer_path = None
+    if attack is not None:
+        tables = attack_results(config, ctx.cell_pairs, attack, size, common)
+        rows += tables["cells"]
+        attack_path, transfer_path = out / "attack.parquet", out / "transfer.parquet"
+        write_table_atomic(pa.Table.from_pylist(tables["attack"], schema=ATTACK_SCHEMA), attack_path)
+        write_table_atomic(pa.Table.from_pylist(tables["transfer"], schema=TRANSFER_SCHEMA), transfer_path)
+        write_table_atomic(pa.Table.from_pylist(tables["ids"], schema=IDS_SCHEMA), out / "attack_ids.parquet")
+        if config.save_adversarial:
+            write_adversarial_manifests(config, ctx.manifest, attack)
+    cells_path = out / "cells.parquet"
+    write_table_atomic(pa.Table.from_pylist(aggregate(rows, size), schema=CELLS_SCHEMA), cells_path)
+    stats: dict[str, Any] = dict(ctx.stats)
+    stats.update({
+        "shards": len(ctx.uris), "models": len(config.models), "cells": len(ctx.cells),
+        "eval_images": {m: int(len(v)) for m, v in eval_ids.items()},
+        "wall_s": time.perf_counter() - t_start, "config_hash": config.config_hash,
+    })
+    if attack is not None:
+        stats.update(attack.stats())
+    write_text_atomic(json.dumps(stats, indent=2) + "\n", out / "stats.json")
+    return SweepResult(out, cells_path, clean_path, stats, attack_path, transfer_path)

@@ -1,0 +1,213 @@
+"""The worker pool and the scheduler: ModelWorker actors, units handed to idle ones, failures re-queued.
+
+Retries are the driver's, not Ray's: actors start with ``max_restarts=0`` and
+``max_task_retries=0``, so a worker that dies (killed, out of memory, its node lost)
+surfaces here as an actor error. Its in-flight units go back to the queue, the worker
+is replaced, and both are counted (``pixelray_units_failed_total``,
+``pixelray_worker_restarts_total``). A unit that was running on a worker that died
+``MAX_UNIT_FAILURES`` times stops the sweep with its name: it is probably what kills them.
+An error raised by a unit itself (bad data, a model that does not fit) stops the sweep
+at once with that error's message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pixelray.config import SweepConfig
+from pixelray.errors import SweepError
+from pixelray.telemetry import SweepTelemetry
+from pixelray.worker import ModelWorker, Unit
+
+__all__ = ["MAX_UNIT_FAILURES", "WorkerPool", "cause", "connect", "schedule"]
+
+#: How many worker deaths one unit may see before the sweep stops.
+MAX_UNIT_FAILURES = 3
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join a Ray cluster (``auto`` or an address) or start an embedded local one (None/``local``)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address in (None, "", "local"):
+        # quiet: a one-line error stays one line (Ray announces the local instance at INFO)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    else:
+        ray.init(address=address, log_to_driver=False)
+
+
+def cause(exc: BaseException) -> BaseException:
+    """The user's exception inside a Ray task error (bad data, missing weights), else the error itself."""
+    return exc.cause if getattr(exc, "cause", None) is not None else exc
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+@dataclass
+class _Worker:
+    handle: Any
+    name: str
+    model: str | None = None  # the model it holds (or is about to load)
+    inflight: dict[Any, Unit] = field(default_factory=dict)  # object ref -> unit
+
+
+class WorkerPool:
+    """ModelWorker actors, each with up to ``depth`` units in flight (the second one prefetches)."""
+
+    def __init__(self, config: SweepConfig, telemetry: SweepTelemetry, depth: int = 2):
+        import ray
+
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        device = config.device if config.device != "auto" else ("cuda" if gpus else "cpu")
+        if device == "cuda" and not gpus:
+            raise SweepError("[run] device = 'cuda' but the Ray cluster has no GPUs; use device = 'auto' or 'cpu'")
+        self.n = config.workers or (gpus if device == "cuda" else 1)
+        cpus = int(resources.get("CPU", 1))
+        threads = config.threads or max(1, cpus // self.n)
+        self.options = dict(
+            num_gpus=1 if device == "cuda" else 0,
+            num_cpus=1,
+            max_concurrency=depth,
+            max_restarts=0,  # the driver replaces dead workers and re-queues their units
+            max_task_retries=0,
+        )
+        self.args = dict(device=device, threads=threads, batch_size=config.batch_size, amp=config.amp)
+        self.depth = depth
+        self.telemetry = telemetry
+        self._serial = 0
+        self.workers: list[_Worker] = [self._spawn() for _ in range(self.n)]
+
+    def _spawn(self) -> _Worker:
+        import ray
+
+        self._serial += 1
+        name = f"pixelray-worker-{os.getpid()}-{self._serial}"
+        handle = ray.remote(ModelWorker).options(name=name, **self.options).remote(**self.args)
+        return _Worker(handle, name)
+
+    def replace(self, worker: _Worker) -> None:
+        import ray
+
+        self.workers.remove(worker)
+        ray.kill(worker.handle, no_restart=True)
+        self.workers.append(self._spawn())
+        self.telemetry.worker_replaced()
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Call a method on one worker and wait: the unit's own error as SweepError, one line."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            return ray.get(getattr(self.workers[0].handle, method).remote(*args))
+        except RayTaskError as exc:
+            raise SweepError(_one_line(cause(exc))) from None
+        except RayActorError as exc:
+            raise SweepError(f"the worker died during {method} ({_one_line(exc)[:300]})") from None
+
+    def shutdown(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w.handle, no_restart=True)
+        self.workers = []
+
+
+def schedule(
+    pool: WorkerPool,
+    units: list[Unit],
+    submit: Callable[[Any, Unit], Any],
+    on_done: Callable[[Unit, dict], None],
+    telemetry: SweepTelemetry,
+    skip: Callable[[Unit], bool] | None = None,
+) -> None:
+    """Run ``units`` on the pool's workers until all are done.
+
+    An idle worker takes a unit of the model it holds; when that model's work runs
+    out it switches to the model with the most work left (fewest workers on it).
+    A unit whose worker died is re-queued and the worker replaced; an error raised
+    by the unit itself (bad data, missing weights) stops the sweep.
+
+    ``skip(unit)`` (optional) drops units that are no longer needed before they are
+    submitted. It must be monotone along each model's queue: once it holds for a
+    unit it holds for every later unit of that model, which are dropped with it.
+    """
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+    pending: dict[str, deque[Unit]] = defaultdict(deque)
+    for unit in units:
+        pending[unit.model].append(unit)
+    failures: dict[str, int] = defaultdict(int)
+
+    def drop_unneeded() -> None:
+        for queue in pending.values():
+            if queue and skip is not None and skip(queue[0]):
+                for unit in queue:
+                    telemetry.unit_done(unit.model, 0)
+                queue.clear()
+
+    def next_unit(worker: _Worker) -> Unit | None:
+        drop_unneeded()
+        model = worker.model
+        if not pending.get(model):
+            left = {m: q for m, q in pending.items() if q}
+            if not left:
+                return None
+            holders: dict[str | None, int] = defaultdict(int)
+            for w in pool.workers:
+                holders[w.model] += 1
+            model = max(left, key=lambda m: len(left[m]) / (1 + holders[m]))
+            worker.model = model
+        return pending[model].popleft()
+
+    while True:
+        for worker in list(pool.workers):
+            while len(worker.inflight) < pool.depth:
+                unit = next_unit(worker)
+                if unit is None:
+                    break
+                worker.inflight[submit(worker.handle, unit)] = unit
+        refs = {ref: w for w in pool.workers for ref in w.inflight}
+        if not refs:
+            if any(pending.values()):
+                raise SweepError("no worker could take the remaining units")
+            return
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=None)
+        for ref in ready:
+            worker = refs[ref]
+            if ref not in worker.inflight:  # its worker died and was handled earlier in this loop
+                continue
+            unit = worker.inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayTaskError as exc:
+                raise SweepError(f"unit {unit.key} failed: {_one_line(cause(exc))}") from None
+            except (ActorUnavailableError, RayActorError) as exc:
+                lost = [unit, *worker.inflight.values()]
+                worker.inflight.clear()
+                for other in lost:
+                    telemetry.unit_failed()
+                    failures[other.key] += 1
+                    if failures[other.key] >= MAX_UNIT_FAILURES:
+                        raise SweepError(
+                            f"unit {other.key} was running when its worker died {failures[other.key]} times "
+                            f"(last: {type(exc).__name__}); it may need more memory than a worker has"
+                        ) from None
+                    pending[other.model].appendleft(other)
+                if worker in pool.workers:
+                    pool.replace(worker)
+                continue
+            on_done(unit, result)
