@@ -88,9 +88,9 @@ def test_pixel_index_section_5_example():
         (["--count", "50177"], "count", "50177"),
         (["--area", "500"], "area", "500"),
         (["--area", "0"], "area", "0"),
-        (["--wrong", "10001"], "n_wrong/n_images", "10001/10000"),
-        (["--wrong", "-1"], "n_wrong/n_images", "-1/10000"),
-        (["--images", "0", "--wrong", "0"], "n_wrong/n_images", "0/0"),
+        (["--wrong", "10001"], "--wrong 10001", "0..--images (10000)"),
+        (["--wrong", "-1"], "--wrong -1", "0..--images (10000)"),
+        (["--images", "0", "--wrong", "0"], "--images 0", "integer >= 1"),
     ],
 )
 def test_bad_values_give_a_one_line_error(extra, field, value):
