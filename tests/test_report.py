@@ -291,3 +291,29 @@ def test_the_report_imports_neither_ray_nor_torch(runs_dir, tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_readme_pandas_recipes_give_the_report_s_counts(runs_dir):
+    import ast
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if 'run = "results/paper"' in block)
+    tree = ast.parse(code.replace('run = "results/paper"', f"run = {str(runs_dir[0])!r}"))
+    results: list = []
+    for i, node in enumerate(tree.body):  # keep the value of each table's expression
+        if isinstance(node, ast.Expr):
+            call = ast.parse("results.append(None)").body[0]
+            call.value.args[0] = node.value
+            tree.body[i] = call
+    exec(compile(ast.fix_missing_locations(tree), "README.md", "exec"), {"results": results})
+    t6, _, pi, t7, t8, t9, success, t10, transfer = results
+    assert t6.loc["resnet101", 4] == 82 and t6.loc["resnet101", 64] == 416 and t6.loc["densenet121", 64] == 400
+    assert t7.loc[("resnet101", "40"), 64] == 80
+    assert t8.loc[("resnet101", 100), 4] == 69
+    assert t9.loc[("resnet101", 2.0), ("n_restored", 4)] == 3303
+    assert success.loc["resnet101", ("success_rate", 2.0)] is None or math.isnan(
+        success.loc["resnet101", ("success_rate", 2.0)])  # the hand-made attack.parquet leaves rates empty
+    assert list(t10.index) == [m for m in t6.index if m.startswith("checkpoint:")]
+    assert transfer.loc[(2.0, "resnet101"), "densenet121"] is None or math.isnan(
+        transfer.loc[(2.0, "resnet101"), "densenet121"])
+    assert set(pi.index) == set(t6.index)
