@@ -317,3 +317,17 @@ def test_the_readme_pandas_recipes_give_the_report_s_counts(runs_dir):
     assert transfer.loc[(2.0, "resnet101"), "densenet121"] is None or math.isnan(
         transfer.loc[(2.0, "resnet101"), "densenet121"])
     assert set(pi.index) == set(t6.index)
+
+
+def test_results_from_before_the_attack_phase_are_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pixelray.sweep import CELLS_SCHEMA
+
+    run = tmp_path / "old"
+    run.mkdir()
+    table = pa.Table.from_pylist([cell("vgg16", 4, 100, 7)], schema=CELLS_SCHEMA)
+    pq.write_table(table.drop_columns(["n_restored", "restored_rate"]), run / "cells.parquet")
+    t6 = {t.key: t for t in build_tables(load_runs([run]))}["table-6"]
+    check_ours(t6.cell(("vgg16",), "n = 4"), 7, 100)

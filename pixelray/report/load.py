@@ -73,12 +73,19 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+#: Columns that results written before the attack phase existed lack; read as empty.
+_LATER_COLUMNS = ("n_restored", "restored_rate")
+
+
 def _read_table(path: Path, schema: pa.Schema) -> pd.DataFrame:
     """A results table, checked against ``schema`` (names and types) and cast to it."""
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
         raise ReportError(f"{path} is not a readable Parquet file ({_first_line(exc)}); {_SWEEP_HINT}") from None
+    for name in _LATER_COLUMNS:
+        if name in schema.names and name not in table.column_names and "n_wrong" in table.column_names:
+            table = table.append_column(schema.field(name), pa.nulls(len(table), schema.field(name).type))
     missing = [name for name in schema.names if name not in table.column_names]
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")

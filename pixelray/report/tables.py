@@ -299,7 +299,8 @@ def table_9(c: pd.DataFrame) -> Table:
             e.paper((PAPER_ROW, "FGSM, ε not printed", "still misclassified"), col, cell.count, cell)
             e.paper((PAPER_ROW, "FGSM, ε not printed", "restored"), col, cell.count, cell, k=n - cell.wrong)
     return _finish("table-9", "Table 9: FGSM adversarial examples under pixel changes",
-                   "The kept adversarial examples of each model and ε (they fool the model after rounding to uint8), "
+                   "The kept adversarial examples of each model and ε (with keep = 'successful': those that fool the "
+                   "model after rounding to uint8), "
                    "then n changed pixels (full range, whole image): still misclassified, and restored to the true "
                    "class. Cell: examples of kept · rate [95% Wilson interval].",
                    ("model", "attack", "examples"), e,
