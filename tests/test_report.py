@@ -118,6 +118,20 @@ def test_table_6_paper_comparison(tables):
     assert ((("mynet",), "paper")) not in lines
 
 
+def test_only_the_paper_s_weights_meet_the_paper(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pixelray.sweep import CELLS_SCHEMA
+
+    run = tmp_path / "v2"
+    run.mkdir()
+    rows = [cell("resnet101", 4, 10000, 82, weights="default"), cell("vgg16", 4, 10000, 148, weights="none")]
+    pq.write_table(pa.Table.from_pylist(rows, schema=CELLS_SCHEMA), run / "cells.parquet")
+    t6 = {t.key: t for t in build_tables(load_runs([run]))}["table-6"]
+    assert t6.frame["paper_value"].isna().all() and t6.columns == ["n = 4"]
+
+
 def test_table_5_pixel_index(tables):
     t = tables["table-5"]
     assert t.columns == ["Pi, n = 4", "Pi, n = 8", "Pi, n = 64", "clean accuracy"]

@@ -1,7 +1,7 @@
 """The paper's printed figures (``pixelray/paper_tables.csv``) and when a result of ours matches one.
 
 A printed cell stands beside ours only where the settings are the paper's: the
-same model (the torchvision names of the ``paper`` preset with ImageNet weights,
+same model (the torchvision names of the ``paper`` preset with ``weights = "imagenet"``,
 or a checkpoint fine-tuned from one), count, amplitude, area, number of evaluated
 images and 224 x 224 images. The paper's model names map as in
 :data:`PAPER_MODELS`; Tables 7, 8 and 9 name no model, so their figures are shown
@@ -26,8 +26,9 @@ PAPER_MODELS = {
     "alexnet": "AlexNet",
     "squeezenet1_1": "SqueezeNet",
 }
-#: weights labels that are ImageNet-pretrained torchvision weights.
-PRETRAINED = ("imagenet", "default", "IMAGENET1K_V1", "IMAGENET1K_V2")
+#: The weights of the paper's time: torchvision's IMAGENET1K_V1 (``weights = "imagenet"``). ``"default"``
+#: follows torchvision, whose DEFAULT is V2 for ResNet101: another model than the paper's.
+PRETRAINED = ("imagenet",)
 PAPER_IMAGE_SIZE = 224
 #: Tables 10 and 11 name the fine-tuned models after the full architecture.
 _FINE_TUNED_NAMES = {"resnet101": "ResNet101"}
@@ -89,7 +90,7 @@ def paper_name(base: str, weights: str | None, augment_count: int | None = None,
 
     Args:
         base: the architecture (a torchvision name, or a checkpoint's base).
-        weights: the run's weights label; a base model must be ImageNet-pretrained.
+        weights: the run's weights label; a base model must have the paper's (``imagenet``).
         augment_count: for a checkpoint fine-tuned with n-pixel-change augmentation, n.
         table: Tables 10 and 11 call the base architecture ``ResNet101``, the others ``ResNet``.
     """
