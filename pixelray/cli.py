@@ -152,6 +152,34 @@ def _summary(cells_path) -> None:
                        .to_string())
 
 
+@app.command("report")
+def report_cmd(
+    run_dirs: Annotated[
+        list[str],
+        typer.Argument(help="Sweep output directories, e.g. results/paper results/paper-finetuned.", metavar="RUN_DIR"),
+    ],
+    out: Annotated[
+        str | None, typer.Option("--out", help="Where report.md, report.html and plots/ go (default: RUN_DIR/report).")
+    ] = None,
+    formats: Annotated[str, typer.Option("--format", help="Comma-separated list of html, md.")] = "html,md",
+) -> None:
+    """The paper's tables beside the paper's figures, plots and provenance, from finished sweeps.
+
+    Reads results only (no model runs, no network): report.html is self-contained, report.md shows plots/*.png.
+    """
+    from pixelray.report import ReportError, write_report
+
+    try:
+        written = write_report(run_dirs, out, formats)
+    except ReportError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write the report: {exc}; choose another --out")
+    for kind in ("html", "md"):
+        if kind in written:
+            typer.echo(f"report: {written[kind]}")
+
+
 @app.command("demo")
 def demo_cmd(
     out: Annotated[str, typer.Option("--out", help="Where the demo's data, models and results go.")] = "demo-out",
@@ -178,6 +206,13 @@ def demo_cmd(
         fail(str(exc))
     _summary(result.cells_path)
     typer.echo(f"\nquery it: python -c \"import pandas as pd; print(pd.read_parquet('{result.cells_path}'))\"")
+    from pixelray.report import ReportError, write_report
+
+    try:
+        written = write_report([result.out_dir])
+    except (ReportError, OSError) as exc:
+        fail(f"the demo's report: {exc}")
+    typer.echo(f"report: {written['html']} (and report.md beside it)")
 
 
 def run() -> None:  # pragma: no cover - console entry for `python -m pixelray`

@@ -1,4 +1,7 @@
-"""The results tables: their schemas, and rows built from unit tables (summed by ``metrics.aggregate``)."""
+"""Rows of the results tables, built from unit tables (summed by ``metrics.aggregate``).
+
+The schemas live in :mod:`pixelray.results`, which the report reads without the sweep's imports.
+"""
 
 from __future__ import annotations
 
@@ -9,44 +12,13 @@ import pyarrow as pa
 
 from pixelray import __version__
 from pixelray.config import ConfigError, SweepConfig
+from pixelray.results import ATTACK_SCHEMA, CELLS_SCHEMA, IDS_SCHEMA, TRANSFER_SCHEMA
 from pixelray.spec import Cell
 
 __all__ = [
     "ATTACK_SCHEMA", "CELLS_SCHEMA", "IDS_SCHEMA", "TRANSFER_SCHEMA", "cell_columns", "cell_rows", "common_columns",
     "experiments_of",
 ]
-
-CELLS_SCHEMA = pa.schema([
-    ("experiment", pa.string()), ("model", pa.string()), ("weights", pa.string()),
-    ("attack", pa.string()), ("eps", pa.float64()), ("count", pa.int64()), ("amplitude", pa.string()),
-    ("area", pa.int64()), ("channels", pa.string()), ("positions", pa.string()), ("seed", pa.int64()),
-    ("n_images", pa.int64()), ("n_wrong", pa.int64()), ("n_restored", pa.int64()), ("accuracy", pa.float64()),
-    ("wrong_rate", pa.float64()), ("restored_rate", pa.float64()), ("ci_low", pa.float64()),
-    ("ci_high", pa.float64()), ("pixel_index", pa.float64()), ("image_size", pa.int64()), ("dataset", pa.string()),
-    ("config_hash", pa.string()), ("pixelray_version", pa.string()), ("torch_version", pa.string()),
-])
-
-_RUN_COLUMNS = [
-    ("dataset", pa.string()), ("config_hash", pa.string()),
-    ("pixelray_version", pa.string()), ("torch_version", pa.string()),
-]
-
-ATTACK_SCHEMA = pa.schema([
-    ("model", pa.string()), ("weights", pa.string()), ("attack", pa.string()), ("eps", pa.float64()),
-    ("keep", pa.string()), ("n_attacked", pa.int64()), ("n_success_float", pa.int64()), ("n_success", pa.int64()),
-    ("success_rate_float", pa.float64()), ("success_rate", pa.float64()), ("ci_low", pa.float64()),
-    ("ci_high", pa.float64()), ("n_kept", pa.int64()), ("image_size", pa.int64()), *_RUN_COLUMNS,
-])
-
-TRANSFER_SCHEMA = pa.schema([
-    ("source_model", pa.string()), ("target_model", pa.string()), ("weights", pa.string()),
-    ("attack", pa.string()), ("eps", pa.float64()), ("n_images", pa.int64()), ("n_correct", pa.int64()),
-    ("n_fooled", pa.int64()), ("fooled_rate", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
-    *_RUN_COLUMNS,
-])
-
-IDS_SCHEMA = pa.schema([("model", pa.string()), ("eps", pa.float64()), ("image_id", pa.int64())])
-
 
 def versions() -> dict[str, str]:
     import torch

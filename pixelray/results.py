@@ -1,0 +1,47 @@
+"""The schemas of a sweep's results tables, in a module light enough for every reader.
+
+The sweep writes these tables and the report reads them; neither direction needs
+the other's imports (the sweep driver pulls in torch and the workers, the report
+must not). ``pixelray.sweep`` re-exports them under the same names.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+__all__ = ["ATTACK_SCHEMA", "CELLS_SCHEMA", "IDS_SCHEMA", "TRANSFER_SCHEMA"]
+
+#: cells.parquet: one row per experiment x model x cell (DESIGN.md "Results schema").
+CELLS_SCHEMA = pa.schema([
+    ("experiment", pa.string()), ("model", pa.string()), ("weights", pa.string()),
+    ("attack", pa.string()), ("eps", pa.float64()), ("count", pa.int64()), ("amplitude", pa.string()),
+    ("area", pa.int64()), ("channels", pa.string()), ("positions", pa.string()), ("seed", pa.int64()),
+    ("n_images", pa.int64()), ("n_wrong", pa.int64()), ("n_restored", pa.int64()), ("accuracy", pa.float64()),
+    ("wrong_rate", pa.float64()), ("restored_rate", pa.float64()), ("ci_low", pa.float64()),
+    ("ci_high", pa.float64()), ("pixel_index", pa.float64()), ("image_size", pa.int64()), ("dataset", pa.string()),
+    ("config_hash", pa.string()), ("pixelray_version", pa.string()), ("torch_version", pa.string()),
+])
+
+_RUN_COLUMNS = [
+    ("dataset", pa.string()), ("config_hash", pa.string()),
+    ("pixelray_version", pa.string()), ("torch_version", pa.string()),
+]
+
+#: attack.parquet: one row per model x eps, the attack's success rate.
+ATTACK_SCHEMA = pa.schema([
+    ("model", pa.string()), ("weights", pa.string()), ("attack", pa.string()), ("eps", pa.float64()),
+    ("keep", pa.string()), ("n_attacked", pa.int64()), ("n_success_float", pa.int64()), ("n_success", pa.int64()),
+    ("success_rate_float", pa.float64()), ("success_rate", pa.float64()), ("ci_low", pa.float64()),
+    ("ci_high", pa.float64()), ("n_kept", pa.int64()), ("image_size", pa.int64()), *_RUN_COLUMNS,
+])
+
+#: transfer.parquet: one row per source (attacked) model x target (judge) model x eps.
+TRANSFER_SCHEMA = pa.schema([
+    ("source_model", pa.string()), ("target_model", pa.string()), ("weights", pa.string()),
+    ("attack", pa.string()), ("eps", pa.float64()), ("n_images", pa.int64()), ("n_correct", pa.int64()),
+    ("n_fooled", pa.int64()), ("fooled_rate", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
+    *_RUN_COLUMNS,
+])
+
+#: attack_ids.parquet: which adversarial examples were kept, per model and eps.
+IDS_SCHEMA = pa.schema([("model", pa.string()), ("eps", pa.float64()), ("image_id", pa.int64())])
