@@ -28,7 +28,6 @@ from pixelray.spec import Cell, PixelChange, parse_channels
 
 __all__ = [
     "AttackConfig",
-    "AttackKind",
     "ConfigError",
     "Experiment",
     "Filter",
@@ -50,12 +49,6 @@ class Filter(str, Enum):
     ALL = "all"  # images every model classifies correctly (the paper)
     PER_MODEL = "per-model"  # images each model classifies correctly, per model
     NONE = "none"  # every image
-
-
-class AttackKind(str, Enum):
-    """Adversarial attacks a sweep can run."""
-
-    FGSM = "fgsm"  # Goodfellow et al., one signed-gradient step (paper Exp. 4)
 
 
 class Verify(str, Enum):
@@ -81,25 +74,28 @@ class AttackConfig:
     size: the attack has its own ``size``), per model, white-box.
 
     Args:
-        kind: the attack (:class:`AttackKind`).
+        kind: the attack: a built-in name (``fgsm``, ``pgd``) or ``module.path:SPEC``
+            (see :mod:`pixelray.attacks`).
         eps: steps in pixel units k, each meaning k/255 in [0, 1] pixel space, e.g. (1, 2, 4, 8).
         keep: ``successful`` keeps the examples the model misclassifies after rounding to
             uint8; ``all`` keeps every example.
         size: keep at most this many examples per (model, eps), lowest image ids first
             (the paper: 10,000 successful examples); None keeps all.
+        params: the attack's own parameters (e.g. PGD's ``steps``), as ``(key, value)``
+            pairs; every parameter is filled in with its default and checked by the spec.
     """
 
-    kind: AttackKind = AttackKind.FGSM
+    kind: str = "fgsm"
     eps: tuple[int, ...] = (1, 2, 4, 8)
     keep: Keep = Keep.SUCCESSFUL
     size: int | None = None
+    params: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "kind", AttackKind(self.kind))
-        except ValueError:
-            allowed = [k.value for k in AttackKind]
-            raise ValueError(f"kind = {self.kind!r}: unknown attack; allowed: {allowed}") from None
+        from pixelray.attacks import get_attack  # the attack's own module decides its parameters
+
+        spec = get_attack(self.kind)
+        object.__setattr__(self, "params", tuple(sorted(spec.parse(dict(self.params)).items())))
         try:
             object.__setattr__(self, "keep", Keep(self.keep))
         except ValueError:
@@ -124,9 +120,22 @@ class AttackConfig:
         if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1):
             raise ValueError(f"size = {self.size!r}: must be an integer >= 1, or omit it to keep every example")
 
+    @property
+    def name(self) -> str:
+        """The attack's name in result rows (a plug-in's spec name, not its module path)."""
+        from pixelray.attacks import get_attack
+
+        return get_attack(self.kind).name
+
+    @property
+    def params_label(self) -> str:
+        """The parameters as canonical JSON (``attack_params`` in the results), ``{}`` for none."""
+        return json.dumps(dict(self.params), sort_keys=True)
+
     def identity(self) -> dict[str, Any]:
-        """What determines the attack's results."""
-        return {"kind": self.kind.value, "eps": list(self.eps), "keep": self.keep.value, "size": self.size}
+        """What determines the attack's results (parameters only when the attack has any: FGSM keeps its hash)."""
+        out = {"kind": self.kind, "eps": list(self.eps), "keep": self.keep.value, "size": self.size}
+        return {**out, "params": dict(self.params)} if self.params else out
 
 
 @dataclass(frozen=True)
@@ -270,13 +279,13 @@ def _experiment(table: dict, where: str, name: str) -> Experiment:
 
 
 def _attack(table: dict, where: str) -> AttackConfig:
-    _unknown(table, {"kind", "eps", "keep", "size"}, where)
     kind = _get(table, "kind", where, str, fix="e.g. kind = 'fgsm'")
     eps = _get(table, "eps", where, list, [1, 2, 4, 8], fix="a list of integers k meaning k/255, e.g. [1, 2, 4, 8]")
     keep = _get(table, "keep", where, str, "successful", fix="'successful' or 'all'")
     size = _get(table, "size", where, int, None, fix="a positive number of examples, or omit it for all")
+    params = {k: v for k, v in table.items() if k not in ("kind", "eps", "keep", "size")}
     try:
-        return AttackConfig(kind=kind, eps=tuple(eps), keep=keep, size=size)
+        return AttackConfig(kind=kind, eps=tuple(eps), keep=keep, size=size, params=tuple(params.items()))
     except ValueError as exc:
         raise ConfigError(f"[{where}] {exc}") from None
 

@@ -14,7 +14,8 @@ __all__ = ["ATTACK_SCHEMA", "CELLS_SCHEMA", "IDS_SCHEMA", "TRANSFER_SCHEMA"]
 #: cells.parquet: one row per experiment x model x cell (DESIGN.md "Results schema").
 CELLS_SCHEMA = pa.schema([
     ("experiment", pa.string()), ("model", pa.string()), ("weights", pa.string()),
-    ("attack", pa.string()), ("eps", pa.float64()), ("count", pa.int64()), ("amplitude", pa.string()),
+    ("attack", pa.string()), ("attack_params", pa.string()), ("eps", pa.float64()), ("count", pa.int64()),
+    ("amplitude", pa.string()),
     ("area", pa.int64()), ("channels", pa.string()), ("positions", pa.string()), ("seed", pa.int64()),
     ("n_images", pa.int64()), ("n_wrong", pa.int64()), ("n_restored", pa.int64()), ("accuracy", pa.float64()),
     ("wrong_rate", pa.float64()), ("restored_rate", pa.float64()), ("ci_low", pa.float64()),
@@ -29,8 +30,9 @@ _RUN_COLUMNS = [
 
 #: attack.parquet: one row per model x eps, the attack's success rate.
 ATTACK_SCHEMA = pa.schema([
-    ("model", pa.string()), ("weights", pa.string()), ("attack", pa.string()), ("eps", pa.float64()),
-    ("keep", pa.string()), ("n_attacked", pa.int64()), ("n_success_float", pa.int64()), ("n_success", pa.int64()),
+    ("model", pa.string()), ("weights", pa.string()), ("attack", pa.string()), ("attack_params", pa.string()),
+    ("eps", pa.float64()), ("keep", pa.string()), ("n_attacked", pa.int64()), ("n_success_float", pa.int64()),
+    ("n_success", pa.int64()),
     ("success_rate_float", pa.float64()), ("success_rate", pa.float64()), ("ci_low", pa.float64()),
     ("ci_high", pa.float64()), ("n_kept", pa.int64()), ("image_size", pa.int64()), *_RUN_COLUMNS,
 ])
@@ -38,7 +40,8 @@ ATTACK_SCHEMA = pa.schema([
 #: transfer.parquet: one row per source (attacked) model x target (judge) model x eps.
 TRANSFER_SCHEMA = pa.schema([
     ("source_model", pa.string()), ("target_model", pa.string()), ("weights", pa.string()),
-    ("attack", pa.string()), ("eps", pa.float64()), ("n_images", pa.int64()), ("n_correct", pa.int64()),
+    ("attack", pa.string()), ("attack_params", pa.string()), ("eps", pa.float64()), ("n_images", pa.int64()),
+    ("n_correct", pa.int64()),
     ("n_fooled", pa.int64()), ("fooled_rate", pa.float64()), ("ci_low", pa.float64()), ("ci_high", pa.float64()),
     *_RUN_COLUMNS,
 ])

@@ -6,7 +6,8 @@ images). Two units may be in flight per worker: the second one's shard is read
 while the first one computes (the actor has two threads; compute is serialised
 by a lock). The compute functions below are plain torch and usable without Ray.
 
-An *attack* unit makes FGSM examples with the unit's model at every eps, runs
+An *attack* unit makes adversarial examples (the config's attack, through the
+interface of :mod:`pixelray.attacks`) with the unit's model at every eps, runs
 every cell over them, and has every model of the sweep judge them (the transfer
 matrix). It returns per-image bits, not counts, so that the driver can pick the
 kept examples exactly across shards (see ``sweep.py``). To judge, the worker
@@ -29,11 +30,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from pixelray.attacks import fgsm_with_success
+from pixelray.attacks import get_attack
 from pixelray.perturb import apply_pixel_changes
 from pixelray.shards import ShardExpectation
 from pixelray.spec import Cell
@@ -144,20 +146,24 @@ def count_wrong(
 
 @dataclass(frozen=True)
 class AttackPlan:
-    """What an attack unit does besides the cells: the attack and who judges it.
+    """What an attack unit does: the attack, its steps, which examples go on, and who judges them.
 
     Args:
-        eps: FGSM steps in pixel units k (the step is k/255).
+        eps: radii in pixel units k (eps is k/255).
         keep_all: run the cells and judges over every example (``keep = "all"``), not only
             over those that fool the model after rounding.
         judges: the sweep's models, in order; each judges every example (transfer).
         save_dir: write the examples that go through the cells as shards here (optional).
+        kind: the attack (``[attack] kind``: a built-in name or ``module.path:SPEC``).
+        params: its parameters, ``(key, value)`` pairs as the config checked them.
     """
 
     eps: tuple[int, ...]
     keep_all: bool
     judges: tuple[str, ...]
     save_dir: str | None = None
+    kind: str = "fgsm"
+    params: tuple[tuple[str, Any], ...] = ()
 
 
 @contextlib.contextmanager
@@ -188,10 +194,13 @@ def attack_outcomes(
     keep_all: bool = False,
     amp: bool = False,
     on_examples: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    attack: str = "fgsm",
+    params: Sequence[tuple[str, Any]] = (),
 ) -> dict[str, np.ndarray]:
-    """FGSM with ``model`` at each eps, then every cell and every judge over the examples; per-image bits.
+    """The attack with ``model`` at each eps, then every cell and every judge over the examples; per-image bits.
 
-    The attack runs in fp32 (on CUDA without TF32) in slices of ``batch_size``; ``amp``
+    The attack (``attack``, a kind for :func:`pixelray.attacks.get_attack`, with its
+    ``params``) runs in fp32 (on CUDA without TF32) in slices of ``batch_size``; ``amp``
     applies to the cells and judges only. The cells and the judges see the uint8
     examples, and only the *eligible* ones: those the model misclassifies after
     rounding, or all with ``keep_all``. On CPU the bits of an image do not depend on
@@ -223,11 +232,14 @@ def attack_outcomes(
     restored = torch.zeros(n_eps, len(cells), n, dtype=torch.bool, device=dev)
     correct_by = torch.zeros(n_eps, len(judges), n, dtype=torch.bool, device=dev)
     examples = torch.empty_like(images)
+    spec = get_attack(attack)
+    kwargs = dict(params)
     for e, k in enumerate(eps):
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            with _exact_fp32(dev):
-                outcome = fgsm_with_success(model, images[start:stop], labels[start:stop], k / 255)
+            with _exact_fp32(dev) if spec.needs_grad else contextlib.nullcontext():
+                outcome = spec.run(model, images[start:stop], labels[start:stop], image_ids[start:stop], k / 255,
+                                   **kwargs)
             examples[start:stop] = outcome.adv
             success_float[e, start:stop] = outcome.success_float
             success[e, start:stop] = outcome.success
@@ -251,7 +263,7 @@ def attack_outcomes(
 
 def save_examples(
     root: str, model: str, k: int, shard_name: str, ids: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
-    num_classes: int,
+    num_classes: int, source: str = "fgsm",
 ) -> dict:
     """Write uint8 NHWC examples as one pixelray shard ``ROOT/<model>/eps<k>/<shard stem>.parquet``, atomically.
 
@@ -269,7 +281,7 @@ def save_examples(
     try:
         with ShardWriter(
             os.path.join(tmp, "set"), name="adversarial", height=images.shape[1], width=images.shape[2],
-            class_names=[str(i) for i in range(num_classes)], source="fgsm", rows_per_shard=max(1, len(ids)),
+            class_names=[str(i) for i in range(num_classes)], source=source, rows_per_shard=max(1, len(ids)),
         ) as writer:
             writer.add(ids.cpu().numpy(), labels.cpu().numpy(), images.cpu().numpy(), [""] * len(ids))
         info = writer.close().shards[0]
@@ -409,12 +421,14 @@ class ModelWorker:
 
         def save(e: int, ex_ids: torch.Tensor, ex_labels: torch.Tensor, examples: torch.Tensor) -> None:
             saved[e] = save_examples(
-                attack.save_dir, unit.model, attack.eps[e], unit.shard_name, ex_ids, ex_labels, examples, num_classes
+                attack.save_dir, unit.model, attack.eps[e], unit.shard_name, ex_ids, ex_labels, examples, num_classes,
+                source=get_attack(attack.kind).name,
             )
 
         bits = attack_outcomes(
             model, images, labels, ids, attack.eps, list(cells), judges, self.batch_size,
             keep_all=attack.keep_all, amp=self.amp, on_examples=save if attack.save_dir else None,
+            attack=attack.kind, params=attack.params,
         )
         out = {"image_id": ids.cpu().numpy(), "label": labels.cpu().numpy(), **bits, "saved": saved}
         eligible = bits["success"].size if attack.keep_all else int(bits["success"].sum())

@@ -16,7 +16,7 @@ import torch
 from helpers import unit_files, wait_for
 
 from pixelray.attacks import fgsm
-from pixelray.config import AttackConfig, AttackKind, ConfigError, Keep, parse_config
+from pixelray.config import AttackConfig, ConfigError, Keep, parse_config
 from pixelray.models import load_model
 from pixelray.perturb import apply_pixel_changes
 from pixelray.shards import check_dataset, load_manifest, read_shard, shard_uris
@@ -56,7 +56,7 @@ def test_attack_section_parses_and_enters_the_config_hash():
     plain = parse_config(BASE)
     cfg = parse_config({**BASE, "attack": {"kind": "fgsm", "eps": [1, 2, 4, 8], "size": 10000}})
     assert plain.attack is None and "attack" not in plain.identity()
-    assert cfg.attack == AttackConfig(AttackKind.FGSM, (1, 2, 4, 8), Keep.SUCCESSFUL, 10000)
+    assert cfg.attack == AttackConfig("fgsm", (1, 2, 4, 8), Keep.SUCCESSFUL, 10000)
     assert cfg.identity()["attack"] == {"kind": "fgsm", "eps": [1, 2, 4, 8], "keep": "successful", "size": 10000}
     assert cfg.config_hash != plain.config_hash
     other = parse_config({**BASE, "attack": {"kind": "fgsm", "eps": [1, 2, 4, 8], "size": 10000, "keep": "all"}})
@@ -68,7 +68,10 @@ def test_attack_section_parses_and_enters_the_config_hash():
 
 
 @pytest.mark.parametrize(("attack", "message"), [
-    ({"kind": "pgd"}, r"\[attack\] kind = 'pgd': unknown attack; allowed: \['fgsm'\]"),
+    ({"kind": "cw"}, r"\[attack\] kind = 'cw': unknown attack; allowed: \['fgsm', 'pgd'\]"),
+    ({"kind": "fgsm", "steps": 3}, r"\[attack\] unknown key\(s\) \['steps'\] for kind = 'fgsm'; allowed: \[\]"),
+    ({"kind": "pgd", "steps": 0}, r"\[attack\] steps = 0: must be an integer >= 1"),
+    ({"kind": "pgd", "random_start": 1}, r"\[attack\] random_start = 1: must be true or false"),
     ({"kind": "fgsm", "eps": [0, 2]}, r"\[attack\] eps = \[0, 2\]: \[0\] outside 1..255"),
     ({"kind": "fgsm", "eps": [8, 256]}, r"eps = \[8, 256\]: \[256\] outside 1..255; eps is in pixel units k"),
     ({"kind": "fgsm", "eps": [0.5]}, r"eps = \[0.5\]: expected a non-empty list of integers k"),
@@ -78,7 +81,6 @@ def test_attack_section_parses_and_enters_the_config_hash():
     ({"kind": "fgsm", "size": 0}, r"\[attack\] size = 0: must be an integer >= 1"),
     ({"kind": "fgsm", "size": "many"}, r"\[attack\] size = 'many': expected int"),
     ({"eps": [1]}, r"\[attack\] kind: missing"),
-    ({"kind": "fgsm", "steps": 3}, r"\[attack\] unknown key\(s\) \['steps'\]"),
 ])
 def test_bad_attack_sections_are_refused(attack, message):
     with pytest.raises(ConfigError, match=message):

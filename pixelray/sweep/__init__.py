@@ -14,7 +14,7 @@ refused, and one run at a time holds the directory (``run.lock``).
 With an ``[attack]`` section a third phase, *attack*, runs one unit per (model,
 shard) over the attack's candidates: the images the ``[eval]`` filter admits (its
 ``size`` does not apply: the attack keeps ``[attack] size`` examples of its own).
-The worker reads the shard once, makes the FGSM examples at every eps with the
+The worker reads the shard once, makes the examples (FGSM, PGD, ...) at every eps with the
 unit's model, runs every cell over the eligible ones (those that fool the model
 after uint8 rounding; every one with ``keep = "all"``) and has every model of the
 sweep judge them. It returns per-image bits, which become the unit file. The

@@ -115,7 +115,7 @@ def run_attack(ctx: RunContext, clean: CleanPass) -> AttackPass:
             units.append(ctx.unit(Phase.ATTACK, unit.model, unit.shard, info_of[unit.shard_name], wanted))
     units.sort(key=lambda u: u.image_ids[0])  # lowest ids first: later units may prove unneeded
     save_dir = os.path.abspath(config.save_adversarial) if config.save_adversarial else None  # workers' cwd differs
-    plan = AttackPlan(attack.eps, keep_all, tuple(config.models), save_dir)
+    plan = AttackPlan(attack.eps, keep_all, tuple(config.models), save_dir, attack.kind, attack.params)
     kept = _KeptSoFar(attack.eps, attack.size, keep_all)
     cells = ctx.cells
     weights, classes = config.weights, ctx.num_classes

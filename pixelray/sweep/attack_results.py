@@ -1,7 +1,9 @@
 """The attack's tables, from the attack units' per-image bits.
 
-Attack rows of ``cells.parquet`` have ``attack = "fgsm"`` and ``eps`` = k/255 (the
-step in [0, 1] pixel units, as ``attacks.fgsm`` takes it; ``[attack] eps`` gives k).
+Attack rows of ``cells.parquet`` have ``attack`` (e.g. ``"fgsm"``, ``"pgd"``), its
+parameters as canonical JSON in ``attack_params`` (``{}`` for FGSM; e.g. PGD's steps,
+step, random_start and seed), and ``eps`` = k/255 (the radius in [0, 1] pixel units, as
+``attacks.fgsm`` takes it; ``[attack] eps`` gives k).
 ``n_images`` counts the kept examples, ``n_restored`` those the model classifies
 correctly again after the pixel change, ``restored_rate = n_restored / n_images``;
 ``n_wrong = n_images - n_restored`` (still misclassified), so ``wrong_rate``, the
@@ -71,7 +73,7 @@ def attack_results(config: SweepConfig, cell_pairs, done: AttackPass, size, comm
     names, by_id = experiments_of(cell_pairs)
     cell_ids, judges = list(by_id), list(config.models)
     exp_order = {e.name: i for i, e in enumerate(config.experiments)}
-    name = attack.kind.value
+    name, params = attack.name, attack.params_label
     out: dict[str, list[dict]] = {"cells": [], "attack": [], "transfer": [], "ids": []}
     for model in config.models:
         mine = [u for u in done.units if u.model == model]
@@ -102,7 +104,8 @@ def attack_results(config: SweepConfig, cell_pairs, done: AttackPass, size, comm
             n_att, n_ok = len(attacked), int(ok_all[attacked].sum())
             low, high = wilson_interval(n_ok, n_att) if n_att else (math.nan, math.nan)
             out["attack"].append({
-                **common, "model": model, "attack": name, "eps": eps, "keep": attack.keep.value,
+                **common, "model": model, "attack": name, "attack_params": params, "eps": eps,
+                "keep": attack.keep.value,
                 "n_attacked": n_att, "n_success_float": int(ok_float_all[attacked].sum()), "n_success": n_ok,
                 "success_rate_float": ok_float_all[attacked].mean() if n_att else math.nan,
                 "success_rate": n_ok / n_att if n_att else math.nan, "ci_low": low, "ci_high": high,
@@ -113,7 +116,8 @@ def attack_results(config: SweepConfig, cell_pairs, done: AttackPass, size, comm
             for cell_id, n_restored in zip(cell_ids, restored.tolist(), strict=True):
                 for exp in names[cell_id]:
                     out["cells"].append({
-                        **common, "experiment": exp, "model": model, "attack": name, "eps": eps,
+                        **common, "experiment": exp, "model": model, "attack": name, "attack_params": params,
+                        "eps": eps,
                         **cell_columns(by_id[cell_id], size), "n_images": len(c),
                         "n_wrong": len(c) - n_restored, "n_restored": n_restored,
                         "_order": (exp_order[exp], config.models.index(model), e, cell_ids.index(cell_id)),
@@ -123,7 +127,8 @@ def attack_results(config: SweepConfig, cell_pairs, done: AttackPass, size, comm
                 fooled = len(c) - n_correct
                 low, high = wilson_interval(fooled, len(c)) if len(c) else (math.nan, math.nan)
                 out["transfer"].append({
-                    **common, "source_model": model, "target_model": target, "attack": name, "eps": eps,
+                    **common, "source_model": model, "target_model": target, "attack": name,
+                    "attack_params": params, "eps": eps,
                     "n_images": len(c), "n_correct": n_correct, "n_fooled": fooled,
                     "fooled_rate": fooled / len(c) if len(c) else math.nan, "ci_low": low, "ci_high": high,
                 })
@@ -150,9 +155,9 @@ def write_adversarial_manifests(config: SweepConfig, manifest: Manifest, done: A
                 continue
             shards = tuple(ShardInfo(**s) for s in sorted(saved[e], key=lambda s: s["min_id"]))
             adv = Manifest(
-                name=f"{manifest.name}-{config.attack.kind.value}-eps{k}-{model_slug(model)}",
+                name=f"{manifest.name}-{config.attack.name}-eps{k}-{model_slug(model)}",
                 height=manifest.height, width=manifest.width, num_images=sum(s.rows for s in shards),
                 num_classes=manifest.num_classes, class_names=manifest.class_names, class_ids=manifest.class_ids,
-                shards=shards, source=config.attack.kind.value,
+                shards=shards, source=config.attack.name,
             )
             write_text_atomic(adv.to_json(), root / model_slug(model) / f"eps{k}" / MANIFEST_NAME)

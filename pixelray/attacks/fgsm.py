@@ -1,4 +1,4 @@
-"""FGSM on a batch of images: pure numerics, no Ray, no I/O.
+"""FGSM (Goodfellow et al.) on a batch of images: pure numerics, no Ray, no I/O.
 
 The attack works in [0, 1] pixel space: the model takes float NCHW input in
 [0, 1] and normalises inside (pixelray's model wrapper does). An adversarial
@@ -33,26 +33,27 @@ Example:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from pixelray.attacks.base import (
+    AttackOutcome,
+    AttackSpec,
+    _as_labels,
+    _check_eps,
+    _check_logits,
+    _check_model,
+    _like,
+    eval_mode,
+    to_uint8,
+    to_unit,
+)
 from pixelray.perturb import image_layout
 
-__all__ = [
-    "FGSMOutcome",
-    "eval_mode",
-    "fgsm",
-    "fgsm_float",
-    "fgsm_with_success",
-    "predict",
-    "to_uint8",
-    "to_unit",
-]
+__all__ = ["FGSM", "FGSMOutcome", "fgsm", "fgsm_float", "fgsm_with_success"]
 
 
 class FGSMOutcome(NamedTuple):
@@ -83,116 +84,6 @@ class FGSMOutcome(NamedTuple):
     def success_float(self) -> torch.Tensor:
         """Per image: the unrounded example is misclassified (bool, (N,))."""
         return self.pred_float != self.labels
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Put every module of ``model`` in eval mode; restore each module's own flag on exit."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
-def _check_model(model: object) -> None:
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError(
-            f"model: {type(model).__name__} is not a torch.nn.Module; pass the classifier module "
-            "(taking float NCHW input in [0, 1])"
-        )
-
-
-def _check_eps(eps: object) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
-        raise ValueError(f"eps: {eps!r} is not a finite number; give a step in [0, 1] pixel units, e.g. 2/255")
-    if not 0 <= eps <= 1:
-        hint = f" (did you mean {eps:g}/255?)" if 1 < eps <= 255 else ""
-        raise ValueError(f"eps: {eps!r} is outside [0, 1]; give it in [0, 1] pixel units, e.g. 2/255{hint}")
-    return float(eps)
-
-
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """The model input for a batch: float NCHW in [0, 1], validated.
-
-    The result is contiguous NCHW whatever the input's layout or memory format, so that
-    the model runs the same kernels, and gives the same numbers, for every layout.
-
-    Args:
-        images: uint8 (N, H, W, 3) or (N, 3, H, W), divided by 255 to float32;
-            or a floating tensor (N, 3, H, W) in [0, 1], kept in its dtype.
-
-    Raises:
-        ValueError: naming ``images``, for another dtype, shape or a value outside [0, 1].
-    """
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"images: {type(images).__name__} is not a tensor; pass a torch.Tensor batch")
-    if images.dtype == torch.uint8:
-        pixels = images.permute(0, 3, 1, 2) if image_layout(images) == "NHWC" else images
-        return pixels.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
-    if not images.is_floating_point():
-        raise ValueError(
-            f"images: dtype {images.dtype} is not supported; use uint8 pixels or float values in [0, 1]"
-        )
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(
-            f"images: float images must be (N, 3, H, W), got shape {tuple(images.shape)}; "
-            "permute NHWC to NCHW or pass uint8 pixels"
-        )
-    if images.numel():
-        lo, hi = (float(v) for v in torch.aminmax(images))
-        if not (0 <= lo and hi <= 1):  # also catches NaN
-            raise ValueError(
-                f"images: float values span [{lo:g}, {hi:g}], outside [0, 1]; pass pixels in [0, 1] "
-                "(divide uint8 by 255, and normalise inside the model, not before)"
-            )
-    return images.contiguous()
-
-
-def to_uint8(unit: torch.Tensor, layout: str = "NCHW") -> torch.Tensor:
-    """Round float NCHW images in [0, 1] to uint8 pixels, ``(x * 255).round()``, in ``layout``."""
-    if layout not in ("NCHW", "NHWC"):
-        raise ValueError(f"layout: {layout!r} is unknown; allowed: 'NCHW', 'NHWC'")
-    pixels = unit.detach().float().mul(255).round_().clamp_(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1) if layout == "NHWC" else pixels
-
-
-def _as_labels(
-    labels: torch.Tensor | Sequence[int], n: int, device: torch.device
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Labels as int64 (N,) on ``device``, and their (min, max) for the check against the logits."""
-    if isinstance(labels, torch.Tensor):
-        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-            raise ValueError(
-                f"labels: dtype {labels.dtype} is not an integer class index; use int64 class indices"
-            )
-    else:
-        try:
-            labels = torch.as_tensor(labels, dtype=torch.int64)
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"labels: {labels!r} is not a sequence of class indices") from None
-    if labels.shape != (n,):
-        raise ValueError(
-            f"labels: shape {tuple(labels.shape)} does not match {n} images; pass one class index per image (N,)"
-        )
-    # Read the range now, where the device queue is short, not between forward and backward.
-    span = tuple(int(v) for v in torch.aminmax(labels)) if n else (0, 0)
-    return labels.to(device=device, dtype=torch.int64), span  # type: ignore[return-value]
-
-
-def _check_logits(logits: torch.Tensor, n: int, span: tuple[int, int]) -> None:
-    if logits.ndim != 2 or logits.shape[0] != n:
-        raise ValueError(
-            f"model: output shape {tuple(logits.shape)} is not (N={n}, classes); the model must return logits"
-        )
-    lo, hi = span
-    if lo < 0 or hi >= logits.shape[1]:
-        raise ValueError(
-            f"labels: values span [{lo}, {hi}], outside the model's {logits.shape[1]} classes "
-            f"[0, {logits.shape[1] - 1}]; check the label mapping"
-        )
 
 
 def _fgsm(
@@ -251,25 +142,6 @@ def fgsm(
     return _like(to_uint8(adv, image_layout(images)), images)
 
 
-def _like(pixels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """``pixels`` copied into a uint8 tensor with ``images``' shape and strides."""
-    return torch.empty_like(images, dtype=torch.uint8).copy_(pixels)
-
-
-def predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The model's predicted classes (int64 (N,)) on a batch, in eval mode, without grad.
-
-    ``images`` as in :func:`to_unit`; the model's train/eval flags are restored afterwards.
-    """
-    _check_model(model)
-    unit = to_unit(images)
-    with eval_mode(model), torch.inference_mode():
-        logits = model(unit)
-    if logits.ndim != 2 or logits.shape[0] != unit.shape[0]:
-        raise ValueError(f"model: output shape {tuple(logits.shape)} is not (N={unit.shape[0]}, classes)")
-    return logits.argmax(dim=1)
-
-
 def fgsm_with_success(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | Sequence[int], eps: float
 ) -> FGSMOutcome:
@@ -295,3 +167,13 @@ def fgsm_with_success(
         pred_float=pred_float,
         pred_adv=pred_adv,
     )
+
+
+def _run(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, image_ids: torch.Tensor,
+         eps: float) -> AttackOutcome:
+    outcome = fgsm_with_success(model, images, labels, eps)
+    return AttackOutcome(outcome.adv, outcome.success_float, outcome.success)
+
+
+#: FGSM for sweeps (``[attack] kind = "fgsm"``): no parameters besides eps.
+FGSM = AttackSpec(name="fgsm", run=_run, description="one signed-gradient step of size eps (the paper's Exp. 4)")
