@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import unit_files, wait_for
 
-from pixelray.attacks import fgsm
+from pixelray.attacks import fgsm, pgd
 from pixelray.config import AttackConfig, ConfigError, Keep, parse_config
 from pixelray.models import load_model
 from pixelray.perturb import apply_pixel_changes
@@ -124,8 +124,14 @@ def test_attack_outcomes_do_not_depend_on_batch_size(synthetic_dataset, tiny_che
 # ---------------------------------------------------------------------------- the reference
 
 
-def plain_attack(data, models, cells, eps, size):
-    """Independent reference: every candidate attacked in one batch, kept ids chosen globally, no Ray."""
+def _fgsm(net, images, labels, ids, eps):
+    return fgsm(net, images, labels, eps)
+
+
+def plain_attack(data, models, cells, eps, size, attack=_fgsm):
+    """Independent reference: every candidate attacked in one batch, kept ids chosen globally, no Ray.
+
+    ``attack(net, images, labels, image_ids, eps)`` makes the uint8 examples (FGSM by default)."""
     parts = [read_shard(uri) for uri in shard_uris(str(data))]
     ids = torch.cat([p.image_ids for p in parts])
     labels = torch.cat([p.labels for p in parts])
@@ -139,7 +145,7 @@ def plain_attack(data, models, cells, eps, size):
     for m in models:
         per_eps = {}
         for k in eps:
-            adv = fgsm(nets[m], cand_images, cand_labels, k / 255)
+            adv = attack(nets[m], cand_images, cand_labels, cand_ids, k / 255)
             with torch.inference_mode():
                 fooled = nets[m](adv).argmax(1) != cand_labels
             kept = torch.nonzero(fooled).flatten()[:size]
@@ -293,3 +299,31 @@ def test_killed_driver_resumes_only_missing_attack_units(attack_run, synthetic_d
     first, resumed = _tables(attack_run.out_dir), _tables(out)
     for name in first:
         pd.testing.assert_frame_equal(first[name], resumed[name], obj=name)
+
+
+PGD = {"kind": "pgd", "eps": [4, 16], "keep": "successful", "size": 20, "steps": 3, "step": 2, "seed": 1}
+
+
+@pytest.mark.slow
+def test_a_pgd_sweep_equals_an_independent_plain_loop(ray_local, synthetic_dataset, tiny_checkpoints, tmp_path):
+    raw = raw_config(synthetic_dataset, tiny_checkpoints, tmp_path / "out", attack=PGD)
+    result = run_sweep(parse_config(raw), progress=False)
+    cfg = parse_config(raw)
+
+    def attack(net, images, labels, ids, eps):
+        return pgd(net, images, labels, eps, 2 / 255, 3, random_start=True, seed=1, image_ids=ids)
+
+    expected = plain_attack(synthetic_dataset, tiny_checkpoints, cfg.unique_cells((32, 32)), PGD["eps"], 20, attack)
+    tables = _tables(result.out_dir)
+    attack_rows = tables["attack"]
+    assert (attack_rows.attack == "pgd").all()
+    assert set(attack_rows.attack_params) == {'{"random_start": true, "seed": 1, "step": 2.0, "steps": 3}'}
+    got = {(r.model, _k(r.eps)): (r.n_attacked, r.n_success, r.n_kept) for r in attack_rows.itertuples()}
+    assert got == expected["attack"]
+    adv = tables["cells"][tables["cells"].attack == "pgd"]
+    got = {(r.model, _k(r.eps), cell_of(r).cell_id): (r.n_images, int(r.n_restored)) for _, r in adv.iterrows()}
+    assert got == expected["cells"]
+    transfer = tables["transfer"]
+    got = {(r.source_model, r.target_model, _k(r.eps)): (r.n_images, r.n_correct) for r in transfer.itertuples()}
+    assert got == expected["transfer"]
+    assert attack_rows.n_success.sum() > 0 and (adv.n_restored.sum() > 0)
