@@ -107,7 +107,7 @@ def sweep_cmd(
         str | None,
         typer.Option(
             "--save-adversarial",
-            help="Write the attack's adversarial examples as pixelray shards under DIR/<model>/eps<k>/ "
+            help="Write the attacks' adversarial examples as pixelray shards under DIR/<attack>/<model>/eps<k>/ "
             "(overrides save_adversarial in the config's output table).",
             metavar="DIR",
         ),
@@ -128,7 +128,8 @@ def sweep_cmd(
 
 
 def _summary(cells_path) -> None:
-    """A compact view of a run: wrong rate per cell and model, and the attack's success rate."""
+    """A compact view of a run: wrong rate per cell and model, corruptions with their equivalent
+    pixel counts, and each attack's success rate."""
     from pathlib import Path
 
     import pandas as pd
@@ -136,20 +137,29 @@ def _summary(cells_path) -> None:
     df = pd.read_parquet(cells_path)
     typer.echo(f"results: {cells_path} ({len(df)} rows)")
     short = {m: Path(m.split(":", 1)[-1]).name if m.startswith("checkpoint:") else m for m in df.model.unique()}
-    plain = df[df.attack.isna()].assign(model=lambda d: d.model.map(short))
+    df = df.assign(model=df.model.map(short))
+    plain = df[df.attack.isna() & (df.family == "pixel_change")].astype({"count": "Int64", "area": "Int64"})
+    noise = df[df.attack.isna() & (df.family != "pixel_change")]
     with pd.option_context("display.width", 120, "display.max_rows", 60, "display.max_columns", 12):
         if len(plain):
             table = plain.pivot_table(index=["experiment", "count", "amplitude", "area"], columns="model",
                                       values="wrong_rate", sort=False)
             typer.echo("\nmisclassified after the change (%):")
             typer.echo((100 * table).round(2).to_string())
+        if len(noise):
+            noise = noise.astype({"severity": "Int64"})
+            table = noise.assign(wrong=(100 * noise.wrong_rate).round(2), pixels=noise.equivalent_pixels.round(0))
+            table = table.pivot_table(index=["family", "severity"], columns="model", values=["wrong", "pixels"],
+                                      sort=False)
+            typer.echo("\ncorruptions: misclassified (%) and the pixel-change count doing as much damage (pixels):")
+            typer.echo(table.to_string())
         attack_path = Path(cells_path).with_name("attack.parquet")
         if attack_path.exists():
             attack = pd.read_parquet(attack_path).assign(model=lambda d: d.model.map(short))
             attack = attack.assign(eps=(attack.eps * 255).round().astype(int))
-            typer.echo("\nFGSM success rate (%), eps in k/255 (restored counts per cell: cells.parquet, n_restored):")
-            typer.echo((100 * attack.pivot_table(index="eps", columns="model", values="success_rate")).round(2)
-                       .to_string())
+            typer.echo("\nattack success rate (%), eps in k/255 (restored counts per cell: cells.parquet, n_restored):")
+            table = attack.pivot_table(index=["attack", "eps"], columns="model", values="success_rate", sort=False)
+            typer.echo((100 * table).round(2).to_string())
 
 
 @app.command("report")

@@ -24,7 +24,7 @@ from typing import Any
 
 import tomllib
 
-from pixelray.spec import Cell, PixelChange, parse_channels
+from pixelray.spec import CORRUPTIONS, PIXEL_CHANGE, Cell, Corruption, PixelChange, parse_channels
 
 __all__ = [
     "AttackConfig",
@@ -140,7 +140,11 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class Experiment:
-    """A named grid: counts x amplitudes x areas x channels (x the config's seeds)."""
+    """A named grid: counts x amplitudes x areas x channels (x the config's seeds).
+
+    With ``family`` other than ``pixel_change`` (e.g. ``impulse_noise``) the grid is the
+    corruption's ``severities`` instead.
+    """
 
     name: str
     counts: tuple[int, ...]
@@ -148,9 +152,20 @@ class Experiment:
     areas: tuple[int | None, ...] = (None,)
     channels: tuple[str | tuple[int, ...], ...] = ("all",)
     positions: str = "per-image"
+    family: str = PIXEL_CHANGE
+    severities: tuple[int, ...] = ()
 
-    def changes(self, image_size: tuple[int, int] | None = None) -> list[PixelChange]:
-        """Every pixel change of this experiment; an area equal to a square image is the whole image."""
+    def identity(self) -> dict[str, Any]:
+        """What determines its cells; a pixel-change grid's reads as before corruptions existed (same hash)."""
+        out = asdict(self)
+        if self.family == PIXEL_CHANGE:
+            del out["family"], out["severities"]
+        return out
+
+    def changes(self, image_size: tuple[int, int] | None = None) -> list[PixelChange | Corruption]:
+        """Every change of this experiment; an area equal to a square image is the whole image."""
+        if self.family != PIXEL_CHANGE:
+            return [Corruption(self.family, severity) for severity in self.severities]
         out = []
         for count in self.counts:
             for amplitude in self.amplitudes:
@@ -183,7 +198,7 @@ class SweepConfig:
     metrics_host: str = "127.0.0.1"
     metrics_linger: float = 5.0  # seconds the metrics endpoint stays up after the final tables
     verify: Verify = Verify.AUTO
-    attack: AttackConfig | None = None
+    attacks: tuple[AttackConfig, ...] = ()  # [attack], or several [[attack]] tables
     save_adversarial: str | None = None  # directory for adversarial image shards (optional)
 
     def cells(self, image_size: tuple[int, int] | None = None) -> list[tuple[str, Cell]]:
@@ -213,9 +228,10 @@ class SweepConfig:
             "filter": self.filter.value,
             "eval_size": self.eval_size,
             "seeds": list(self.seeds),
-            "experiments": [asdict(e) for e in self.experiments],
-            # only when present, so that a config without [attack] keeps its hash
-            **({"attack": self.attack.identity()} if self.attack is not None else {}),
+            "experiments": [e.identity() for e in self.experiments],
+            # only when present, so that a config without [attack] keeps its hash, and one attack as before
+            **({"attack": self.attacks[0].identity()} if len(self.attacks) == 1 else {}),
+            **({"attacks": [a.identity() for a in self.attacks]} if len(self.attacks) > 1 else {}),
         }
 
     @property
@@ -260,8 +276,23 @@ def _int_list(table: dict, key: str, where: str, default: Any = ...) -> tuple[in
     return tuple(value)
 
 
+def _corruption_experiment(table: dict, where: str, name: str, family: str) -> Experiment:
+    _unknown(table, {"name", "family", "severities"}, where)
+    if family not in CORRUPTIONS:
+        raise ConfigError(f"[{where}] family = {family!r}: unknown; allowed: {[PIXEL_CHANGE, *sorted(CORRUPTIONS)]}")
+    levels = sorted(CORRUPTIONS[family])
+    severities = _int_list(table, "severities", where, tuple(levels))
+    bad = [v for v in severities if v not in levels]
+    if bad or len(set(severities)) != len(severities):
+        raise ConfigError(f"[{where}] severities = {list(severities)!r}: distinct values from {levels}")
+    return Experiment(name, (), family=family, severities=severities)
+
+
 def _experiment(table: dict, where: str, name: str) -> Experiment:
-    allowed = {"name", "counts", "amplitudes", "areas", "channels", "positions"}
+    family = _get(table, "family", where, str, PIXEL_CHANGE, fix="e.g. family = 'impulse_noise'")
+    if family != PIXEL_CHANGE:
+        return _corruption_experiment(table, where, name, family)
+    allowed = {"name", "family", "counts", "amplitudes", "areas", "channels", "positions"}
     _unknown(table, allowed, where)
     counts = _int_list(table, "counts", where)
     amplitudes = tuple(_get(table, "amplitudes", where, list, ["full"], fix="e.g. ['full', 10, 40]"))
@@ -276,6 +307,22 @@ def _experiment(table: dict, where: str, name: str) -> Experiment:
     except ValueError as exc:
         raise ConfigError(f"[{where}] {exc}") from None
     return exp
+
+
+def _attacks(raw: dict, source: str) -> tuple[AttackConfig, ...]:
+    """``[attack]`` (one table) or ``[[attack]]`` (several), each checked; attack names distinct."""
+    tables = _get(raw, "attack", source, (dict, list), [])
+    tables = [tables] if isinstance(tables, dict) else tables
+    out = []
+    for i, table in enumerate(tables):
+        where = "attack" if len(tables) == 1 else f"attack #{i + 1}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{where}] expected a table [attack] or [[attack]]")
+        out.append(_attack(table, where))
+    names = [a.name for a in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"[[attack]] kinds {names}: each attack may appear once per sweep")
+    return tuple(out)
 
 
 def _attack(table: dict, where: str) -> AttackConfig:
@@ -367,7 +414,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
     if len(set(names_seen)) != len(names_seen):
         raise ConfigError(f"experiment names must be distinct, got {names_seen}")
 
-    attack = _attack(_get(raw, "attack", source, dict), "attack") if "attack" in raw else None
+    attacks = _attacks(raw, source)
 
     out = _get(raw, "output", source, dict, {})
     _unknown(out, {"dir", "save_adversarial"}, "output")
@@ -399,14 +446,14 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
         "metrics_host": _get(run, "metrics_host", "run", str, "127.0.0.1"),
         "metrics_linger": _get(run, "metrics_linger", "run", (int, float), 5.0),
         "verify": verify,
-        "attack": attack,
+        "attacks": attacks,
         "save_adversarial": save_adversarial,
     }
     for key, value in (overrides or {}).items():
         if value is not None:
             fields[key] = value
     _check_run(fields)
-    if fields["save_adversarial"] and fields["attack"] is None:
+    if fields["save_adversarial"] and not fields["attacks"]:
         raise ConfigError(f"{source}: save_adversarial = {fields['save_adversarial']!r} but there is no [attack] "
                           "section; add [attack] kind = 'fgsm' or drop the option")
     if fields["save_adversarial"] and "://" in fields["save_adversarial"]:

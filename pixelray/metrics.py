@@ -13,13 +13,14 @@ Example (the paper's worked example, printed as 98.30 after rounding p):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
     "CELL_KEYS",
     "aggregate",
     "amplitude_range",
+    "equivalent_count",
     "pixel_index",
     "pixel_index_interval",
     "wilson_interval",
@@ -29,8 +30,8 @@ Z95 = 1.959963984540054
 
 #: Columns that identify a cell row (per model, experiment and attack).
 CELL_KEYS = (
-    "experiment", "model", "weights", "attack", "eps", "count", "amplitude", "area",
-    "channels", "positions", "seed",
+    "experiment", "model", "weights", "attack", "eps", "family", "count", "amplitude", "area",
+    "channels", "positions", "severity", "seed",
 )
 
 
@@ -118,7 +119,7 @@ def aggregate(rows: Iterable[Mapping[str, Any]], image_size: int | tuple[int, in
     """
     cells: dict[tuple, dict[str, Any]] = {}
     for row in rows:
-        key = tuple(row[k] for k in CELL_KEYS)
+        key = tuple(row.get(k) for k in CELL_KEYS)
         into = cells.get(key)
         if into is None:
             cells[key] = dict(row)
@@ -135,12 +136,43 @@ def aggregate(rows: Iterable[Mapping[str, Any]], image_size: int | tuple[int, in
         row["wrong_rate"] = k / n if n else math.nan
         row["accuracy"] = 1 - row["wrong_rate"]
         row["ci_low"], row["ci_high"] = wilson_interval(k, n) if n else (math.nan, math.nan)
-        row["pixel_index"] = (
-            pixel_index(k, n, row["count"], row["amplitude"], area, (height, width)) if n else math.nan
-        )
+        if row.get("count") is None:  # a corruption: no Pixel-index
+            row["pixel_index"] = None
+        else:
+            row["pixel_index"] = pixel_index(k, n, row["count"], row["amplitude"], area, (height, width)) if n \
+                else math.nan
         restored = row.get("n_restored")
         row["n_restored"] = None if restored is None else int(restored)
         row["restored_rate"] = None if restored is None else (restored / n if n else math.nan)
         row["image_size"] = height
         out.append(row)
     return out
+
+
+def equivalent_count(counts: Sequence[int], rates: Sequence[float], target: float) -> float:
+    """The changed-pixel count whose wrong rate equals ``target``, interpolated on the count axis.
+
+    ``rates[i]`` is the wrong rate at ``counts[i]``. Rates are made non-decreasing in count
+    (each the highest so far: more changed pixels never do less damage, sampling noise
+    aside), then the first count reaching ``target`` is found and interpolated linearly
+    in log2(count) with the count below it. NaN when ``target`` lies outside the measured
+    rates (below the smallest count's, above the largest's), or equals the smallest count's
+    rate when the next count has it too (a flat start: no count is singled out).
+
+    >>> equivalent_count([4, 16, 64], [0.01, 0.03, 0.07], 0.05)
+    32.0
+    """
+    if target is None or (isinstance(target, float) and math.isnan(target)) or len(counts) < 2:
+        return math.nan
+    pairs = sorted(zip(counts, rates, strict=True))
+    logs = [math.log2(c) for c, _ in pairs]
+    envelope = []
+    for _, rate in pairs:
+        envelope.append(max(rate, envelope[-1]) if envelope else rate)
+    if not envelope[0] <= target <= envelope[-1]:
+        return math.nan
+    i = next(j for j, rate in enumerate(envelope) if rate >= target)
+    if i == 0:  # the smallest count's rate; on a flat start (the next count's too) no count is singled out
+        return float(pairs[0][0]) if envelope[1] > envelope[0] else math.nan
+    frac = (target - envelope[i - 1]) / (envelope[i] - envelope[i - 1])
+    return float(2 ** (logs[i - 1] + frac * (logs[i] - logs[i - 1])))

@@ -11,15 +11,21 @@ import pyarrow as pa
 
 __all__ = ["ATTACK_SCHEMA", "CELLS_SCHEMA", "IDS_SCHEMA", "TRANSFER_SCHEMA"]
 
-#: cells.parquet: one row per experiment x model x cell (DESIGN.md "Results schema").
+#: cells.parquet: one row per experiment x model x cell (DESIGN.md "Results schema"). ``family`` is
+#: ``pixel_change`` (count, amplitude, area, channels, positions set) or a corruption such as
+#: ``impulse_noise`` (severity set; pixel_index null; equivalent_pixels: the pixel-change count with
+#: the same wrong rate, and its interval).
 CELLS_SCHEMA = pa.schema([
     ("experiment", pa.string()), ("model", pa.string()), ("weights", pa.string()),
-    ("attack", pa.string()), ("attack_params", pa.string()), ("eps", pa.float64()), ("count", pa.int64()),
-    ("amplitude", pa.string()),
-    ("area", pa.int64()), ("channels", pa.string()), ("positions", pa.string()), ("seed", pa.int64()),
+    ("attack", pa.string()), ("attack_params", pa.string()), ("eps", pa.float64()),
+    ("family", pa.string()), ("count", pa.int64()), ("amplitude", pa.string()),
+    ("area", pa.int64()), ("channels", pa.string()), ("positions", pa.string()), ("severity", pa.int64()),
+    ("seed", pa.int64()),
     ("n_images", pa.int64()), ("n_wrong", pa.int64()), ("n_restored", pa.int64()), ("accuracy", pa.float64()),
     ("wrong_rate", pa.float64()), ("restored_rate", pa.float64()), ("ci_low", pa.float64()),
-    ("ci_high", pa.float64()), ("pixel_index", pa.float64()), ("image_size", pa.int64()), ("dataset", pa.string()),
+    ("ci_high", pa.float64()), ("pixel_index", pa.float64()), ("equivalent_pixels", pa.float64()),
+    ("equivalent_pixels_low", pa.float64()), ("equivalent_pixels_high", pa.float64()),
+    ("image_size", pa.int64()), ("dataset", pa.string()),
     ("config_hash", pa.string()), ("pixelray_version", pa.string()), ("torch_version", pa.string()),
 ])
 

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
-__all__ = ["CHANNEL_NAMES", "Cell", "PixelChange", "Positions", "parse_channels"]
+__all__ = [
+    "CHANNEL_NAMES", "CORRUPTIONS", "PIXEL_CHANGE", "Cell", "Corruption", "PixelChange", "Positions", "parse_channels",
+]
 
 #: Channel names accepted in specs, mapped to RGB channel indices.
 CHANNEL_NAMES = {"r": 0, "red": 0, "g": 1, "green": 1, "b": 2, "blue": 2}
@@ -165,18 +167,66 @@ class PixelChange:
         return f"n{self.count}-{amp}-{area}-{ch}-{self.positions}"
 
 
+#: Corruption families and each severity's amount (ImageNet-C, Hendrycks & Dietterich 2019:
+#: ``impulse_noise`` replaces that share of all channel values by 0 or 255, half each).
+CORRUPTIONS: dict[str, dict[int, float]] = {
+    "impulse_noise": {1: 0.03, 2: 0.06, 3: 0.09, 4: 0.17, 5: 0.27},
+}
+
+#: The ``family`` of pixel changes in results (beside the corruption families).
+PIXEL_CHANGE = "pixel_change"
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """A standard corruption at one severity, e.g. ImageNet-C's impulse noise at severity 3.
+
+    Args:
+        family: a key of :data:`CORRUPTIONS`.
+        severity: 1..5.
+    """
+
+    family: str
+    severity: int
+
+    def __post_init__(self) -> None:
+        if self.family not in CORRUPTIONS:
+            raise ValueError(f"family: {self.family!r} is unknown; allowed: {[PIXEL_CHANGE, *sorted(CORRUPTIONS)]}")
+        levels = CORRUPTIONS[self.family]
+        if isinstance(self.severity, bool) or self.severity not in levels:
+            raise ValueError(f"severity: {self.severity!r} is invalid; allowed: {sorted(levels)}")
+
+    @property
+    def amount(self) -> float:
+        """The share of channel values replaced."""
+        return CORRUPTIONS[self.family][self.severity]
+
+    @property
+    def label(self) -> str:
+        """A short, stable id, e.g. ``impulse_noise-sev3``."""
+        return f"{self.family}-sev{self.severity}"
+
+    def check_image(self, height: int, width: int) -> None:
+        """Every image size fits (nothing to check)."""
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One point of a sweep grid: a pixel change and the seed of its random draws."""
+    """One point of a sweep grid: a pixel change (or a corruption) and the seed of its random draws."""
 
-    change: PixelChange
+    change: PixelChange | Corruption
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.change, PixelChange):
-            raise ValueError(f"change: {self.change!r} is not a PixelChange")
+        if not isinstance(self.change, (PixelChange, Corruption)):
+            raise ValueError(f"change: {self.change!r} is not a PixelChange or a Corruption")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
             raise ValueError(f"seed: {self.seed!r} is invalid; it must be an integer in 0..2**31-1")
+
+    @property
+    def family(self) -> str:
+        """``pixel_change``, or the corruption's family."""
+        return self.change.family if isinstance(self.change, Corruption) else PIXEL_CHANGE
 
     @property
     def cell_id(self) -> str:

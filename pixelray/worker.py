@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from pixelray.attacks import get_attack
-from pixelray.perturb import apply_pixel_changes
+from pixelray.corrupt import apply_cell
 from pixelray.shards import ShardExpectation
 from pixelray.spec import Cell
 
@@ -68,6 +68,7 @@ class Unit:
     shard_name: str  # its file name in the manifest, used for the unit file
     image_ids: tuple[int, ...] | None = None
     expect: ShardExpectation | None = None  # the manifest's entry; the read is checked against it
+    attack: str | None = None  # the attack's name (attack phase)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "phase", Phase(self.phase))
@@ -75,7 +76,8 @@ class Unit:
     @property
     def key(self) -> str:
         stem = self.shard_name.rsplit(".", 1)[0]
-        return f"{self.phase.value}/{model_slug(self.model)}/{stem}"
+        phase = self.phase.value if self.attack is None else f"{self.phase.value}/{self.attack}"
+        return f"{phase}/{model_slug(self.model)}/{stem}"
 
 
 def model_slug(name: str) -> str:
@@ -127,7 +129,7 @@ def correct_under_cells(
             part = slice(start, start + batch_size)
             batch, ids, truth = images[part], image_ids[part], labels[part]
             for i, cell in enumerate(cells):
-                correct[i, part] = model(apply_pixel_changes(batch, cell, ids)).argmax(dim=1) == truth
+                correct[i, part] = model(apply_cell(batch, cell, ids)).argmax(dim=1) == truth
     return correct
 
 

@@ -181,7 +181,7 @@ def test_table_9_misclassified_and_restored(tables):
     assert (restored["paper_k"], restored["paper_n"]) == (10000 - 6697, 10000)
     assert "first is taken as n = 4" in restored["note"]
     assert t.cell((PAPER_ROW, "FGSM, ε not printed", "still misclassified"), "n = 64")["paper_k"] == 2260
-    check_ours(tables["fgsm-success"].cell((R101,), "ε = 2/255"), 10000, 12000)
+    check_ours(tables["fgsm-success"].cell((R101, "FGSM"), "ε = 2/255"), 10000, 12000)
 
 
 def test_tables_10_and_11_augmented_models(tables):

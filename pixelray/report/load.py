@@ -62,6 +62,7 @@ class Run:
     clean: pd.DataFrame | None = None  # model, n_images, n_correct (per model, over every image)
     attack: pd.DataFrame | None = None
     transfer: pd.DataFrame | None = None
+    corruptions: pd.DataFrame | None = None  # rows of a corruption family (impulse noise, ...), not pixel changes
     meta: dict[str, Any] = field(default_factory=dict)  # run.json
     stats: dict[str, Any] = field(default_factory=dict)  # stats.json
     image_ids: dict[str, int] = field(default_factory=dict)  # file (relative to the run) -> ids listed
@@ -73,8 +74,11 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-#: Columns that results written before the attack phase existed lack; read as empty.
-_LATER_COLUMNS = ("n_restored", "restored_rate")
+#: Columns that results written by earlier versions lack, and the value they read as (None: empty).
+_LATER_COLUMNS = {
+    "n_restored": None, "restored_rate": None, "attack_params": None, "family": "pixel_change", "severity": None,
+    "equivalent_pixels": None, "equivalent_pixels_low": None, "equivalent_pixels_high": None,
+}
 
 
 def _read_table(path: Path, schema: pa.Schema) -> pd.DataFrame:
@@ -83,9 +87,11 @@ def _read_table(path: Path, schema: pa.Schema) -> pd.DataFrame:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
         raise ReportError(f"{path} is not a readable Parquet file ({_first_line(exc)}); {_SWEEP_HINT}") from None
-    for name in _LATER_COLUMNS:
-        if name in schema.names and name not in table.column_names and "n_wrong" in table.column_names:
-            table = table.append_column(schema.field(name), pa.nulls(len(table), schema.field(name).type))
+    known = {"n_wrong", "n_success", "n_fooled"} & set(table.column_names)  # a results table, if an old one
+    for name, value in _LATER_COLUMNS.items():
+        if name in schema.names and name not in table.column_names and known:
+            field = schema.field(name)
+            table = table.append_column(field, pa.array([value] * len(table), field.type))
     missing = [name for name in schema.names if name not in table.column_names]
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
@@ -206,13 +212,17 @@ def load_run(path: str | Path) -> Run:
     """Read and check one sweep output directory; raises ReportError when it is not a finished one."""
     path = Path(path)
     _refuse_non_run(path)
-    cells = _read_table(path / "cells.parquet", CELLS_SCHEMA)
+    table = _read_table(path / "cells.parquet", CELLS_SCHEMA)
+    table["family"] = table["family"].fillna("pixel_change")  # rows written before corruption families existed
+    _check_counts(table, path / "cells.parquet", "n_wrong", "n_images", ("model",))
+    cells = table[table.family == "pixel_change"].reset_index(drop=True)  # the paper's tables
     _check_counts(cells, path / "cells.parquet", "n_wrong", "n_images", ("model", "count", "amplitude"))
     attacked = cells[cells.attack.notna()]
     if attacked.n_restored.isna().any() or (attacked.n_restored + attacked.n_wrong != attacked.n_images).any():
         raise ReportError(f"{path / 'cells.parquet'}: attack rows need n_restored = n_images - n_wrong; "
                           "the file is damaged: rerun the sweep into a new directory")
     run = Run(path=path, name=path.resolve().name or str(path), cells=cells)
+    run.corruptions = table[table.family != "pixel_change"].reset_index(drop=True)
     run.clean = _clean_accuracy(path / "clean.parquet")
     if (path / "attack.parquet").exists():
         run.attack = _read_table(path / "attack.parquet", ATTACK_SCHEMA)

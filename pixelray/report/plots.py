@@ -177,26 +177,26 @@ def plot_fgsm(c: pd.DataFrame, runs: list[Run]) -> Plot | None:
     adv = c[c["attack"].notna() & (c["amplitude"] == "full") & c["whole"]]
     if not attack and adv.empty:
         return None
-    whos = list(dict.fromkeys(adv["who"]))[: _MAX_PANELS - 1]
-    fig, axes = _figure(1 + len(whos))
-    eps_x = "FGSM step ε (k/255, log2 scale)"
+    panels = list(dict.fromkeys(zip(adv["who"], adv["attack"], strict=True)))[: _MAX_PANELS - 1]
+    fig, axes = _figure(1 + len(panels))
+    eps_x = "attack radius ε (k/255, log2 scale)"
     for df in attack:
-        for who, g in df.groupby("who", sort=False):
+        for (who, name), g in df.groupby(["who", "attack"], sort=False):
             g = g.sort_values("eps")
-            _line(axes[0], (g["eps"] * 255).round(), g["n_success"], g["n_attacked"], who)
+            _line(axes[0], (g["eps"] * 255).round(), g["n_success"], g["n_attacked"], f"{who}, {name.upper()}")
             _log2_x(axes[0], (g["eps"] * 255).round())
-    _style(axes[0], eps_x, "attack success (% of attacked)", "FGSM success before any pixel change")
-    for ax, who in zip(axes[1:], whos, strict=True):
-        mine = adv[adv["who"] == who]
+    _style(axes[0], eps_x, "attack success (% of attacked)", "attack success before any pixel change")
+    for ax, (who, name) in zip(axes[1:], panels, strict=True):
+        mine = adv[(adv["who"] == who) & (adv["attack"] == name)]
         for count, g in mine.groupby("count"):
             g = g.sort_values("eps")
             _line(ax, g["eps_k"], g["n_restored"], g["n_images"], f"n = {count}")
         _log2_x(ax, mine["eps_k"])
-        _style(ax, eps_x, "restored to the true class (% of kept)", f"{who}: n changed pixels")
-    return Plot("fgsm", "FGSM success and restored rate against ε (Table 9)",
-                "First panel: the attack's success rate per model; then, per model, the share of its kept "
-                "adversarial examples that n changed pixels return to the true class. Bands: 95% Wilson intervals.",
-                _png(fig))
+        _style(ax, eps_x, "restored to the true class (% of kept)", f"{who}, {name.upper()}: n changed pixels")
+    return Plot("fgsm", "Attack success and restored rate against ε (Table 9)",
+                "First panel: each attack's success rate per model; then, per model and attack, the share of its "
+                "kept adversarial examples that n changed pixels return to the true class. Bands: 95% Wilson "
+                "intervals.", _png(fig))
 
 
 def plot_fine_tuned(c: pd.DataFrame) -> Plot | None:

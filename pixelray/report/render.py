@@ -58,6 +58,10 @@ def format_cell(entry: dict[str, Any] | None, kind: str) -> str:
     if kind == "ours":
         if not _num(entry.get("value")):
             return ABSENT
+        if entry["measure"] == "pixels":
+            low = f"{entry['low']:.0f}" if _num(entry.get("low")) else "<"
+            high = f"{entry['high']:.0f}" if _num(entry.get("high")) else ">"
+            return f"{entry['value']:.0f} px [{low}, {high}]"
         if pi:
             return f"{entry['value']:.2f} [{entry['low']:.2f}, {entry['high']:.2f}]"
         low, high = 100 * entry["low"], 100 * entry["high"]

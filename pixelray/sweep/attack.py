@@ -22,7 +22,7 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 
-from pixelray.config import Keep
+from pixelray.config import AttackConfig, Keep
 from pixelray.spec import Cell
 from pixelray.sweep.clean import CleanPass, select_eval_set
 from pixelray.sweep.context import RunContext
@@ -91,19 +91,19 @@ class _KeptSoFar:
 
 
 class AttackPass:
-    """The attack phase's units (run, resumed or skipped) and the tables of those that ran."""
+    """One attack's units (run, resumed or skipped) and the tables of those that ran."""
 
-    def __init__(self, units: list[Unit], tables: dict[str, pa.Table]):
-        self.units, self.tables = units, tables
+    def __init__(self, attack: AttackConfig, units: list[Unit], tables: dict[str, pa.Table]):
+        self.attack, self.units, self.tables = attack, units, tables
 
     def stats(self) -> dict:
         done = sum(u.key in self.tables for u in self.units)
-        return {"attack_units": {"planned": len(self.units), "done": done, "skipped": len(self.units) - done}}
+        return {"planned": len(self.units), "done": done, "skipped": len(self.units) - done}
 
 
-def run_attack(ctx: RunContext, clean: CleanPass) -> AttackPass:
-    """Plan the attack units in image-id order, resume what is done, run the rest (skipping the unneeded)."""
-    config, attack = ctx.config, ctx.config.attack
+def run_attack(ctx: RunContext, clean: CleanPass, attack: AttackConfig) -> AttackPass:
+    """Plan one attack's units in image-id order, resume what is done, run the rest (skipping the unneeded)."""
+    config, name = ctx.config, attack.name
     keep_all = attack.keep is Keep.ALL
     # keep = "all" knows its examples now: the ``size`` lowest candidate ids.
     candidates = select_eval_set(clean.correct, config.filter, attack.size if keep_all else None)
@@ -112,9 +112,10 @@ def run_attack(ctx: RunContext, clean: CleanPass) -> AttackPass:
     for unit in clean.units:
         wanted = np.intersect1d(clean.shard_ids[(unit.model, unit.shard)], candidates[unit.model])
         if len(wanted):
-            units.append(ctx.unit(Phase.ATTACK, unit.model, unit.shard, info_of[unit.shard_name], wanted))
+            units.append(ctx.unit(Phase.ATTACK, unit.model, unit.shard, info_of[unit.shard_name], wanted, name))
     units.sort(key=lambda u: u.image_ids[0])  # lowest ids first: later units may prove unneeded
-    save_dir = os.path.abspath(config.save_adversarial) if config.save_adversarial else None  # workers' cwd differs
+    # DIR/<attack>/<model>/eps<k>; absolute, as the workers' cwd differs
+    save_dir = os.path.join(os.path.abspath(config.save_adversarial), name) if config.save_adversarial else None
     plan = AttackPlan(attack.eps, keep_all, tuple(config.models), save_dir, attack.kind, attack.params)
     kept = _KeptSoFar(attack.eps, attack.size, keep_all)
     cells = ctx.cells
@@ -122,6 +123,6 @@ def run_attack(ctx: RunContext, clean: CleanPass) -> AttackPass:
     tables = ctx.run_units(
         Phase.ATTACK, units, lambda h, u: h.run.remote(u, weights, classes, cells, plan),
         lambda unit, res: attack_unit_table(res, attack.eps, cells, plan.judges),
-        on_table=kept.add, skip=kept.covers,
+        on_table=kept.add, skip=kept.covers, label=f"attack:{name}",
     )
-    return AttackPass(units, tables)
+    return AttackPass(attack, units, tables)

@@ -25,9 +25,9 @@ images correctly, so ``fooled_rate`` is the rate at which the attack transfers.
 
 Adversarial images never enter a results table. ``save_adversarial = DIR`` writes
 every eligible example (a superset of the kept ones: see attack_ids.parquet) as a
-pixelray data set per model and eps, ``DIR/<model>/eps<k>/`` (shards + manifest.json),
-which a later sweep can name as its ``[data] path``. A resumed run adds the examples of
-the units it runs; units finished by an earlier run without the option have none saved.
+pixelray data set per attack, model and eps, ``DIR/<attack>/<model>/eps<k>/`` (shards +
+manifest.json), which a later sweep can name as its ``[data] path``. A resumed run adds the
+examples of the units it runs; units finished by an earlier run without the option have none saved.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def _empty_attack_table(n_cells: int, n_judges: int) -> pa.Table:
 
 
 def attack_results(config: SweepConfig, cell_pairs, done: AttackPass, size, common) -> dict[str, list[dict]]:
-    """Unit bits -> kept examples per (model, eps) -> rows of cells (attack rows), attack, transfer and ids."""
-    attack = config.attack
+    """One attack's unit bits -> kept examples per (model, eps) -> rows of cells, attack, transfer and ids."""
+    attack = done.attack
     keep_all = attack.keep is Keep.ALL
     names, by_id = experiments_of(cell_pairs)
     cell_ids, judges = list(by_id), list(config.models)
@@ -139,10 +139,11 @@ def attack_results(config: SweepConfig, cell_pairs, done: AttackPass, size, comm
 
 
 def write_adversarial_manifests(config: SweepConfig, manifest: Manifest, done: AttackPass) -> None:
-    """One pixelray data set per (model, eps) under ``save_adversarial``: the saved shards + manifest.json."""
-    root = Path(config.save_adversarial)
+    """One pixelray data set per (attack, model, eps) under ``save_adversarial``: the saved shards + manifest.json."""
+    name = done.attack.name
+    root = Path(config.save_adversarial) / name
     for model in config.models:
-        saved: list[list[dict]] = [[] for _ in config.attack.eps]
+        saved: list[list[dict]] = [[] for _ in done.attack.eps]
         for unit in done.units:
             if unit.model != model or unit.key not in done.tables:
                 continue
@@ -150,14 +151,14 @@ def write_adversarial_manifests(config: SweepConfig, manifest: Manifest, done: A
             for e, info in enumerate(json.loads(meta.get(META_SAVED, b"[]"))):
                 if info:
                     saved[e].append(info)
-        for e, k in enumerate(config.attack.eps):
+        for e, k in enumerate(done.attack.eps):
             if not saved[e]:
                 continue
             shards = tuple(ShardInfo(**s) for s in sorted(saved[e], key=lambda s: s["min_id"]))
             adv = Manifest(
-                name=f"{manifest.name}-{config.attack.name}-eps{k}-{model_slug(model)}",
+                name=f"{manifest.name}-{name}-eps{k}-{model_slug(model)}",
                 height=manifest.height, width=manifest.width, num_images=sum(s.rows for s in shards),
                 num_classes=manifest.num_classes, class_names=manifest.class_names, class_ids=manifest.class_ids,
-                shards=shards, source=config.attack.name,
+                shards=shards, source=name,
             )
             write_text_atomic(adv.to_json(), root / model_slug(model) / f"eps{k}" / MANIFEST_NAME)

@@ -72,9 +72,9 @@ class RunContext:
         sha = verify is Verify.SHA256 or (verify is Verify.AUTO and local)
         return ShardExpectation.of(self.manifest, info, sha256=sha)
 
-    def unit(self, phase: Phase, model: str, uri: str, info: ShardInfo, image_ids=None) -> Unit:
+    def unit(self, phase: Phase, model: str, uri: str, info: ShardInfo, image_ids=None, attack=None) -> Unit:
         ids = None if image_ids is None else tuple(int(i) for i in image_ids)
-        return Unit(phase, model, uri, info.file, ids, self.expect(info))
+        return Unit(phase, model, uri, info.file, ids, self.expect(info), attack)
 
     def unit_print(self, unit: Unit) -> str:
         """The fingerprint a unit file must carry: config, unit, the shard's bytes and the images."""
@@ -93,12 +93,15 @@ class RunContext:
         *,
         on_table: Callable[[Unit, pa.Table], None] | None = None,
         skip: Callable[[Unit], bool] | None = None,
+        label: str | None = None,
     ) -> dict[str, pa.Table]:
         """Each unit's table, by unit key: from its file when that is whole and of this plan, else computed.
 
         ``to_table(unit, result)`` turns a worker's result into the unit file's table;
         ``on_table`` sees every table as it becomes known (resumed ones first); units that
-        ``skip`` drops (see :func:`~pixelray.sweep.pool.schedule`) have no table.
+        ``skip`` drops (see :func:`~pixelray.sweep.pool.schedule`) have no table. ``label``
+        names this run of the phase in the progress bar and metrics (default: the phase);
+        ``stats`` sum over a phase's runs.
         """
         tables: dict[str, pa.Table] = {}
         todo = []
@@ -124,6 +127,6 @@ class RunContext:
             if on_table is not None:
                 on_table(unit, table)
 
-        self.telemetry.start_phase(name, len(units), len(units) - len(todo))
+        self.telemetry.start_phase(label or name, len(units), len(units) - len(todo))
         schedule(self.pool, todo, submit, done, self.telemetry, skip=skip)
         return tables

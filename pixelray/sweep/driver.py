@@ -42,6 +42,7 @@ from pixelray.sweep.results import (
     CELLS_SCHEMA,
     IDS_SCHEMA,
     TRANSFER_SCHEMA,
+    add_equivalent_pixels,
     cell_rows,
     common_columns,
     versions,
@@ -118,10 +119,10 @@ def run_sweep(
         eval_ids = select_eval_set(clean.correct, config.filter, config.eval_size)
         write_eval_ids(ctx, eval_ids)
         counts = run_cells(ctx, clean, eval_ids)
-        attack = run_attack(ctx, clean) if config.attack is not None else None
+        attacks = [run_attack(ctx, clean, attack) for attack in config.attacks]
         telemetry.close_bar()
         pool.shutdown()
-        result = _write_results(ctx, clean, eval_ids, counts, attack, t_start)
+        result = _write_results(ctx, clean, eval_ids, counts, attacks, t_start)
         telemetry.close(linger=config.metrics_linger)
         return result
     except BaseException:
@@ -136,31 +137,36 @@ def run_sweep(
         run_dir.release()
 
 
-def _write_results(ctx: RunContext, clean, eval_ids, counts: pa.Table | None, attack, t_start: float) -> SweepResult:
+def _write_results(ctx: RunContext, clean, eval_ids, counts: pa.Table | None, attacks: list, t_start: float
+                   ) -> SweepResult:
     config, out, size = ctx.config, ctx.run_dir.path, ctx.size
     clean_path = out / "clean.parquet"
     write_table_atomic(clean.table(), clean_path)
     common = common_columns(config, ctx.manifest.name)
     rows = cell_rows(config, ctx.cell_pairs, counts, size, common)
     attack_path = transfer_path = None
-    if attack is not None:
-        tables = attack_results(config, ctx.cell_pairs, attack, size, common)
+    if attacks:
+        tables: dict[str, list[dict]] = {"cells": [], "attack": [], "transfer": [], "ids": []}
+        for done in attacks:
+            for name, part in attack_results(config, ctx.cell_pairs, done, size, common).items():
+                tables[name] += part
+            if config.save_adversarial:
+                write_adversarial_manifests(config, ctx.manifest, done)
         rows += tables["cells"]
         attack_path, transfer_path = out / "attack.parquet", out / "transfer.parquet"
         write_table_atomic(pa.Table.from_pylist(tables["attack"], schema=ATTACK_SCHEMA), attack_path)
         write_table_atomic(pa.Table.from_pylist(tables["transfer"], schema=TRANSFER_SCHEMA), transfer_path)
         write_table_atomic(pa.Table.from_pylist(tables["ids"], schema=IDS_SCHEMA), out / "attack_ids.parquet")
-        if config.save_adversarial:
-            write_adversarial_manifests(config, ctx.manifest, attack)
     cells_path = out / "cells.parquet"
-    write_table_atomic(pa.Table.from_pylist(aggregate(rows, size), schema=CELLS_SCHEMA), cells_path)
+    rows = add_equivalent_pixels(aggregate(rows, size), size)
+    write_table_atomic(pa.Table.from_pylist(rows, schema=CELLS_SCHEMA), cells_path)
     stats: dict[str, Any] = dict(ctx.stats)
     stats.update({
         "shards": len(ctx.uris), "models": len(config.models), "cells": len(ctx.cells),
         "eval_images": {m: int(len(v)) for m, v in eval_ids.items()},
         "wall_s": time.perf_counter() - t_start, "config_hash": config.config_hash,
     })
-    if attack is not None:
-        stats.update(attack.stats())
+    if attacks:
+        stats["attack_units"] = {done.attack.name: done.stats() for done in attacks}
     write_text_atomic(json.dumps(stats, indent=2) + "\n", out / "stats.json")
     return SweepResult(out, cells_path, clean_path, stats, attack_path, transfer_path)

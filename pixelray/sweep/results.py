@@ -5,6 +5,7 @@ The schemas live in :mod:`pixelray.results`, which the report reads without the 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -12,12 +13,13 @@ import pyarrow as pa
 
 from pixelray import __version__
 from pixelray.config import ConfigError, SweepConfig
+from pixelray.metrics import equivalent_count
 from pixelray.results import ATTACK_SCHEMA, CELLS_SCHEMA, IDS_SCHEMA, TRANSFER_SCHEMA
-from pixelray.spec import Cell
+from pixelray.spec import PIXEL_CHANGE, Cell, Corruption
 
 __all__ = [
-    "ATTACK_SCHEMA", "CELLS_SCHEMA", "IDS_SCHEMA", "TRANSFER_SCHEMA", "cell_columns", "cell_rows", "common_columns",
-    "experiments_of",
+    "ATTACK_SCHEMA", "CELLS_SCHEMA", "IDS_SCHEMA", "TRANSFER_SCHEMA", "add_equivalent_pixels", "cell_columns",
+    "cell_rows", "common_columns", "experiments_of",
 ]
 
 def versions() -> dict[str, str]:
@@ -42,19 +44,51 @@ def experiments_of(cell_pairs) -> tuple[dict[str, list[str]], dict[str, Cell]]:
     return names, by_id
 
 
-def _channels_label(cell: Cell) -> str:
+def _channels_label(cell: Cell) -> str | None:
     ch = cell.change.channels
     return "all" if ch == "all" else ",".join(map(str, ch))
 
 
 def cell_columns(cell: Cell, size: tuple[int, int]) -> dict[str, Any]:
+    """The columns that name a cell: its family, then the change's or the corruption's parameters."""
     change = cell.change
+    if isinstance(change, Corruption):
+        return {
+            "family": change.family, "severity": change.severity, "count": None, "amplitude": None, "area": None,
+            "channels": None, "positions": None, "seed": cell.seed,
+        }
     height, width = size
     area = change.area if change.area is not None else (height if height == width else None)
     return {
-        "count": change.count, "amplitude": str(change.amplitude), "area": area, "channels": _channels_label(cell),
-        "positions": change.positions, "seed": cell.seed,
+        "family": PIXEL_CHANGE, "severity": None, "count": change.count, "amplitude": str(change.amplitude),
+        "area": area, "channels": _channels_label(cell), "positions": change.positions, "seed": cell.seed,
     }
+
+
+def add_equivalent_pixels(rows: list[dict[str, Any]], size: tuple[int, int]) -> list[dict[str, Any]]:
+    """Set ``equivalent_pixels`` (and its interval) on corruption rows without an attack.
+
+    The reference curve is the same model's pixel-change rows of full amplitude, over the
+    whole image and every channel, drawn per image, with the same seed: wrong rate against
+    count (see :func:`pixelray.metrics.equivalent_count`). Other rows get nulls.
+    """
+    curves: dict[tuple, dict[int, float]] = defaultdict(dict)
+    whole = {None, size[0]} if size[0] == size[1] else {None}
+    for r in rows:
+        if (r["family"] == PIXEL_CHANGE and r["attack"] is None and r["amplitude"] == "full" and r["area"] in whole
+                and r["channels"] == "all" and r["positions"] == "per-image" and r["n_images"]):
+            curves[(r["model"], r["weights"], r["seed"])].setdefault(r["count"], r["wrong_rate"])
+    for r in rows:
+        r["equivalent_pixels"] = r["equivalent_pixels_low"] = r["equivalent_pixels_high"] = None
+        curve = curves.get((r["model"], r["weights"], r["seed"]), {})
+        if r["family"] == PIXEL_CHANGE or r["attack"] is not None or len(curve) < 2 or not r["n_images"]:
+            continue
+        counts, rates = list(curve), list(curve.values())
+        for key, target in (("equivalent_pixels", "wrong_rate"), ("equivalent_pixels_low", "ci_low"),
+                            ("equivalent_pixels_high", "ci_high")):
+            value = equivalent_count(counts, rates, r[target])
+            r[key] = None if math.isnan(value) else value
+    return rows
 
 
 def cell_rows(config: SweepConfig, cell_pairs, table: pa.Table | None, size, common) -> list[dict[str, Any]]:
