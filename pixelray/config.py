@@ -24,6 +24,7 @@ from typing import Any
 
 import tomllib
 
+from pixelray.check import is_int
 from pixelray.spec import CORRUPTIONS, PIXEL_CHANGE, Cell, Corruption, PixelChange, parse_channels
 
 __all__ = [
@@ -117,7 +118,7 @@ class AttackConfig:
         if len(set(eps)) != len(eps):
             raise ValueError(f"eps = {list(eps)!r}: each value may appear once")
         object.__setattr__(self, "eps", eps)
-        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1):
+        if self.size is not None and (not is_int(self.size) or self.size < 1):
             raise ValueError(f"size = {self.size!r}: must be an integer >= 1, or omit it to keep every example")
 
     @property
@@ -468,10 +469,10 @@ def _check_run(fields: dict[str, Any]) -> None:
     """The ``[run]`` values (from the file or the command line): positive counts, a real port."""
     for key in ("workers", "threads"):
         value = fields[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (not is_int(value) or value < 1):
             raise ConfigError(f"[run] {key} = {value!r}: must be an integer >= 1, or omit it for the default")
     port = fields["metrics_port"]
-    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+    if port is not None and (not is_int(port) or not 0 <= port <= 65535):
         raise ConfigError(f"[run] metrics_port = {port!r}: must be in 0..65535 (0 = any free port)")
     linger = fields["metrics_linger"]
     if isinstance(linger, bool) or not isinstance(linger, (int, float)) or not 0 <= linger < float("inf"):

@@ -36,7 +36,6 @@ import json
 import os
 import re
 import socket
-import tempfile
 import threading
 import urllib.request
 import zipfile
@@ -50,6 +49,8 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 from torch import nn
+
+from pixelray.atomic import write_atomic
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -834,19 +835,10 @@ def load_model(
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> str:
-    """Write a file through a temp file in the same directory and rename; returns its sha256."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        digest = _sha256(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return digest
+    """Write a file atomically (:func:`pixelray.atomic.write_atomic`); returns the sha256 of the file as written
+    (read back: torch.save's zip writer may seek)."""
+    write_atomic(path, write)
+    return _sha256(path)
 
 
 def save_checkpoint(

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
 import json
@@ -38,6 +39,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
+
+from pixelray.atomic import TMP_GLOB, write_bytes_atomic
+from pixelray.check import check_int, is_int
 
 __all__ = [
     "FORMAT",
@@ -95,7 +99,7 @@ class ShardInfo:
     def __post_init__(self) -> None:
         if not self.file or self.file.startswith("/") or ".." in self.file.split("/"):
             raise ValueError(f"shards.file: {self.file!r} must be a path relative to the data set root")
-        if isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 1:
+        if not is_int(self.rows) or self.rows < 1:
             raise ValueError(f"shards.rows: {self.rows!r} for {self.file} must be an integer >= 1")
         if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
             raise ValueError(f"shards.sha256: {self.sha256!r} for {self.file} is not a lowercase hex sha256")
@@ -135,9 +139,7 @@ class Manifest:
         object.__setattr__(self, "class_ids", tuple(str(c) for c in self.class_ids))
         object.__setattr__(self, "shards", tuple(self.shards))
         for field in ("height", "width", "num_classes"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field}: {value!r} is invalid; it must be an integer >= 1")
+            check_int(getattr(self, field), field)
         if self.num_classes > 32767:
             raise ValueError(f"num_classes: {self.num_classes} does not fit the int16 label column (max 32767)")
         for field in ("class_names", "class_ids"):
@@ -596,6 +598,11 @@ def _as_numpy(value: Any, name: str) -> np.ndarray:
     return np.asarray(value)
 
 
+def _is_temp(name: str) -> bool:
+    """A temporary file of an atomic write (this version's ``.NAME.tmp-XXXX`` or the older ``.NAME.PID.tmp``)."""
+    return fnmatch.fnmatch(name, TMP_GLOB) or (name.startswith(".") and name.endswith(".tmp"))
+
+
 def _sha256_file(fs: pafs.FileSystem, path: str) -> str:
     digest = hashlib.sha256()
     with fs.open_input_stream(path) as f:
@@ -638,11 +645,9 @@ class ShardWriter:
         rows_per_shard: int = 1000,
         compression: str = "zstd",
     ) -> None:
-        if isinstance(rows_per_shard, bool) or not isinstance(rows_per_shard, int) or rows_per_shard < 1:
-            raise ValueError(f"rows_per_shard: {rows_per_shard!r} is invalid; it must be an integer >= 1")
-        for field, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field}: {value!r} is invalid; it must be an integer >= 1")
+        check_int(rows_per_shard, "rows_per_shard")
+        check_int(height, "height")
+        check_int(width, "width")
         class_names = tuple(str(c) for c in class_names)
         class_ids = class_names if class_ids is None else tuple(str(c) for c in class_ids)
         if not class_names:
@@ -775,7 +780,7 @@ class ShardWriter:
             if os.path.exists(path):
                 os.remove(path)
         for name in os.listdir(self.out_dir) if os.path.isdir(self.out_dir) else ():
-            if name.startswith(".") and name.endswith(".tmp"):
+            if _is_temp(name):
                 os.remove(os.path.join(self.out_dir, name))
         self._written, self._shards, self._manifest = [], [], None
         if self._created_dir and os.path.isdir(self.out_dir) and not os.listdir(self.out_dir):
@@ -832,17 +837,7 @@ class ShardWriter:
         self._buf_sources = []
 
     def _write_atomic(self, name: str, data: bytes | pa.Buffer) -> None:
-        tmp = os.path.join(self.out_dir, f".{name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(memoryview(data))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(self.out_dir, name))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        write_bytes_atomic(data, os.path.join(self.out_dir, name))
 
 
 # ---------------------------------------------------------------------------- validation
@@ -963,7 +958,7 @@ def check_dataset(root: str) -> list[str]:
             base = posixpath.basename(entry.path.replace("\\", "/"))
             if base.endswith(".parquet") and base not in listed:
                 problems.append(f"{base}: not listed in {MANIFEST_NAME}; remove it or re-run the conversion")
-            elif base.startswith(".") and base.endswith(".tmp"):
+            elif _is_temp(base):
                 problems.append(f"{base}: leftover temporary file from an interrupted run; delete it")
     except OSError:
         pass  # listing is optional (some object stores forbid it)

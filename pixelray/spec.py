@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
+from pixelray.check import check_int, is_int
+
 __all__ = [
     "CHANNEL_NAMES", "CORRUPTIONS", "PIXEL_CHANGE", "Cell", "Corruption", "PixelChange", "Positions", "parse_channels",
 ]
@@ -100,8 +102,7 @@ class PixelChange:
     positions: Literal["per-image", "shared"] = "per-image"
 
     def __post_init__(self) -> None:
-        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
-            raise ValueError(f"count: {self.count!r} is invalid; it must be an integer >= 1")
+        check_int(self.count, "count")
         amp = self.amplitude
         if isinstance(amp, str):
             if amp.lower() != "full" and not amp.isdigit():
@@ -109,13 +110,13 @@ class PixelChange:
                     f"amplitude: {amp!r} is invalid; use 'full' or an integer shift 1..255"
                 )
             amp = "full" if amp.lower() == "full" else int(amp)
-        if amp != "full" and (isinstance(amp, bool) or not isinstance(amp, int) or not 1 <= amp <= 255):
+        if amp != "full" and not (is_int(amp) and 1 <= amp <= 255):
             raise ValueError(
                 f"amplitude: {self.amplitude!r} is outside 1..255; use 'full' or an integer shift 1..255"
             )
         object.__setattr__(self, "amplitude", amp)
         if self.area is not None:
-            if isinstance(self.area, bool) or not isinstance(self.area, int) or self.area < 1:
+            if not is_int(self.area) or self.area < 1:
                 raise ValueError(
                     f"area: {self.area!r} is invalid; it must be a square side >= 1 (pixels) or None"
                 )
@@ -220,8 +221,7 @@ class Cell:
     def __post_init__(self) -> None:
         if not isinstance(self.change, (PixelChange, Corruption)):
             raise ValueError(f"change: {self.change!r} is not a PixelChange or a Corruption")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
-            raise ValueError(f"seed: {self.seed!r} is invalid; it must be an integer in 0..2**31-1")
+        check_int(self.seed, "seed", 0, 2**31 - 1, high_text="2**31-1")
 
     @property
     def family(self) -> str:

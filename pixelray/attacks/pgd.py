@@ -40,6 +40,7 @@ from pixelray.attacks.base import (
     to_uint8,
     to_unit,
 )
+from pixelray.check import check_int
 from pixelray.perturb import hash64, image_layout
 
 __all__ = ["PGD", "pgd", "pgd_float", "start_offsets"]
@@ -69,19 +70,13 @@ def start_offsets(image_ids: torch.Tensor, shape: Sequence[int], eps: float, see
     return offsets.view(n, h, w, c).permute(0, 3, 1, 2).contiguous()
 
 
-def _check_steps(steps: object) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: {steps!r} is invalid; it must be an integer >= 1")
-    return steps
-
-
 def _pgd(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | Sequence[int], eps: float,
     step_size: float, steps: int, random_start: bool, seed: int, image_ids: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(adv_float NCHW in [0, 1], labels int64); validates everything."""
     _check_model(model)
-    eps, step_size, steps = _check_eps(eps), _check_eps(step_size), _check_steps(steps)
+    eps, step_size, steps = _check_eps(eps), _check_eps(step_size), check_int(steps, "steps")
     x0 = to_unit(images)
     labels, span = _as_labels(labels, x0.shape[0], x0.device)
     if x0.shape[0] == 0:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pixelray.check import check_int, is_int
 from pixelray.shards import Manifest, ShardWriter
 
 __all__ = [
@@ -63,10 +64,9 @@ class Transform:
     resize: int | None = 256
 
     def __post_init__(self) -> None:
-        if isinstance(self.crop, bool) or not isinstance(self.crop, int) or self.crop < 1:
+        if not is_int(self.crop) or self.crop < 1:
             raise ValueError(f"crop: {self.crop!r} is invalid; it must be an image side >= 1 (pixels)")
-        if self.resize is not None and (isinstance(self.resize, bool) or not isinstance(self.resize, int)
-                                        or self.resize < self.crop):
+        if self.resize is not None and (not is_int(self.resize) or self.resize < self.crop):
             raise ValueError(f"resize: {self.resize!r} is invalid; it must be an integer >= crop "
                              f"({self.crop}) or None")
 
@@ -211,8 +211,7 @@ def convert_files(
     import ray
     from tqdm.auto import tqdm
 
-    if isinstance(files_per_task, bool) or not isinstance(files_per_task, int) or files_per_task < 1:
-        raise ValueError(f"files_per_task: {files_per_task!r} is invalid; it must be an integer >= 1")
+    check_int(files_per_task, "files_per_task")
     entries = sorted(entries, key=lambda e: e.image_id)
     if not entries:
         raise ValueError(f"{name}: no image files to convert")

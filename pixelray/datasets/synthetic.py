@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pixelray.check import check_int
 from pixelray.shards import Manifest, ShardWriter
 
 __all__ = ["SHAPES", "TEXTURES", "SyntheticClass", "make_synthetic", "render_synthetic", "synthetic_classes"]
@@ -163,8 +164,7 @@ def make_synthetic(
     """
     for field, value, low, high in (("classes", classes, 2, _MAX_CLASSES), ("images", images, 1, 2**40),
                                     ("size", size, 8, 4096), ("seed", seed, 0, 2**63 - 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"{field}: {value!r} is invalid; it must be an integer in {low}..{high}")
+        check_int(value, field, low, high)
     labels = np.random.default_rng([seed, 0]).permutation(np.arange(images) % classes)
     defs = synthetic_classes(classes)
     with ShardWriter(

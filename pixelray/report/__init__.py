@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from pixelray.atomic import write_bytes_atomic, write_text_atomic
 from pixelray.report.load import ModelInfo, ReportError, Run, load_runs
 from pixelray.report.paper import citation, header_notes
 from pixelray.report.plots import Plot, build_plots
@@ -84,10 +85,10 @@ def write_report(
     (out / "plots").mkdir(parents=True, exist_ok=True)
     for plot in doc.plots:
         path = out / "plots" / f"{plot.key}.png"
-        path.write_bytes(plot.png)
+        write_bytes_atomic(plot.png, path)
         written[f"plot:{plot.key}"] = path
     for kind, name in (("md", "report.md"), ("html", "report.html")):
         if texts[kind] is not None:
-            (out / name).write_text(texts[kind], encoding="utf-8")
+            write_text_atomic(texts[kind], out / name)
             written[kind] = out / name
     return written
