@@ -192,7 +192,9 @@ class SweepConfig:
     seeds: tuple[int, ...] = (0,)
     batch_size: int = 64
     device: str = "auto"
-    workers: int | None = None
+    workers: int | None = None  # CPU workers
+    gpus: int | str | None = None  # GPU workers: a number, or "all" (one per GPU as the cluster grows)
+    placement_timeout: float = 600.0  # seconds a worker may wait for its resources before the sweep stops
     threads: int | None = None
     amp: bool = False
     metrics_port: int | None = None
@@ -423,7 +425,8 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
     save_adversarial = _get(out, "save_adversarial", "output", str, None, fix="a directory for adversarial shards")
 
     run = _get(raw, "run", source, dict, {})
-    allowed_run = {"device", "workers", "threads", "amp", "metrics_port", "metrics_host", "metrics_linger"}
+    allowed_run = {"device", "workers", "gpus", "placement_timeout", "threads", "amp", "metrics_port", "metrics_host",
+                   "metrics_linger"}
     _unknown(run, allowed_run, "run")
     device = _get(run, "device", "run", str, "auto")
     if device not in ("auto", "cpu", "cuda"):
@@ -441,6 +444,8 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
         "output_dir": output_dir,
         "device": device,
         "workers": _get(run, "workers", "run", int, None),
+        "gpus": _get(run, "gpus", "run", (int, str), None, fix="a number of GPUs, or 'all'"),
+        "placement_timeout": _get(run, "placement_timeout", "run", (int, float), 600.0, fix="seconds, e.g. 600"),
         "threads": _get(run, "threads", "run", int, None),
         "amp": _get(run, "amp", "run", bool, False),
         "metrics_port": _get(run, "metrics_port", "run", int, None),
@@ -471,6 +476,14 @@ def _check_run(fields: dict[str, Any]) -> None:
         value = fields[key]
         if value is not None and (not is_int(value) or value < 1):
             raise ConfigError(f"[run] {key} = {value!r}: must be an integer >= 1, or omit it for the default")
+    gpus = fields["gpus"]
+    if gpus is not None and gpus != "all" and (not is_int(gpus) or gpus < 1):
+        raise ConfigError(f"[run] gpus = {gpus!r}: must be an integer >= 1 or 'all' (one worker per GPU)")
+    if gpus is not None and fields["device"] == "cpu":
+        raise ConfigError(f"[run] gpus = {gpus!r} with device = 'cpu': GPU workers need device 'cuda' or 'auto'")
+    timeout = fields["placement_timeout"]
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise ConfigError(f"[run] placement_timeout = {timeout!r}: must be a number of seconds > 0")
     port = fields["metrics_port"]
     if port is not None and (not is_int(port) or not 0 <= port <= 65535):
         raise ConfigError(f"[run] metrics_port = {port!r}: must be in 0..65535 (0 = any free port)")

@@ -316,8 +316,14 @@ class ModelWorker:
         self._metrics = _ActorMetrics()
 
     def ping(self) -> dict:
-        """Where this worker runs (node, pid, device): for logs and tests."""
-        return {"pid": os.getpid(), "device": str(self.device), "model": self._model_key}
+        """Where this worker runs (node, pid, device): for logs and tests; its answer means "placed"."""
+        try:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        except ImportError:  # the worker's code used in-process on a machine without Ray
+            node = None
+        return {"pid": os.getpid(), "node": node, "device": str(self.device), "model": self._model_key}
 
     def preflight(self, models: Sequence[str], weights: str | None, num_classes: int) -> None:
         """Load every model once, on the worker's machine, before the sweep writes anything.

@@ -121,6 +121,7 @@ def run_sweep(
         counts = run_cells(ctx, clean, eval_ids)
         attacks = [run_attack(ctx, clean, attack) for attack in config.attacks]
         telemetry.close_bar()
+        ctx.stats["workers"] = {"used": pool.used, "restarts": pool.restarts}
         pool.shutdown()
         result = _write_results(ctx, clean, eval_ids, counts, attacks, t_start)
         telemetry.close(linger=config.metrics_linger)

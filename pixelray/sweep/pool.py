@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pixelray.errors import SweepError
 from pixelray.telemetry import SweepTelemetry
 from pixelray.worker import ModelWorker, Unit
 
-__all__ = ["MAX_UNIT_FAILURES", "WorkerPool", "cause", "connect", "schedule"]
+__all__ = ["DEVICE_OVERRIDE", "MAX_UNIT_FAILURES", "WorkerPool", "cause", "connect", "schedule"]
 
 #: How many worker deaths one unit may see before the sweep stops.
 MAX_UNIT_FAILURES = 3
@@ -54,40 +55,76 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+#: Environment variable: compute on this device ("cpu") whatever the workers reserve (tests, dry runs
+#: of a GPU cluster's scheduling on logical GPUs).
+DEVICE_OVERRIDE = "PIXELRAY_DEVICE_OVERRIDE"
+
+
 @dataclass
 class _Worker:
     handle: Any
     name: str
+    ping: Any  # its answer means the actor was placed and built
+    spawned: float
+    placed: bool = False
+    node: str | None = None
     model: str | None = None  # the model it holds (or is about to load)
     inflight: dict[Any, Unit] = field(default_factory=dict)  # object ref -> unit
 
 
 class WorkerPool:
-    """ModelWorker actors, each with up to ``depth`` units in flight (the second one prefetches)."""
+    """ModelWorker actors, each with up to ``depth`` units in flight (the second one prefetches).
+
+    GPU workers (``device`` cuda, or auto with GPUs or ``[run] gpus``) reserve one GPU each:
+    ``gpus = N`` keeps N, ``gpus = "all"`` one per GPU the cluster has, growing with it. The
+    autoscaler is asked for what is missing (``request_resources``). CPU workers reserve the
+    cores they compute on (``num_cpus`` = their torch threads). A worker gets units only once
+    placed (its ``ping`` answered); one still unplaced after ``placement_timeout`` seconds stops
+    the sweep with the resources asked for and those the cluster has.
+    """
 
     def __init__(self, config: SweepConfig, telemetry: SweepTelemetry, depth: int = 2):
         import ray
 
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
-        device = config.device if config.device != "auto" else ("cuda" if gpus else "cpu")
-        if device == "cuda" and not gpus:
-            raise SweepError("[run] device = 'cuda' but the Ray cluster has no GPUs; use device = 'auto' or 'cpu'")
-        self.n = config.workers or (gpus if device == "cuda" else 1)
+        device = config.device
+        if device == "auto":
+            device = "cuda" if gpus or config.gpus is not None else "cpu"
+        self.device = device
+        self.gpus = (config.gpus or "all") if device == "cuda" else None
         cpus = int(resources.get("CPU", 1))
-        threads = config.threads or max(1, cpus // self.n)
-        self.options = dict(
-            num_gpus=1 if device == "cuda" else 0,
-            num_cpus=1,
-            max_concurrency=depth,
-            max_restarts=0,  # the driver replaces dead workers and re-queues their units
-            max_task_retries=0,
-        )
-        self.args = dict(device=device, threads=threads, batch_size=config.batch_size, amp=config.amp)
+        if device == "cuda":
+            n = self._gpu_target(gpus)
+            threads = config.threads or max(1, cpus // n)
+            self.options = dict(num_gpus=1, num_cpus=1)
+        else:
+            n = config.workers or 1
+            threads = config.threads or max(1, cpus // n)
+            self.options = dict(num_gpus=0, num_cpus=threads)
+        self.options.update(max_concurrency=depth, max_restarts=0, max_task_retries=0)  # the driver retries
+        compute = os.environ.get(DEVICE_OVERRIDE) or device
+        self.args = dict(device=compute, threads=threads, batch_size=config.batch_size, amp=config.amp)
         self.depth = depth
+        self.timeout = config.placement_timeout
         self.telemetry = telemetry
         self._serial = 0
-        self.workers: list[_Worker] = [self._spawn() for _ in range(self.n)]
+        self.restarts = 0  # workers replaced after dying
+        self.used: dict[str, dict] = {}  # every worker placed, by name: node, device (for stats.json)
+        self.workers: list[_Worker] = []
+        self._grow(n)
+
+    def _gpu_target(self, gpus_now: int) -> int:
+        return self.gpus if isinstance(self.gpus, int) else max(1, gpus_now)
+
+    def _grow(self, n: int) -> None:
+        """Spawn workers up to ``n``; for GPU workers, ask the autoscaler for ``n`` GPUs."""
+        if self.device == "cuda":
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[{"GPU": 1}] * n)
+        while len(self.workers) < n:
+            self.workers.append(self._spawn())
 
     def _spawn(self) -> _Worker:
         import ray
@@ -95,7 +132,54 @@ class WorkerPool:
         self._serial += 1
         name = f"pixelray-worker-{os.getpid()}-{self._serial}"
         handle = ray.remote(ModelWorker).options(name=name, **self.options).remote(**self.args)
-        return _Worker(handle, name)
+        return _Worker(handle, name, handle.ping.remote(), time.monotonic())
+
+    @property
+    def reserves(self) -> dict[str, float]:
+        """What each worker asks the cluster for."""
+        return {k: v for k, v in (("CPU", self.options["num_cpus"]), ("GPU", self.options["num_gpus"])) if v}
+
+    @property
+    def placed(self) -> list[_Worker]:
+        return [w for w in self.workers if w.placed]
+
+    def poll(self) -> None:
+        """Note the workers placed since the last poll, follow the cluster's GPUs, enforce the timeout."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        pending = [w for w in self.workers if not w.placed]
+        if pending:
+            ready, _ = ray.wait([w.ping for w in pending], num_returns=len(pending), timeout=0)
+            done = set(ready)
+            for w in pending:
+                if w.ping not in done:
+                    continue
+                try:
+                    w.node, w.placed = ray.get(w.ping)["node"], True
+                    self.used[w.name] = {"node": w.node, "device": self.args["device"], "reserves": self.reserves}
+                except RayActorError:  # it died being built (its node went away): build another
+                    self.replace(w)
+        if self.gpus == "all":
+            self._grow(self._gpu_target(int(ray.cluster_resources().get("GPU", 0))))
+        late = [w for w in self.workers if not w.placed and time.monotonic() - w.spawned > self.timeout]
+        if late:
+            asked = self.reserves
+            have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+            free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+            what = f"[run] gpus = {self.gpus!r}" if self.device == "cuda" else f"{len(self.workers)} CPU worker(s)"
+            raise SweepError(
+                f"{what}: {len(late)} of {len(self.workers)} workers could not be placed within {self.timeout:g} s "
+                f"(each asks for {asked}; the cluster has {have}, {free} free); add nodes, ask for fewer workers "
+                "or threads, or raise [run] placement_timeout"
+            )
+
+    def wait_placed(self) -> _Worker:
+        """The first placed worker, waiting (and polling) for one."""
+        while not self.placed:
+            self.poll()
+            time.sleep(0.1)
+        return self.placed[0]
 
     def replace(self, worker: _Worker) -> None:
         import ray
@@ -103,15 +187,17 @@ class WorkerPool:
         self.workers.remove(worker)
         ray.kill(worker.handle, no_restart=True)
         self.workers.append(self._spawn())
+        self.restarts += 1
         self.telemetry.worker_replaced()
 
     def call(self, method: str, *args: Any) -> Any:
-        """Call a method on one worker and wait: the unit's own error as SweepError, one line."""
+        """Call a method on one placed worker and wait: the unit's own error as SweepError, one line."""
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
+        worker = self.wait_placed()
         try:
-            return ray.get(getattr(self.workers[0].handle, method).remote(*args))
+            return ray.get(getattr(worker.handle, method).remote(*args))
         except RayTaskError as exc:
             raise SweepError(_one_line(cause(exc))) from None
         except RayActorError as exc:
@@ -123,6 +209,10 @@ class WorkerPool:
         for w in self.workers:
             ray.kill(w.handle, no_restart=True)
         self.workers = []
+        if self.device == "cuda":
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=[])  # let the autoscaler scale down
 
 
 def schedule(
@@ -174,7 +264,8 @@ def schedule(
         return pending[model].popleft()
 
     while True:
-        for worker in list(pool.workers):
+        pool.poll()
+        for worker in pool.placed:  # never a unit for a worker that is not placed
             while len(worker.inflight) < pool.depth:
                 unit = next_unit(worker)
                 if unit is None:
@@ -182,10 +273,11 @@ def schedule(
                 worker.inflight[submit(worker.handle, unit)] = unit
         refs = {ref: w for w in pool.workers for ref in w.inflight}
         if not refs:
-            if any(pending.values()):
-                raise SweepError("no worker could take the remaining units")
-            return
-        ready, _ = ray.wait(list(refs), num_returns=1, timeout=None)
+            if not any(pending.values()):
+                return
+            time.sleep(0.2)  # units left, no worker placed yet: poll() waits for one, or times out
+            continue
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
         for ref in ready:
             worker = refs[ref]
             if ref not in worker.inflight:  # its worker died and was handled earlier in this loop

@@ -1,0 +1,119 @@
+"""Sweeps on a multi-node local Ray cluster (``ray.cluster_utils.Cluster``), one scenario per run.
+
+Run by ``tests/test_cluster.py`` in a fresh interpreter (a test session already holds a local
+Ray), as ``python tests/cluster_scenarios.py SCENARIO DATA OUT MODEL...``; prints one JSON line.
+GPUs are logical (``num_gpus`` of a node); the workers compute on CPU
+(``PIXELRAY_DEVICE_OVERRIDE=cpu``), so the scheduling is the real one without a GPU.
+
+- ``grow``: the cluster starts with no GPU; two 1-GPU nodes join while the sweep waits.
+- ``stuck``: ``gpus = 4`` on two 1-GPU nodes that cannot grow: the sweep must stop in time.
+- ``node-loss``: the node holding the only worker is removed mid-sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["PIXELRAY_DEVICE_OVERRIDE"] = "cpu"
+
+import pandas as pd  # noqa: E402
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from pixelray.config import parse_config  # noqa: E402
+from pixelray.sweep import SweepError, run_sweep  # noqa: E402
+
+FAST_DEATH = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
+
+
+def config(data, models, out, **run):
+    return parse_config({
+        "data": {"path": data},
+        "models": {"names": models, "weights": "none"},
+        "eval": {"filter": "all", "size": 300, "batch_size": 100},
+        "grid": {"counts": [4, 64, 200, 400], "amplitudes": ["full", 60]},
+        "output": {"dir": out},
+        "run": {"threads": 1, **run},
+    })
+
+
+def in_thread(cfg):
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = run_sweep(cfg, progress=False)
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            box["error"] = f"{type(exc).__name__}: {exc}"
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def cells(out) -> list[dict]:
+    df = pd.read_parquet(Path(out) / "cells.parquet").drop(columns=["pixelray_version", "torch_version"])
+    return json.loads(df.to_json(orient="records"))
+
+
+def grow(data, out, models):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    ray.init(address=cluster.address, log_to_driver=False)
+    thread, box = in_thread(config(data, models, out, device="cuda", gpus="all", placement_timeout=120))
+    time.sleep(4)  # the sweep has started and waits for a GPU
+    started_waiting = "result" not in box and "error" not in box
+    gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1).node_id for _ in range(2)]
+    thread.join(600)
+    return {"started_waiting": started_waiting, "gpu_nodes": gpu_nodes, "error": box.get("error"),
+            "stats": box["result"].stats if "result" in box else None}
+
+
+def stuck(data, out, models):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, num_gpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    start = time.monotonic()
+    try:
+        run_sweep(config(data, models, out, device="cuda", gpus=4, placement_timeout=10), progress=False)
+        error = None
+    except SweepError as exc:
+        error = str(exc)
+    return {"error": error, "seconds": time.monotonic() - start}
+
+
+def node_loss(data, out, models):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": FAST_DEATH})
+    nodes = {cluster.add_node(num_cpus=2).node_id: None for _ in range(2)}
+    ray.init(address=cluster.address, log_to_driver=False)
+    reference = run_sweep(config(data, models, out + "-reference", device="cpu", threads=2), progress=False)
+    thread, box = in_thread(config(data, models, out, device="cpu", threads=2))
+    units = Path(out) / "units" / "cells"
+    deadline = time.monotonic() + 300
+    while not list(units.rglob("*.parquet")) and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.05)
+    finished_early = (Path(out) / "cells.parquet").exists()
+    names = [n for n in ray.util.list_named_actors() if n.startswith(f"pixelray-worker-{os.getpid()}")]
+    victim = ray.get(ray.get_actor(names[0]).ping.remote())["node"]
+    node = next(n for n in cluster.list_all_nodes() if n.node_id == victim)
+    cluster.remove_node(node, allow_graceful=False)
+    thread.join(600)
+    result = box.get("result")
+    return {
+        "finished_early": finished_early, "victim_was_a_worker_node": victim in nodes, "error": box.get("error"),
+        "stats": result.stats if result else None,
+        "same_cells": result is not None and cells(out) == cells(reference.out_dir),
+    }
+
+
+if __name__ == "__main__":
+    scenario, data, out, *models = sys.argv[1:]
+    run = {"grow": grow, "stuck": stuck, "node-loss": node_loss}[scenario]
+    print("RESULT " + json.dumps(run(data, out, models), default=str), flush=True)
+    ray.shutdown()

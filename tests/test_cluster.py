@@ -1,0 +1,52 @@
+"""The pool on a real multi-node local Ray cluster: GPUs that appear, GPUs that never do, a node that dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCENARIOS = Path(__file__).with_name("cluster_scenarios.py")
+
+
+def scenario(name, data, models, out) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(SCENARIOS.parents[1]), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, str(SCENARIOS), name, str(data), str(out), *models], env=env,
+                          capture_output=True, text=True, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, (done.stdout[-2000:], done.stderr[-4000:])
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_gpu_workers_follow_the_cluster_as_gpus_appear(synthetic_dataset, tiny_checkpoints, tmp_path):
+    got = scenario("grow", synthetic_dataset, tiny_checkpoints, tmp_path / "out")
+    assert got["error"] is None and got["started_waiting"], got
+    used = got["stats"]["workers"]["used"]
+    assert len(used) == 2, used  # one worker per GPU, as the GPUs appeared
+    assert sorted(w["node"] for w in used.values()) == sorted(got["gpu_nodes"])  # one on each GPU node
+    assert all(w["reserves"] == {"CPU": 1, "GPU": 1} and w["device"] == "cpu" for w in used.values())
+
+
+@pytest.mark.slow
+def test_more_gpus_than_the_cluster_can_give_stop_with_a_clear_message(synthetic_dataset, tiny_checkpoints, tmp_path):
+    got = scenario("stuck", synthetic_dataset, tiny_checkpoints, tmp_path / "out")
+    error = got["error"] or ""
+    assert "[run] gpus = 4: 2 of 4 workers could not be placed within 10 s" in error, got
+    assert "each asks for {'CPU': 1, 'GPU': 1}" in error and "'GPU': 2.0" in error, error
+    assert got["seconds"] < 90  # the timeout, not a hang
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_sweep_changes_nothing(synthetic_dataset, tiny_checkpoints, tmp_path):
+    got = scenario("node-loss", synthetic_dataset, tiny_checkpoints, str(tmp_path / "out"))
+    assert got["error"] is None and not got["finished_early"] and got["victim_was_a_worker_node"], got
+    assert got["same_cells"], got
+    workers = got["stats"]["workers"]
+    assert workers["restarts"] == 1 and len(workers["used"]) == 2, workers
+    assert len({w["node"] for w in workers["used"].values()}) == 2  # the replacement ran on the other node
