@@ -124,18 +124,21 @@ def sweep_cmd(
         result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True), address=address)
     except (ConfigError, SweepError) as exc:
         fail(str(exc))
-    _summary(result.cells_path)
+    _summary(result.out_dir)
 
 
-def _summary(cells_path) -> None:
+def _summary(out_dir) -> None:
     """A compact view of a run: wrong rate per cell and model, corruptions with their equivalent
     pixel counts, and each attack's success rate."""
     from pathlib import Path
 
     import pandas as pd
 
-    df = pd.read_parquet(cells_path)
-    typer.echo(f"results: {cells_path} ({len(df)} rows)")
+    from pixelray.storage import Location
+
+    run = Location(out_dir)
+    df = run.child("cells.parquet").read_table().to_pandas()
+    typer.echo(f"results: {run.child('cells.parquet')} ({len(df)} rows)")
     short = {m: Path(m.split(":", 1)[-1]).name if m.startswith("checkpoint:") else m for m in df.model.unique()}
     df = df.assign(model=df.model.map(short))
     plain = df[df.attack.isna() & (df.family == "pixel_change")].astype({"count": "Int64", "area": "Int64"})
@@ -153,9 +156,9 @@ def _summary(cells_path) -> None:
                                       sort=False)
             typer.echo("\ncorruptions: misclassified (%) and the pixel-change count doing as much damage (pixels):")
             typer.echo(table.to_string())
-        attack_path = Path(cells_path).with_name("attack.parquet")
+        attack_path = run.child("attack.parquet")
         if attack_path.exists():
-            attack = pd.read_parquet(attack_path).assign(model=lambda d: d.model.map(short))
+            attack = attack_path.read_table().to_pandas().assign(model=lambda d: d.model.map(short))
             attack = attack.assign(eps=(attack.eps * 255).round().astype(int))
             typer.echo("\nattack success rate (%), eps in k/255 (restored counts per cell: cells.parquet, n_restored):")
             table = attack.pivot_table(index=["attack", "eps"], columns="model", values="success_rate", sort=False)
@@ -214,7 +217,7 @@ def demo_cmd(
         result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True), address="local")
     except (ConfigError, SweepError) as exc:
         fail(str(exc))
-    _summary(result.cells_path)
+    _summary(result.out_dir)
     typer.echo(f"\nquery it: python -c \"import pandas as pd; print(pd.read_parquet('{result.cells_path}'))\"")
     from pixelray.report import ReportError, write_report
 

@@ -14,6 +14,13 @@ model, shard and its sha256, image ids, cells, judges). :meth:`RunDir.load_unit`
 unit's table only when the file reads whole and its fingerprint matches; anything else
 (a truncated file, another plan's file) is moved aside to ``rejected/`` with a warning
 and the unit counts as not done, so it is recomputed.
+
+**Object stores.** The directory may be a URI (``s3://bucket/run?endpoint_override=...``):
+files go through :class:`pixelray.storage.Location` (atomic there too), and the claim is a
+lease instead of a ``flock``: ``run.lock`` holds the holder and a token, renewed every
+``LEASE_RENEW`` seconds; a lease not renewed for ``LEASE_TTL`` seconds is stale and taken
+over. After writing its lease a run waits ``LEASE_SETTLE`` seconds and reads it back: of two
+runs that start together only the one whose token stayed there goes on.
 """
 
 from __future__ import annotations
@@ -24,22 +31,24 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pixelray.atomic import TMP_GLOB, write_table_atomic, write_text_atomic
 from pixelray.errors import SweepError
+from pixelray.storage import Location
 
-__all__ = ["LOCK_NAME", "RUN_NAME", "RunDir", "fingerprint"]
+__all__ = ["LEASE_TTL", "LOCK_NAME", "RUN_NAME", "RunDir", "fingerprint"]
 
 LOCK_NAME = "run.lock"
 RUN_NAME = "run.json"
 _META_UNIT = b"pixelray.unit"
+LEASE_TTL, LEASE_RENEW, LEASE_SETTLE = 120.0, 30.0, 2.0  # seconds (object stores)
 
 
 def fingerprint(**identity: Any) -> str:
@@ -68,10 +77,21 @@ class RunDir:
     """
 
     def __init__(self, path: str | os.PathLike[str], log: Callable[[str], None] | None = None):
-        self.path = Path(path)
+        self.loc = Location(path)
+        self.path = self.loc.path if not self.loc.remote else None  # the local directory
         self.log = log or (lambda message: None)
         self._fd: int | None = None
+        self._lease: dict[str, Any] | None = None
+        self._renewer: threading.Thread | None = None
+        self._stop = threading.Event()
         self._created: list[Path] = []
+
+    def __str__(self) -> str:
+        return self.loc.uri
+
+    def file(self, *parts: str) -> Location:
+        """A file of the run (e.g. ``file("cells.parquet")``)."""
+        return self.loc.child(*parts)
 
     # ------------------------------------------------------------------ the claim
 
@@ -88,6 +108,9 @@ class RunDir:
 
     def claim(self, config_hash: str) -> None:
         """Create the directory if needed and lock it for this run (see the module docstring)."""
+        if self.loc.remote:
+            self._claim_lease(config_hash)
+            return
         self.check()
         _, missing = _first_existing(self.path.absolute())
         try:
@@ -113,11 +136,7 @@ class RunDir:
                 os.close(fd)
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                raise SweepError(
-                    f"{self.path} is in use by another sweep (config {holder.get('config_hash', '?')}, pid "
-                    f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('started', '?')}); "
-                    "wait for it to finish, or write to another directory (--out)"
-                ) from None
+                raise SweepError(_in_use(self.path, holder)) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(lock).st_ino
             except FileNotFoundError:
@@ -137,8 +156,58 @@ class RunDir:
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self._fd = fd
 
+    def _claim_lease(self, config_hash: str) -> None:
+        lock = self.file(LOCK_NAME)
+        try:
+            holder = _read_json(lock)
+            if holder and _lease_alive(holder):
+                raise SweepError(_in_use(self.loc.uri, holder))
+            if holder:
+                self.log(f"warning: {lock}: taking over a stale lease of a run that is gone (config "
+                         f"{holder.get('config_hash', '?')}, pid {holder.get('pid', '?')} on "
+                         f"{holder.get('host', '?')})")
+            mine = {
+                "config_hash": config_hash, "pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex, "renewed": time.time(),
+            }
+            lock.write_text(json.dumps(mine))
+            time.sleep(LEASE_SETTLE)
+            back = _read_json(lock)
+        except (OSError, pa.ArrowException) as exc:
+            raise SweepError(f"[output] dir = {self.loc.uri!r}: cannot write there ({' '.join(str(exc).split())}); "
+                             "check the bucket, the endpoint and the credentials") from None
+        if back.get("token") != mine["token"]:
+            raise SweepError(_in_use(self.loc.uri, back))
+        self._lease = mine
+        self._stop.clear()
+        self._renewer = threading.Thread(target=self._renew, name="pixelray-lease", daemon=True)
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        lock = self.file(LOCK_NAME)
+        while not self._stop.wait(LEASE_RENEW):
+            try:
+                if _read_json(lock).get("token") != self._lease["token"]:
+                    self.log(f"warning: {lock}: another run took this directory's lease; results may mix")
+                    return
+                lock.write_text(json.dumps({**self._lease, "renewed": time.time()}))
+            except (OSError, pa.ArrowException) as exc:
+                self.log(f"warning: {lock}: cannot renew the lease ({exc})")
+
     def release(self) -> None:
         """Drop the lock and remove the lock file (a no-op when not claimed)."""
+        if self._lease is not None:
+            self._stop.set()
+            if self._renewer is not None:
+                self._renewer.join(5)
+            lock = self.file(LOCK_NAME)
+            try:
+                if _read_json(lock).get("token") == self._lease["token"]:
+                    lock.delete()
+            except (OSError, pa.ArrowException):
+                pass
+            self._lease = None
+            return
         if self._fd is None:
             return
         (self.path / LOCK_NAME).unlink(missing_ok=True)  # while still holding it: see claim()
@@ -162,68 +231,103 @@ class RunDir:
 
     def refuse_another_config(self, config_hash: str) -> None:
         """Refuse a directory that holds another config's run."""
-        run_file = self.path / RUN_NAME
+        run_file = self.file(RUN_NAME)
         if not run_file.exists():
             return
         try:
-            previous = json.loads(run_file.read_text()).get("config_hash")
+            previous = json.loads(run_file.read_bytes()).get("config_hash")
         except (OSError, ValueError, AttributeError):
             previous = "unreadable"
         if previous != config_hash:
             raise SweepError(
-                f"{self.path} holds a run of another config (hash {previous} != {config_hash}); "
+                f"{self.loc.uri} holds a run of another config (hash {previous} != {config_hash}); "
                 "use another output directory (--out) or delete this one"
             )
 
     def start(self, meta: dict[str, Any]) -> None:
         """Write ``run.json`` (once) and remove temp files of a killed run (never read, only in the way)."""
-        for stale in self.path.rglob(TMP_GLOB):
-            if stale.is_file():
-                stale.unlink()
-        run_file = self.path / RUN_NAME
+        self.loc.remove_temps()
+        run_file = self.file(RUN_NAME)
         if not run_file.exists():
-            write_text_atomic(json.dumps(meta, indent=2, default=str) + "\n", run_file)
+            run_file.write_text(json.dumps(meta, indent=2, default=str) + "\n")
         self._created = []  # the directory now holds a run: never removed by abandon()
 
     # ------------------------------------------------------------------ unit files
 
+    def unit_file(self, key: str) -> Location:
+        return self.file("units", f"{key}.parquet")
+
     def unit_path(self, key: str) -> Path:
+        """The local path of a unit file (local directories only; see :meth:`unit_file`)."""
         return self.path / "units" / f"{key}.parquet"
 
     def write_unit(self, key: str, table: pa.Table, print_: str) -> None:
         """Write a finished unit's table with its fingerprint, atomically."""
         meta = dict(table.schema.metadata or {})
         meta[_META_UNIT] = json.dumps({"unit": key, "fingerprint": print_}).encode()
-        write_table_atomic(table.replace_schema_metadata(meta), self.unit_path(key))
+        self.unit_file(key).write_table(table.replace_schema_metadata(meta))
 
     def load_unit(self, key: str, print_: str) -> pa.Table | None:
         """The unit's table if its file is whole and was computed for ``print_``; else None (to recompute).
 
         A file that fails either test is moved to ``rejected/`` with a warning.
         """
-        path = self.unit_path(key)
-        if not path.exists():
+        loc = self.unit_file(key)
+        if not loc.exists():
             return None
         try:
-            table = pq.read_table(path)
+            table = loc.read_table()
         except (OSError, pa.ArrowException) as exc:
-            self._reject(path, key, f"unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+            self._reject(loc, key, f"unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
             return None
         try:
             stamp = json.loads((table.schema.metadata or {}).get(_META_UNIT, b"{}"))
         except ValueError:
             stamp = {}
         if stamp.get("fingerprint") != print_ or stamp.get("unit") != key:
-            self._reject(path, key, "written for another plan (config, data, images or cells)")
+            self._reject(loc, key, "written for another plan (config, data, images or cells)")
             return None
         meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != _META_UNIT}
         return table.replace_schema_metadata(meta or None)
 
-    def _reject(self, path: Path, key: str, why: str) -> None:
-        dest = self.path / "rejected" / f"{key}.{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.parquet"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, dest)
-        self.log(f"warning: {path}: {why}; moved to {dest}, recomputing the unit")
+    def _reject(self, loc: Location, key: str, why: str) -> None:
+        dest = self.file("rejected", f"{key}.{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.parquet")
+        loc.move_to(dest)
+        self.log(f"warning: {loc}: {why}; moved to {dest}, recomputing the unit")
+
+
+def _in_use(where: Any, holder: dict[str, Any]) -> str:
+    return (f"{where} is in use by another sweep (config {holder.get('config_hash', '?')}, pid "
+            f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('started', '?')}); "
+            "wait for it to finish, or write to another directory (--out)")
+
+
+def _lease_alive(holder: dict[str, Any]) -> bool:
+    """A lease renewed within LEASE_TTL whose holder, when on this host, is still running."""
+    try:
+        fresh = time.time() - float(holder.get("renewed", 0)) < LEASE_TTL
+    except (TypeError, ValueError):
+        return False
+    if not fresh or holder.get("host") != socket.gethostname():
+        return fresh
+    try:
+        os.kill(int(holder.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return False  # its process is gone: the lease is stale however fresh
+    except (PermissionError, ValueError, TypeError):
+        return True
+    return True
+
+
+def _read_json(loc: Location) -> dict[str, Any]:
+    """A small JSON object file, {} when absent or unreadable as one."""
+    try:
+        body = json.loads(loc.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        return {"config_hash": "unreadable"}
+    return body if isinstance(body, dict) else {}
 
 
 def _read_holder(fd: int) -> dict[str, Any]:

@@ -42,6 +42,7 @@ import torch
 
 from pixelray.atomic import TMP_GLOB, write_bytes_atomic
 from pixelray.check import check_int, is_int
+from pixelray.storage import join_uri
 
 __all__ = [
     "FORMAT",
@@ -288,10 +289,7 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _join(root: str, name: str) -> str:
-    root = os.fspath(root)
-    if "://" in root:
-        return root.rstrip("/") + "/" + name
-    return os.path.join(root, name)
+    return join_uri(root, name)  # a URI keeps its query (endpoint_override=...)
 
 
 def load_manifest(root: str) -> Manifest:

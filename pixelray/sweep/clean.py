@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pixelray.atomic import write_text_atomic
 from pixelray.config import Filter
 from pixelray.sweep.context import RunContext
 from pixelray.worker import Phase, Unit, model_slug
@@ -87,9 +86,9 @@ def select_eval_set(
 
 def write_eval_ids(ctx: RunContext, eval_ids: dict[str, np.ndarray]) -> None:
     """``image_ids.txt`` (or ``image_ids/<model>.txt`` with the per-model filter): the evaluated images."""
-    out = ctx.run_dir.path
+    run_dir = ctx.run_dir
     if ctx.config.filter is Filter.PER_MODEL:
         for m, ids in eval_ids.items():
-            write_text_atomic("".join(f"{i}\n" for i in ids), out / "image_ids" / f"{model_slug(m)}.txt")
+            run_dir.file("image_ids", f"{model_slug(m)}.txt").write_text("".join(f"{i}\n" for i in ids))
     else:
-        write_text_atomic("".join(f"{i}\n" for i in eval_ids[ctx.config.models[0]]), out / "image_ids.txt")
+        run_dir.file("image_ids.txt").write_text("".join(f"{i}\n" for i in eval_ids[ctx.config.models[0]]))

@@ -25,7 +25,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from pixelray.atomic import write_table_atomic, write_text_atomic
 from pixelray.config import SweepConfig
 from pixelray.errors import SweepError
 from pixelray.metrics import aggregate
@@ -54,12 +53,14 @@ __all__ = ["SweepResult", "run_sweep"]
 
 @dataclass
 class SweepResult:
-    out_dir: Path
-    cells_path: Path
-    clean_path: Path
+    """Where the results went: local Paths, or URIs (str) in an object store."""
+
+    out_dir: Path | str
+    cells_path: Path | str
+    clean_path: Path | str
     stats: dict[str, Any] = field(default_factory=dict)
-    attack_path: Path | None = None  # with an [attack] section
-    transfer_path: Path | None = None
+    attack_path: Path | str | None = None  # with an [attack] section
+    transfer_path: Path | str | None = None
 
 
 def _check_data(config: SweepConfig) -> tuple[Manifest, list[str]]:
@@ -140,9 +141,9 @@ def run_sweep(
 
 def _write_results(ctx: RunContext, clean, eval_ids, counts: pa.Table | None, attacks: list, t_start: float
                    ) -> SweepResult:
-    config, out, size = ctx.config, ctx.run_dir.path, ctx.size
-    clean_path = out / "clean.parquet"
-    write_table_atomic(clean.table(), clean_path)
+    config, run_dir, size = ctx.config, ctx.run_dir, ctx.size
+    clean_path = run_dir.file("clean.parquet")
+    clean_path.write_table(clean.table())
     common = common_columns(config, ctx.manifest.name)
     rows = cell_rows(config, ctx.cell_pairs, counts, size, common)
     attack_path = transfer_path = None
@@ -154,13 +155,13 @@ def _write_results(ctx: RunContext, clean, eval_ids, counts: pa.Table | None, at
             if config.save_adversarial:
                 write_adversarial_manifests(config, ctx.manifest, done)
         rows += tables["cells"]
-        attack_path, transfer_path = out / "attack.parquet", out / "transfer.parquet"
-        write_table_atomic(pa.Table.from_pylist(tables["attack"], schema=ATTACK_SCHEMA), attack_path)
-        write_table_atomic(pa.Table.from_pylist(tables["transfer"], schema=TRANSFER_SCHEMA), transfer_path)
-        write_table_atomic(pa.Table.from_pylist(tables["ids"], schema=IDS_SCHEMA), out / "attack_ids.parquet")
-    cells_path = out / "cells.parquet"
+        attack_path, transfer_path = run_dir.file("attack.parquet"), run_dir.file("transfer.parquet")
+        attack_path.write_table(pa.Table.from_pylist(tables["attack"], schema=ATTACK_SCHEMA))
+        transfer_path.write_table(pa.Table.from_pylist(tables["transfer"], schema=TRANSFER_SCHEMA))
+        run_dir.file("attack_ids.parquet").write_table(pa.Table.from_pylist(tables["ids"], schema=IDS_SCHEMA))
+    cells_path = run_dir.file("cells.parquet")
     rows = add_equivalent_pixels(aggregate(rows, size), size)
-    write_table_atomic(pa.Table.from_pylist(rows, schema=CELLS_SCHEMA), cells_path)
+    cells_path.write_table(pa.Table.from_pylist(rows, schema=CELLS_SCHEMA))
     stats: dict[str, Any] = dict(ctx.stats)
     stats.update({
         "shards": len(ctx.uris), "models": len(config.models), "cells": len(ctx.cells),
@@ -169,5 +170,11 @@ def _write_results(ctx: RunContext, clean, eval_ids, counts: pa.Table | None, at
     })
     if attacks:
         stats["attack_units"] = {done.attack.name: done.stats() for done in attacks}
-    write_text_atomic(json.dumps(stats, indent=2) + "\n", out / "stats.json")
-    return SweepResult(out, cells_path, clean_path, stats, attack_path, transfer_path)
+    run_dir.file("stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return SweepResult(_place(run_dir.loc), _place(cells_path), _place(clean_path), stats,
+                       attack_path and _place(attack_path), transfer_path and _place(transfer_path))
+
+
+def _place(loc):
+    """A local result as a Path, one in an object store as its URI."""
+    return loc.path if loc.path is not None else loc.uri
