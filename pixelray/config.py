@@ -462,9 +462,6 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
     if fields["save_adversarial"] and not fields["attacks"]:
         raise ConfigError(f"{source}: save_adversarial = {fields['save_adversarial']!r} but there is no [attack] "
                           "section; add [attack] kind = 'fgsm' or drop the option")
-    if fields["save_adversarial"] and "://" in fields["save_adversarial"]:
-        raise ConfigError(f"{source}: save_adversarial = {fields['save_adversarial']!r} is a URI; give a directory "
-                          "every worker can write (a shared file system), then copy it, e.g. with `aws s3 sync`")
     if not fields["output_dir"]:
         raise ConfigError(f"{source}: no output directory; add [output] dir = 'results/NAME' or pass --out DIR")
     return SweepConfig(**fields)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -269,27 +268,23 @@ def save_examples(
 ) -> dict:
     """Write uint8 NHWC examples as one pixelray shard ``ROOT/<model>/eps<k>/<shard stem>.parquet``, atomically.
 
-    Returns the shard's manifest entry (file relative to ``ROOT/<model>/eps<k>``, rows,
-    sha256, id range); the driver writes the manifest over all of them at the end.
+    ``ROOT`` is a local directory or any pyarrow filesystem URI (``s3://...``). Returns the
+    shard's manifest entry (file relative to ``ROOT/<model>/eps<k>``, rows, sha256, id range);
+    the driver writes the manifest over all of them at the end.
     """
     from pixelray.shards import ShardWriter
+    from pixelray.storage import Location, join_uri
 
-    folder = os.path.join(root, model_slug(model), f"eps{k}")
-    os.makedirs(folder, exist_ok=True)
     name = shard_name.rsplit(".", 1)[0] + ".parquet"
-    for stale in Path(folder).glob(f".{name}.*"):  # left by a killed attempt at this unit
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=folder)
-    try:
+    with tempfile.TemporaryDirectory(prefix="pixelray-adv-") as tmp:
         with ShardWriter(
             os.path.join(tmp, "set"), name="adversarial", height=images.shape[1], width=images.shape[2],
             class_names=[str(i) for i in range(num_classes)], source=source, rows_per_shard=max(1, len(ids)),
         ) as writer:
             writer.add(ids.cpu().numpy(), labels.cpu().numpy(), images.cpu().numpy(), [""] * len(ids))
         info = writer.close().shards[0]
-        os.replace(os.path.join(tmp, "set", info.file), os.path.join(folder, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        data = Path(tmp, "set", info.file).read_bytes()
+    Location(join_uri(root, model_slug(model), f"eps{k}", name)).write_bytes(data)
     return {"file": name, "rows": info.rows, "sha256": info.sha256, "min_id": info.min_id, "max_id": info.max_id}
 
 

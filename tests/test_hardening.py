@@ -357,6 +357,27 @@ def test_output_and_run_problems_are_refused_before_ray_starts(synthetic_dataset
 # ---------------------------------------------------------------------------- 7. metrics a dashboard can trust
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on ``port``, from /proc/net/tcp and tcp6."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            if len(address) == 8:
+                found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+            else:
+                found.add(socket.inet_ntop(socket.AF_INET6, b"".join(
+                    bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, 32, 8))))
+    return found
+
+
 def _scrape(port):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # loopback only
         text = response.read().decode()
@@ -386,10 +407,16 @@ def test_worker_deaths_are_counted_and_the_final_state_is_scrapeable(
     assert wait_for(lambda: len(unit_files(out)) >= 1), (box, messages)
     assert not (out / "cells.parquet").exists(), "the sweep finished before the kill; make it longer"
     port = int(next(m for m in messages if m.startswith("metrics: ")).rsplit(":", 1)[1].split("/")[0])
+    assert _listening_addresses(port) == {"127.0.0.1"}  # loopback only, read from the kernel's socket table
+    first = _scrape(port)
     workers = [n for n in ray.util.list_named_actors() if n.startswith(f"pixelray-worker-{os.getpid()}")]
     os.kill(ray.get(ray.get_actor(workers[0]).ping.remote())["pid"], signal.SIGKILL)
     assert wait_for(lambda: (out / "stats.json").exists(), timeout=300), (box, messages)
     final = _scrape(port)  # lingering: the endpoint outlives the final tables
+    done = ("pixelray_units_done_total", (("phase", "cells"),))
+    assert final[done] > first.get(done, 0)  # the counters moved during the run
+    images = sum(v for (name, _), v in final.items() if name == "pixelray_images_evaluated_total")
+    assert images > sum(v for (name, _), v in first.items() if name == "pixelray_images_evaluated_total")
     assert final[("pixelray_units_failed_total", ())] >= 1
     assert final[("pixelray_worker_restarts_total", ())] >= 1
     for phase in ("clean", "cells"):

@@ -29,7 +29,9 @@ from helpers import wait_for
 
 from pixelray.atomic import TMP_GLOB
 from pixelray.config import parse_config
+from pixelray.shards import check_dataset, load_manifest
 from pixelray.sweep import run_sweep
+from pixelray.worker import model_slug
 
 ENV = {"AWS_ACCESS_KEY_ID": "pixelray-test", "AWS_SECRET_ACCESS_KEY": "pixelray-test",
        "AWS_EC2_METADATA_DISABLED": "true", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -67,36 +69,38 @@ def upload(fs, local: str, bucket_path: str) -> None:
 
 
 class Reader(threading.Thread):
-    """Reads every final object under a prefix again and again; records any that does not parse whole."""
+    """Reads every final object under a prefix again and again, each in one GET (boto3, as any S3 client
+    would), and records any that does not parse whole."""
 
-    def __init__(self, fs, prefix):
+    def __init__(self, endpoint, bucket, prefix):
+        import boto3
+
         super().__init__(daemon=True)
-        self.fs, self.prefix, self.bad, self.seen = fs, prefix, [], set()
+        self.client = boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1",
+                                   aws_access_key_id=ENV["AWS_ACCESS_KEY_ID"],
+                                   aws_secret_access_key=ENV["AWS_SECRET_ACCESS_KEY"])
+        self.bucket, self.prefix, self.bad, self.seen = bucket, prefix, [], set()
         self.stop = threading.Event()
 
     def run(self):
         while not self.stop.is_set():
-            try:
-                infos = self.fs.get_file_info(pafs.FileSelector(self.prefix, recursive=True, allow_not_found=True))
-            except OSError:
-                continue
-            for info in infos:
-                name = posixpath.basename(info.path)
-                if info.type != pafs.FileType.File or fnmatch.fnmatch(name, TMP_GLOB):
+            listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix).get("Contents", [])
+            for item in listing:
+                key, name = item["Key"], posixpath.basename(item["Key"])
+                if fnmatch.fnmatch(name, TMP_GLOB):
                     continue  # temporary keys are never read: the final key appears by a server-side copy
                 try:
-                    with self.fs.open_input_file(info.path) as f:
-                        data = f.read()
-                except FileNotFoundError:
+                    data = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+                except self.client.exceptions.NoSuchKey:
                     continue  # moved aside or released meanwhile
-                self.seen.add(info.path)
+                self.seen.add(key)
                 try:
                     if name.endswith(".parquet"):
                         pq.read_table(pa.BufferReader(data))
                     elif name.endswith((".json", ".lock")):
                         json.loads(data)
                 except (pa.ArrowException, ValueError) as exc:
-                    self.bad.append((info.path, len(data), str(exc)[:100]))
+                    self.bad.append((key, len(data), str(exc)[:100]))
 
 
 @pytest.mark.slow
@@ -110,7 +114,8 @@ def test_a_sweep_from_and_to_s3_survives_a_killed_driver(s3_server, synthetic_da
         "models": {"names": list(tiny_checkpoints), "weights": "none"},
         "eval": {"filter": "all", "batch_size": 64, "size": 300},
         "grid": GRID,
-        "output": {"dir": out},
+        "attack": {"kind": "fgsm", "eps": [16], "size": 20},
+        "output": {"dir": out, "save_adversarial": uri(s3_server, "pxr-results/adv")},
         "run": {"threads": 1},
     }
     config = tmp_path / "s3.toml"
@@ -118,7 +123,7 @@ def test_a_sweep_from_and_to_s3_survives_a_killed_driver(s3_server, synthetic_da
     env = {**os.environ, **ENV}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "pixelray", "sweep", str(config), "--no-progress"]
-    reader = Reader(fs, "pxr-results/run")
+    reader = Reader(s3_server, "pxr-results", "run/")
     reader.start()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -144,12 +149,15 @@ def test_a_sweep_from_and_to_s3_survives_a_killed_driver(s3_server, synthetic_da
     assert len(reader.seen) > killed_at
     assert fs.get_file_info("pxr-results/run/run.lock").type == pafs.FileType.NotFound  # released
 
+    adv = [uri(s3_server, f"pxr-results/adv/fgsm/{model_slug(m)}/eps16") for m in tiny_checkpoints]
+    for dataset in adv:  # the saved examples: a pixelray data set in the bucket, sound
+        assert check_dataset(dataset) == [] and load_manifest(dataset).num_images > 0, dataset
     local_raw = {**raw, "data": {"path": synthetic_dataset}, "output": {"dir": str(tmp_path / "local")}}
     local = run_sweep(parse_config(local_raw), progress=False)
     stats = json.loads(fs.open_input_stream("pxr-results/run/stats.json").read())
     assert stats["units_run"]["cells"] == local.stats["units_run"]["cells"] - killed_at  # only the missing ones
     versions = ["pixelray_version", "torch_version", "config_hash"]  # the data path differs: so does the hash
-    for name in ("cells", "clean"):
+    for name in ("cells", "clean", "attack", "transfer"):
         remote = pq.read_table(uri(s3_server, f"pxr-results/run/{name}.parquet")).to_pandas()
         mine = pd.read_parquet(Path(local.out_dir) / f"{name}.parquet")
         pd.testing.assert_frame_equal(remote.drop(columns=versions, errors="ignore"),

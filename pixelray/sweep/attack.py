@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from pixelray.config import AttackConfig, Keep
 from pixelray.spec import Cell
+from pixelray.storage import is_remote, join_uri
 from pixelray.sweep.clean import CleanPass, select_eval_set
 from pixelray.sweep.context import RunContext
 from pixelray.worker import AttackPlan, Phase, Unit
@@ -115,7 +116,9 @@ def run_attack(ctx: RunContext, clean: CleanPass, attack: AttackConfig) -> Attac
             units.append(ctx.unit(Phase.ATTACK, unit.model, unit.shard, info_of[unit.shard_name], wanted, name))
     units.sort(key=lambda u: u.image_ids[0])  # lowest ids first: later units may prove unneeded
     # DIR/<attack>/<model>/eps<k>; absolute, as the workers' cwd differs
-    save_dir = os.path.join(os.path.abspath(config.save_adversarial), name) if config.save_adversarial else None
+    save_dir, where = None, config.save_adversarial
+    if where:
+        save_dir = join_uri(where if is_remote(where) else os.path.abspath(where), name)
     plan = AttackPlan(attack.eps, keep_all, tuple(config.models), save_dir, attack.kind, attack.params)
     kept = _KeptSoFar(attack.eps, attack.size, keep_all)
     cells = ctx.cells

@@ -34,16 +34,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from pixelray.atomic import write_text_atomic
 from pixelray.config import Keep, SweepConfig
 from pixelray.errors import SweepError
 from pixelray.metrics import wilson_interval
 from pixelray.shards import MANIFEST_NAME, Manifest, ShardInfo
+from pixelray.storage import Location, join_uri
 from pixelray.sweep.attack import META_SAVED, AttackPass, select_kept
 from pixelray.sweep.results import cell_columns, experiments_of
 from pixelray.worker import model_slug
@@ -141,7 +140,6 @@ def attack_results(config: SweepConfig, cell_pairs, done: AttackPass, size, comm
 def write_adversarial_manifests(config: SweepConfig, manifest: Manifest, done: AttackPass) -> None:
     """One pixelray data set per (attack, model, eps) under ``save_adversarial``: the saved shards + manifest.json."""
     name = done.attack.name
-    root = Path(config.save_adversarial) / name
     for model in config.models:
         saved: list[list[dict]] = [[] for _ in done.attack.eps]
         for unit in done.units:
@@ -161,4 +159,5 @@ def write_adversarial_manifests(config: SweepConfig, manifest: Manifest, done: A
                 num_classes=manifest.num_classes, class_names=manifest.class_names, class_ids=manifest.class_ids,
                 shards=shards, source=name,
             )
-            write_text_atomic(adv.to_json(), root / model_slug(model) / f"eps{k}" / MANIFEST_NAME)
+            Location(join_uri(config.save_adversarial, name, model_slug(model), f"eps{k}", MANIFEST_NAME)).write_text(
+                adv.to_json())
