@@ -292,12 +292,13 @@ class ModelWorker:
 
     def preflight(self, models: Sequence[str], weights: str | None) -> None:
         """Fail fast, on the worker's machine, when a model's weights or checkpoint file is missing."""
-        from pixelray.models import require_weights
+        from pixelray.models import checkpoint_file, require_weights
 
         require_weights(list(models), weights or "none")
         for spec in models:
-            if spec.startswith("checkpoint:") and not Path(spec.split(":", 1)[1]).is_file():
-                raise FileNotFoundError(f"model {spec!r}: no such checkpoint file; check the path in [models] names")
+            if spec.startswith("checkpoint:") and not checkpoint_file(spec.split(":", 1)[1]).is_file():
+                raise FileNotFoundError(f"model {spec!r}: no such checkpoint file or run directory; check the path "
+                                        "in [models] names")
 
     def _ensure_model(self, model: str, weights: str | None, num_classes: int, hold: int = 1) -> torch.nn.Module:
         """The model on this worker's device, loaded once; at most ``hold`` models stay loaded (LRU)."""
