@@ -91,7 +91,7 @@ class TrainResult:
     epochs_path: Path
     skipped: bool = False  # it was already done
     resumed_from: int = 0  # the last epoch an earlier invocation had finished (0: none)
-    timing: dict[str, float] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)  # connect_s, fit_started (unix time), fit_s
 
 
 def _arch(run: FineTune) -> str:
@@ -341,7 +341,8 @@ def _run_one(prepared: Prepared, say, progress: bool, hooks: TrainHooks | None) 
         lock.release()
     earlier = [row["epoch"] for row in history if row["finished"] < t0]
     say(f"{prepared.name}: done -> {out} (model.pt, pixelray.json, epochs.parquet)")
-    return TrainResult(out, model_path, epochs_path, resumed_from=max(earlier, default=0), timing={"fit_s": fit_s})
+    return TrainResult(out, model_path, epochs_path, resumed_from=max(earlier, default=0),
+                       timing={"fit_started": t0, "fit_s": fit_s})
 
 
 class _nothing:
