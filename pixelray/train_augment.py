@@ -200,6 +200,7 @@ class _Progress:
         self.probe = f"n{change.count}" if change is not None else None
         self.say, self.interval = say, interval
         self.printed: set[int] = set()
+        self.poll(quiet=True)  # epochs an earlier invocation finished are not news
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="pixelray-train-progress", daemon=True)
 
@@ -216,7 +217,7 @@ class _Progress:
         while not self._stop.wait(self.interval):
             self.poll()
 
-    def poll(self) -> None:
+    def poll(self, quiet: bool = False) -> None:
         for folder in sorted(self.folder.glob("epoch-*"), reverse=True)[:1]:
             try:
                 rows = json.loads((folder / CHECKPOINT_HISTORY).read_text())["epochs"]
@@ -225,7 +226,8 @@ class _Progress:
             for row in rows:
                 if row["epoch"] not in self.printed:
                     self.printed.add(row["epoch"])
-                    self.say(self.line(row))
+                    if not quiet:
+                        self.say(self.line(row))
 
     def line(self, row: dict[str, Any]) -> str:
         aug = row.get("augmented_accuracy")

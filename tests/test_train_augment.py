@@ -197,10 +197,12 @@ def test_two_workers_train_with_ddp_on_disjoint_images(ray_local, synthetic_data
                                                        tiny_checkpoints, tmp_path):
     trace = tmp_path / "trace"
     trace.mkdir()
-    cfg = parse_train_config(_raw(tiny_checkpoints[0], synthetic_dataset, heldout_dataset, tmp_path / "ddp",
-                                  epochs=2, workers=2, cpus_per_worker=1))
-    (result,) = run_train_augment(cfg, progress=False, hooks=TrainHooks(trace=str(trace)))
-    everything = set(_all(synthetic_dataset)[0].tolist())  # read here: 600 ids
+    raw = _raw(tiny_checkpoints[0], synthetic_dataset, heldout_dataset, tmp_path / "ddp", epochs=2, workers=2,
+               cpus_per_worker=1)
+    raw["model"]["head"] = "replace"  # and a new last layer, under DDP
+    (result,) = run_train_augment(parse_train_config(raw), progress=False, hooks=TrainHooks(trace=str(trace)))
+    ids, labels, _ = _all(synthetic_dataset)
+    everything = set(ids.tolist())  # read here: 600 ids
     for epoch in (1, 2):
         seen = [(trace / f"epoch{epoch}-rank{r}.txt").read_text().split() for r in (0, 1)]
         assert [len(s) for s in seen] == [300, 300]
@@ -210,6 +212,9 @@ def test_two_workers_train_with_ddp_on_disjoint_images(ray_local, synthetic_data
     epochs = pd.read_parquet(result.epochs_path)
     assert (epochs.workers == 2).all() and (epochs.n_train == 600).all() and (epochs.n_heldout == 300).all()
     assert epochs.heldout_accuracy.iloc[-1] > 0.5
+    side = json.loads((result.run_dir / "pixelray.json").read_text())
+    assert side["label_map"] == {"labels": sorted(set(labels.tolist())), "num_classes": 10}
+    assert type(load_model(f"checkpoint:{result.run_dir}").net).__name__ == "LabelMap"
 
 
 @pytest.mark.slow
@@ -355,3 +360,24 @@ def test_the_console_script_prints_one_line_and_no_traceback(tmp_path):
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: [data] path")
     assert "Traceback" not in done.stderr and done.stdout == ""
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- heads
+
+
+@pytest.mark.parametrize("arch", ["tiny", "resnet18", "squeezenet1_1"])
+def test_a_replaced_head_is_new_and_everything_else_is_the_models_own(arch, tmp_path):
+    from pixelray.models import LabelMap
+    from pixelray.train_loop import replace_head
+
+    model = load_model(arch, None, num_classes=10 if arch == "tiny" else None, init_seed=1)  # stands in for weights
+    new = replace_head(model, arch, [1, 3, 5], 10, seed=0)
+    assert isinstance(new.net, LabelMap) and new.net.labels == (1, 3, 5) and new.num_classes == 10
+    old, fresh = model.net.state_dict(), new.net.net.state_dict()
+    changed = sorted(k for k in old if old[k].shape != fresh[k].shape or not torch.equal(old[k], fresh[k]))
+    head = {"tiny": "classifier", "resnet18": "fc", "squeezenet1_1": "classifier.1"}[arch]
+    assert changed == [f"{head}.bias", f"{head}.weight"]  # only the last layer differs
+    assert fresh[f"{head}.weight"].shape[0] == 3
+    x = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        assert set(new(x).argmax(1).tolist()) <= {1, 3, 5}
