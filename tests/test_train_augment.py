@@ -245,7 +245,7 @@ def test_killing_the_driver_then_rerunning_resumes_from_the_last_checkpoint(ray_
     assert not (out / "epochs.parquet").exists(), "the run finished before the kill; make it longer"
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming" in done.stderr
+    assert "resuming" in done.stderr and "run epoch 12/12: loss" in done.stderr  # a progress line per epoch
     epochs = pd.read_parquet(out / "epochs.parquet")
     assert epochs.epoch.tolist() == list(range(1, 13))  # every epoch once
     before = epochs[epochs.finished < t_kill].epoch.tolist()
