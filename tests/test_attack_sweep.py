@@ -102,7 +102,9 @@ def _tiny(spec):
 def test_attack_outcomes_do_not_depend_on_batch_size(synthetic_dataset, tiny_checkpoints):
     model, judge = (_tiny(m) for m in tiny_checkpoints)
     batch = read_shard(shard_uris(synthetic_dataset)[0])
-    cells = [Cell(PixelChange(4)), Cell(PixelChange(32, 60))]
+    # the 384-pixel cell restores some examples whatever the machine: with 4 and 32 pixels alone, whether
+    # any of ~80 is restored depends on torch's thread count (none with 2 threads on a 2-core machine)
+    cells = [Cell(PixelChange(4)), Cell(PixelChange(32, 60)), Cell(PixelChange(384))]
     runs = [
         attack_outcomes(model, batch.images, batch.labels, batch.image_ids, [4, 32], cells, [None, judge], bs)
         for bs in (100, 64, 7)
