@@ -23,6 +23,7 @@ A sweep names the result as ``checkpoint:RUN_DIR`` (or ``checkpoint:RUN_DIR/mode
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -107,6 +108,20 @@ def _arch(run: FineTune) -> str:
     return base
 
 
+def _local(path: str | None) -> str | None:
+    """A local path made absolute (URIs as they are): Ray Train runs its workers in a directory of their own."""
+    return path if path is None or "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def _for_workers(run: FineTune) -> FineTune:
+    """The fine-tune with every local path absolute, for the workers (the identity keeps what the user wrote)."""
+    model = run.model
+    if model.startswith("checkpoint:"):
+        model = "checkpoint:" + _local(model.split(":", 1)[1])
+    return dataclasses.replace(run, model=model, data=_local(run.data), eval_data=_local(run.eval_data),
+                               output_dir=_local(run.output_dir))
+
+
 def _run_dir_state(run: FineTune) -> str:
     """'new', 'resume' or 'done'; TrainError when the directory holds something else."""
     out = Path(run.output_dir)
@@ -140,7 +155,7 @@ def prepare_run(run: FineTune) -> Prepared:
     """
     state = _run_dir_state(run)
     try:
-        plan = plan_data(run.data, run.eval_data, images=run.images, eval_images=run.eval_images,
+        plan = plan_data(_local(run.data), _local(run.eval_data), images=run.images, eval_images=run.eval_images,
                          holdout=run.holdout, split_seed=run.split_seed, workers=run.workers)
     except ValueError as exc:
         raise TrainError(f"[data] path = {run.data!r}: {exc}") from None
@@ -254,7 +269,8 @@ def _fit(prepared: Prepared, hooks: TrainHooks | None):
     from ray.train.torch import TorchTrainer
 
     run = prepared.run
-    loop = LoopConfig(run=run, plan=prepared.plan, arch=prepared.shape.arch, name=prepared.name, hooks=hooks)
+    loop = LoopConfig(run=_for_workers(run), plan=prepared.plan, arch=prepared.shape.arch, name=prepared.name,
+                      hooks=hooks)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop},

