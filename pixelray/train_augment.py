@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import threading
 import time
@@ -313,6 +314,7 @@ def _finish(prepared: Prepared, checkpoint, versions: dict[str, str]) -> tuple[P
     model.load_state_dict(state["model"])
     final = {k: history[-1][k] for k in ("loss", "train_accuracy", "augmented_accuracy", "heldout_accuracy",
                                           "heldout_wrong_rate", "n_train", "n_heldout")}
+    final = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in final.items()}  # JSON
     metadata = {
         "train_augment": {"config_hash": run.config_hash, "config": run.identity()},
         "augment": run.augment.identity(), "aug": run.augment.label, "head": run.head.value,
