@@ -172,7 +172,18 @@ def prepare_run(run: FineTune) -> Prepared:
     except (ValueError, RuntimeError) as exc:  # RuntimeError: WeightsMissingError
         raise TrainError(f"[model] name = {run.model!r}: {exc}") from None
     shape = shape_of(model, arch)
+    if state != "new":
+        _check_same_data(Path(run.output_dir), plan)
     return Prepared(run, plan, shape, Path(run.output_dir).name or "run", state)
+
+
+def _check_same_data(out: Path, plan: DataPlan) -> None:
+    """Refuse to resume over data that changed since the run began (same paths, other manifests)."""
+    meta = json.loads((out / _RUN_FILE).read_text())
+    for key in ("data_manifest_sha256", "eval_manifest_sha256"):
+        if meta.get(key) not in (None, getattr(plan, key.removeprefix("data_"))):
+            raise TrainError(f"[data] {out} was trained on other data ({key} {meta[key][:12]}... differs from "
+                             "the manifest now); use another output directory (--out) or restore the data")
 
 
 class _RunLock:
@@ -340,6 +351,8 @@ def _run_one(prepared: Prepared, say, progress: bool, hooks: TrainHooks | None) 
         versions = _versions()
         if not (out / _RUN_FILE).exists():
             meta = {"kind": "train-augment", "config_hash": run.config_hash, "config": run.identity(),
+                    "data_manifest_sha256": prepared.plan.manifest_sha256,
+                    "eval_manifest_sha256": prepared.plan.eval_manifest_sha256,
                     "versions": versions, "created": time.time()}
             _write_atomic(out / _RUN_FILE, (json.dumps(meta, indent=2, default=str) + "\n").encode())
         done = sorted(p.name for p in (out / _TRAIN_NAME).glob("epoch-*")) if (out / _TRAIN_NAME).exists() else []

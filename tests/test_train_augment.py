@@ -388,3 +388,23 @@ def test_a_replaced_head_is_new_and_everything_else_is_the_models_own(arch, tmp_
     x = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
     with torch.inference_mode():
         assert set(new(x).argmax(1).tolist()) <= {1, 3, 5}
+
+
+def test_resuming_over_data_that_changed_is_refused(synthetic_dataset, tmp_path):
+    from pixelray.train_augment import TrainError, prepare_run
+    from pixelray.train_config import load_train_config
+
+    out = tmp_path / "out"
+    flags = ["--model", "tiny", "--weights", "none", "--data", synthetic_dataset, "--count", 4, "--out", out]
+    (run,) = load_train_config(None, {"model": "tiny", "weights": "none", "data": synthetic_dataset, "count": 4,
+                                      "output_dir": str(out)}).runs
+    out.mkdir()
+    manifest = hashlib.sha256((Path(synthetic_dataset) / "manifest.json").read_bytes()).hexdigest()
+    meta = {"kind": "train-augment", "config_hash": run.config_hash, "data_manifest_sha256": manifest}
+    (out / "run.json").write_text(json.dumps(meta))
+    assert prepare_run(run).state == "resume"  # the same data: a rerun resumes
+    (out / "run.json").write_text(json.dumps({**meta, "data_manifest_sha256": "0" * 64}))
+    with pytest.raises(TrainError):
+        prepare_run(run)
+    _refused(_invoke(*flags), "was trained on other data (data_manifest_sha256 000000000000... differs")
+    assert sorted(p.name for p in out.iterdir()) == ["run.json"]
