@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -123,6 +124,7 @@ class Augmentation:
         }
 
 
+@functools.lru_cache(maxsize=1024)
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed (0..2**31-1) of an epoch's draws: a hash of (seed, epoch), distinct for every pair."""
     key = hash64(torch.tensor([seed * 1_000_003 + epoch + _STREAM_EPOCH], dtype=torch.int64))
