@@ -30,6 +30,7 @@ bench: $(STAMP)  # each prints one JSON line; see the docstrings for GPU flags
 	$(BIN)/python benchmarks/shards.py
 	$(BIN)/python benchmarks/fgsm.py
 	$(BIN)/python benchmarks/sweep.py
+	$(BIN)/python benchmarks/train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -17,6 +17,7 @@ import typer
 
 from pixelray.config import ConfigError, load_config
 from pixelray.sweep import SweepError, run_sweep
+from pixelray.train_augment import TrainError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -33,23 +34,24 @@ def main(
 ) -> None:
     """Run (or resume) a sweep as a Ray job."""
     overrides = {"output_dir": out, "data": data, "metrics_port": metrics_port}
-    if smoke_test:
-        from pixelray.demo import prepare_demo
-
-        root = Path(out or "demo-out")
-        data_dir, checkpoints = prepare_demo(root, images=600, epochs=3)
-        config = str(Path(__file__).with_name("demo.toml"))
-        overrides.update(
-            data=str(data_dir),
-            models=tuple(f"checkpoint:{p}" for p in checkpoints),
-            output_dir=str(root / "results"),
-        )
+    in_job = os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID")
     try:
+        if smoke_test:
+            from pixelray.demo import prepare_demo
+
+            root = Path(out or "demo-out")
+            data_dir, checkpoints = prepare_demo(root, images=600, heldout=300, epochs=3, finetune_epochs=2,
+                                                 address="auto" if in_job else "local")
+            config = str(Path(__file__).with_name("demo.toml"))
+            overrides.update(
+                data=str(data_dir),
+                models=tuple(f"checkpoint:{p}" for p in checkpoints),
+                output_dir=str(root / "results"),
+            )
         cfg = load_config(config, overrides)
-        in_job = os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID")
         result = run_sweep(cfg, progress=True, log=lambda m: typer.echo(m, err=True),
                            address="auto" if in_job else "local")
-    except (ConfigError, SweepError) as exc:
+    except (ConfigError, SweepError, TrainError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"results: {result.cells_path}")

@@ -8,7 +8,8 @@ A model spec is one of:
 
 - a torchvision classification model name (``"resnet101"``, ``"densenet121"``, ...);
 - ``"tiny"``: pixelray's own small CNN (the demo and the tests);
-- ``"checkpoint:PATH"``: a state_dict saved by :func:`save_checkpoint` with its JSON sidecar;
+- ``"checkpoint:PATH"``: a state_dict saved by :func:`save_checkpoint` with its JSON sidecar; PATH may
+  also be a run directory of ``pixelray train-augment`` (its ``model.pt`` with ``pixelray.json``);
 - ``"module.path:factory"``: any user model; ``factory()`` returns an ``nn.Module``.
 
 Pretrained weights are read from the torch hub cache (``$TORCH_HOME/hub/checkpoints``) and
@@ -56,12 +57,17 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PRESETS",
+    "RUN_MODEL_FILE",
+    "RUN_SIDECAR_FILE",
     "Classifier",
+    "LabelMap",
     "TinyNet",
     "Weights",
     "WeightsDownloadError",
     "WeightsMissingError",
     "cached_weights",
+    "checkpoint_file",
+    "checkpoint_sidecar",
     "download_weights",
     "load_model",
     "model_info",
@@ -88,6 +94,10 @@ _ENTRY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _SIDECAR_FORMAT = "pixelray.checkpoint"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.")  # DDP, torch.compile, a saved Classifier
 _RANGE_TOL = 1e-6
+
+#: A run directory (``checkpoint:DIR``) holds its state_dict and sidecar under these names.
+RUN_MODEL_FILE = "model.pt"
+RUN_SIDECAR_FILE = "pixelray.json"
 
 
 class Weights(str, Enum):
@@ -219,6 +229,43 @@ def _check_unit_range(x: torch.Tensor) -> None:
             f"images: float input must be in [0, 1] (got min {float(lo):.4g}, max {float(hi):.4g}); "
             "pass uint8 pixels or floats divided by 255 - normalisation happens inside the model"
         )
+
+
+class LabelMap(nn.Module):
+    """A head over a subset of a data set's classes, its outputs put at their data set labels.
+
+    A fine-tune with a new head (``head = "replace"``) predicts only the classes present in
+    its training images; output ``i`` means data set label ``labels[i]``. This module returns
+    logits over the whole label space (``num_classes``), so that ``argmax`` is a data set
+    label and a sweep scores it like any other model. Classes the head lacks get a logit far
+    below every other one: never predicted, and finite, so a loss over them stays finite.
+
+    Args:
+        net: the network; it returns ``len(labels)`` logits.
+        labels: the data set label of each output, distinct, in ``0 .. num_classes - 1``.
+        num_classes: size of the label space.
+    """
+
+    def __init__(self, net: nn.Module, labels: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        labels = list(labels)
+        if (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1 or not labels
+                or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < num_classes for v in labels)
+                or len(set(labels)) != len(labels)):
+            raise ValueError(f"label map: labels {labels!r} must be distinct integers in 0..num_classes-1 "
+                             f"(num_classes {num_classes!r}), one per output of the head")
+        self.net = net
+        self.labels = tuple(labels)
+        self.num_classes = num_classes
+        self.register_buffer("_index", torch.tensor(labels, dtype=torch.int64), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(x)
+        out = logits.new_full((logits.shape[0], self.num_classes), torch.finfo(logits.dtype).min / 4)
+        return out.index_copy(1, self._index, logits)
+
+    def extra_repr(self) -> str:
+        return f"outputs={len(self.labels)}, num_classes={self.num_classes}"
 
 
 def model_info(model: Classifier) -> dict[str, Any]:
@@ -685,14 +732,34 @@ def _first_line(exc: BaseException) -> str:
 
 
 def sidecar_path(path: str | os.PathLike[str]) -> Path:
-    """The JSON sidecar of a checkpoint: ``PATH.json`` if it exists, else the same stem ``.json``.
+    """The JSON sidecar of a checkpoint: ``PATH.json`` if it exists, else the same stem ``.json``,
+    else (for a run directory's ``model.pt``) the ``pixelray.json`` beside it.
 
-    For a new checkpoint (neither exists) this is ``PATH.json``, where :func:`save_checkpoint` writes.
+    For a new checkpoint (none exists) this is ``PATH.json``, where :func:`save_checkpoint` writes.
     """
     path = Path(path)
     beside = path.with_name(path.name + ".json")
     stem = path.with_suffix(".json")
-    return stem if not beside.exists() and stem.exists() and stem != path else beside
+    run = path.with_name(RUN_SIDECAR_FILE)
+    if beside.exists():
+        return beside
+    if stem.exists() and stem != path:
+        return stem
+    if path.name == RUN_MODEL_FILE and run.exists():
+        return run
+    return beside
+
+
+def checkpoint_file(path: str | os.PathLike[str]) -> Path:
+    """The state_dict file a ``checkpoint:PATH`` names: PATH itself, or a run directory's ``model.pt``."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        inside = path / RUN_MODEL_FILE
+        if not inside.is_file():
+            raise ValueError(f"checkpoint: {path} is a directory without {RUN_MODEL_FILE}; name a run directory "
+                             "of `pixelray train-augment` that finished, or the state_dict file itself")
+        return inside
+    return path
 
 
 def _read_sidecar(path: Path) -> dict[str, Any]:
@@ -722,6 +789,8 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint: sidecar {side}: num_classes {classes!r} must be an integer >= 1")
     if not isinstance(meta.get("metadata", {}), dict):
         raise ValueError(f"checkpoint: sidecar {side}: metadata must be a JSON object")
+    if meta.get("label_map") is not None:
+        _check_label_map(meta["label_map"], classes, side)
     try:
         meta["mean"] = _triple("mean", meta["mean"])
         meta["std"] = _triple("std", meta["std"], positive=True)
@@ -729,6 +798,27 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
         raise ValueError(f"checkpoint: sidecar {side}: {exc}") from None
     meta["_sidecar"] = str(side)
     return meta
+
+
+def _check_label_map(label_map: Any, head_size: int, side: Path) -> None:
+    """A sidecar's label map: ``{"labels": [data set label of each output], "num_classes": label space}``."""
+    labels = label_map.get("labels") if isinstance(label_map, dict) else None
+    space = label_map.get("num_classes") if isinstance(label_map, dict) else None
+    try:
+        LabelMap(nn.Identity(), labels if isinstance(labels, list) else [], space)  # the one check
+    except ValueError as exc:
+        raise ValueError(f"checkpoint: sidecar {side}: {exc}") from None
+    if len(labels) != head_size:
+        raise ValueError(f"checkpoint: sidecar {side}: label_map has {len(labels)} labels for a head of "
+                         f"{head_size} outputs (num_classes); they must match")
+
+
+def checkpoint_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checked sidecar of a checkpoint file or run directory (base, num_classes, label_map, metadata, ...)."""
+    file = checkpoint_file(path)
+    if not file.is_file():
+        raise ValueError(f"checkpoint: {file} does not exist or is not a file")
+    return _read_sidecar(file)
 
 
 def _sha256(path: Path) -> str:
@@ -752,12 +842,14 @@ def _strip_wrappers(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_checkpoint(spec: str, num_classes: int | None, init_seed: int) -> Classifier:
-    path = Path(spec[len(_CHECKPOINT_PREFIX):]).expanduser()
+    path = checkpoint_file(spec[len(_CHECKPOINT_PREFIX):])
     if not path.is_file():
         raise ValueError(f"checkpoint: {path} does not exist or is not a file; check the path in {spec!r}")
     meta = _read_sidecar(path)
-    if num_classes is not None and num_classes != meta["num_classes"]:
-        raise ValueError(f"num_classes: {num_classes} does not match the checkpoint's {meta['num_classes']} "
+    label_map = meta.get("label_map")
+    classes = label_map["num_classes"] if label_map else meta["num_classes"]
+    if num_classes is not None and num_classes != classes:
+        raise ValueError(f"num_classes: {num_classes} does not match the checkpoint's {classes} "
                          f"({meta['_sidecar']}); leave num_classes unset")
     if meta.get("sha256") and meta["sha256"] != _sha256(path):
         raise ValueError(f"checkpoint: {path} does not match the sha256 in {meta['_sidecar']}; the pair "
@@ -776,7 +868,9 @@ def _load_checkpoint(spec: str, num_classes: int | None, init_seed: int) -> Clas
         first = " ".join(str(exc).split())[:400]
         raise ValueError(f"checkpoint: {path} does not fit base {meta['base']!r} ({first}); fix 'base' "
                          f"or 'num_classes' in {meta['_sidecar']}") from exc
-    return Classifier(net, name=str(meta.get("name") or path.stem), num_classes=meta["num_classes"],
+    if label_map:
+        net = LabelMap(net, label_map["labels"], label_map["num_classes"])
+    return Classifier(net, name=str(meta.get("name") or path.stem), num_classes=classes,
                       mean=meta["mean"], std=meta["std"], weights="checkpoint", source=f"checkpoint:{path}",
                       metadata=meta.get("metadata", {}))
 
@@ -848,12 +942,15 @@ def save_checkpoint(
     base: str,
     metadata: Mapping[str, Any] | None = None,
     name: str | None = None,
+    sidecar_file: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Save a model as a plain state_dict plus a JSON sidecar ``PATH.json``, each atomically.
 
     ``load_model("checkpoint:PATH")`` rebuilds it: architecture ``base`` (a torchvision name or
     ``"tiny"``; never user code), the model's num_classes and mean/std, then the
-    state_dict, read with ``torch.load(weights_only=True)``.
+    state_dict, read with ``torch.load(weights_only=True)``. A model whose ``net`` is a
+    :class:`LabelMap` (a replaced head) is saved as its bare network, with the label map in the
+    sidecar, and loads back as the same :class:`LabelMap`.
 
     Args:
         model: the classifier to save (its ``net`` state_dict is stored, on CPU).
@@ -861,6 +958,8 @@ def save_checkpoint(
         base: the built-in architecture the state_dict fits (a torchvision name or ``"tiny"``).
         metadata: free-form JSON-serialisable data (augmentation, data set, epochs, ...).
         name: the loaded model's name in result rows; default: the file's stem.
+        sidecar_file: where the sidecar goes instead of ``PATH.json``: only ``pixelray.json`` beside a
+            ``model.pt`` (a run directory), which :func:`sidecar_path` finds.
 
     Returns:
         The state_dict path.
@@ -875,12 +974,22 @@ def save_checkpoint(
     path = Path(path).expanduser()
     if path.suffix == ".json":
         raise ValueError(f"path: {path} ends in .json, the sidecar's suffix; use e.g. model.pt")
+    side = path.with_name(path.name + ".json")
+    if sidecar_file is not None:
+        side = Path(sidecar_file).expanduser()
+        if side != path.with_name(RUN_SIDECAR_FILE) or path.name != RUN_MODEL_FILE:
+            raise ValueError(f"sidecar_file: {side} is not {RUN_SIDECAR_FILE} beside {RUN_MODEL_FILE}; a sidecar "
+                             f"goes at PATH.json or, in a run directory, at {RUN_SIDECAR_FILE} beside {RUN_MODEL_FILE}")
+    net, head_size, label_map = model.net, model.num_classes, None
+    if isinstance(net, LabelMap):
+        label_map = {"labels": list(net.labels), "num_classes": net.num_classes}
+        net, head_size = net.net, len(net.labels)
     sidecar = {
         "format": _SIDECAR_FORMAT,
         "version": 1,
         "base": base,
         "name": name or path.stem,
-        "num_classes": model.num_classes,
+        "num_classes": head_size,
         "mean": list(model.mean),
         "std": list(model.std),
         "weights_from": model.source,
@@ -888,13 +997,15 @@ def save_checkpoint(
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
     }
+    if label_map is not None:
+        sidecar["label_map"] = label_map
     try:
         json.dumps(sidecar, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"metadata: not JSON-serialisable ({exc}); use str, numbers, lists and dicts") from exc
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu") for k, v in model.net.state_dict().items()}
+    state = {k: v.detach().to("cpu") for k, v in net.state_dict().items()}
     sidecar["sha256"] = _atomic_write(path, lambda f: torch.save(state, f))
     text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
-    _atomic_write(path.with_name(path.name + ".json"), lambda f: f.write(text.encode()))
+    _atomic_write(side, lambda f: f.write(text.encode()))
     return path

@@ -57,6 +57,7 @@ __all__ = [
     "check_dataset",
     "check_shards",
     "load_manifest",
+    "read_labels",
     "read_shard",
     "shard_uri",
     "shard_uris",
@@ -427,6 +428,29 @@ def _int_column(table: pa.Table, name: str, where: str) -> np.ndarray:
     if col.null_count:
         raise ShardError(f"{where}: column '{name}' has {col.null_count} nulls")
     return col.to_numpy().astype(np.int64, copy=False)
+
+
+def read_labels(uri: str) -> tuple[np.ndarray, np.ndarray]:
+    """(image_ids, labels) of one shard, int64, without reading its images (for planning splits).
+
+    Raises:
+        ShardError: the file is missing, unreadable or lacks the columns.
+    """
+    fs, path = _resolve(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            missing = [c for c in ("image_id", "label") if c not in pf.schema_arrow.names]
+            if missing:
+                raise ShardError(f"{uri}: missing column(s) {', '.join(missing)}")
+            table = pf.read(columns=["image_id", "label"])
+    except ShardError:
+        raise
+    except FileNotFoundError:
+        raise ShardError(f"{uri}: shard not found") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise ShardError(f"{uri}: unreadable Parquet ({_one_line(exc)}); the file is truncated or corrupt") from None
+    return _int_column(table, "image_id", uri), _int_column(table, "label", uri)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -2,9 +2,9 @@
 
 ``fit`` trains a :class:`pixelray.models.Classifier` on a shard data set; the
 augmentation uses the very perturbation code the sweep measures with, applied on
-the device inside the loop. It is what the demo and the tests use to get a model
-worth measuring; the Ray Train fine-tune (``train-augment``) runs the same loop
-per worker.
+the device inside the loop. It is what the demo and the tests use to train a base
+model in-process; the fine-tune on Ray Train (``pixelray train-augment``) is
+``train_augment.py`` (its driver) and ``train_loop.py`` (its per-worker loop).
 """
 
 from __future__ import annotations

@@ -104,8 +104,9 @@ def _tiny(spec):
 def test_attack_outcomes_do_not_depend_on_batch_size(synthetic_dataset, tiny_checkpoints):
     model, judge = (_tiny(m) for m in tiny_checkpoints)
     batch = read_shard(shard_uris(synthetic_dataset)[0])
-    # 200 of 1,024 pixels: enough to return a few examples to their class on any CPU's trained weights
-    cells = [Cell(PixelChange(4)), Cell(PixelChange(200, 60)), Cell(PixelChange(200))]
+    # the 384-pixel cell restores some examples whatever the machine: with few pixels alone, whether any of
+    # ~80 is restored depends on the CPU's trained weights and torch's thread count
+    cells = [Cell(PixelChange(4)), Cell(PixelChange(200, 60)), Cell(PixelChange(384))]
     runs = [
         attack_outcomes(model, batch.images, batch.labels, batch.image_ids, [4, 32], cells, [None, judge], bs)
         for bs in (100, 64, 7)

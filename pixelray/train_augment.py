@@ -1,0 +1,431 @@
+"""``pixelray train-augment``: the few-pixel-change fine-tune on Ray Train (paper section 4, Tables 10-11).
+
+The driver checks everything it can before anything is written (the config, the data, the
+model and its head, the output directory), then runs one Ray Train ``TorchTrainer`` per
+fine-tune: ``ScalingConfig(num_workers, use_gpu)``, ``RunConfig(storage_path=RUN_DIR,
+name="train", failure_config=FailureConfig(max_failures))``, the per-worker loop of
+``train_loop.py``. Ray Train V2 resumes a run rebuilt with the same storage path and name from
+its latest checkpoint, so rerunning the same command after a crash (of a worker, or of this
+driver) goes on from the last finished epoch; a worker lost mid-run is replaced and the group
+resumes the same way, up to ``max_failures`` times.
+
+Layout of a run directory (with a list of counts, one per count under ``n<count>/``)::
+
+    run.json        the config's identity and hash, versions; another config is refused here
+    model.pt        the fine-tuned network's state_dict (torch.load(weights_only=True))
+    pixelray.json   its sidecar: architecture, starting weights, head and label map, augmentation,
+                    data manifest checksums, epochs, lr, seed, versions, final metrics
+    epochs.parquet  one row per epoch (EPOCHS_SCHEMA), each epoch once, however often it resumed
+    train/          Ray Train's run: epoch-NNNN/ checkpoints (state.pt, history.json), its snapshot
+
+A sweep names the result as ``checkpoint:RUN_DIR`` (or ``checkpoint:RUN_DIR/model.pt``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pixelray import __version__
+from pixelray.train_config import FineTune, TrainAugmentConfig
+from pixelray.train_data import DataPlan, plan_data
+from pixelray.train_loop import (
+    CHECKPOINT_HISTORY,
+    CHECKPOINT_STATE,
+    LoopConfig,
+    ModelShape,
+    TrainHooks,
+    build_model,
+    shape_of,
+    skeleton,
+    train_loop_per_worker,
+)
+
+__all__ = ["EPOCHS_SCHEMA", "TrainError", "TrainResult", "prepare_run", "run_train_augment"]
+
+EPOCHS_SCHEMA = pa.schema([
+    ("run", pa.string()), ("aug", pa.string()), ("count", pa.int64()), ("seed", pa.int64()),
+    ("epoch", pa.int64()), ("loss", pa.float64()), ("train_accuracy", pa.float64()),
+    ("augmented_accuracy", pa.float64()), ("heldout_accuracy", pa.float64()), ("heldout_wrong_rate", pa.float64()),
+    ("n_train", pa.int64()), ("n_augmented", pa.int64()), ("n_heldout", pa.int64()),
+    ("images_per_s", pa.float64()), ("seconds", pa.float64()), ("eval_seconds", pa.float64()),
+    ("started", pa.float64()), ("finished", pa.float64()), ("pid", pa.int64()), ("workers", pa.int64()),
+    ("config_hash", pa.string()),
+])
+
+_TRAIN_NAME = "train"  # Ray Train's run name: RUN_DIR/train
+_RUN_FILE = "run.json"
+_LOCK_FILE = ".lock"
+
+
+class TrainError(RuntimeError):
+    """A fine-tune that cannot start or go on; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A fine-tune checked and planned, ready to run (nothing written yet)."""
+
+    run: FineTune
+    plan: DataPlan
+    shape: ModelShape
+    name: str
+    state: str  # "new", "resume" or "done"
+
+
+@dataclass
+class TrainResult:
+    """What one fine-tune left in its run directory."""
+
+    run_dir: Path
+    model_path: Path
+    epochs_path: Path
+    skipped: bool = False  # it was already done
+    resumed_from: int = 0  # the last epoch an earlier invocation had finished (0: none)
+    timing: dict[str, float] = field(default_factory=dict)  # connect_s, fit_started (unix time), fit_s
+
+
+def _arch(run: FineTune) -> str:
+    """The built-in architecture of the starting model (a checkpoint's sidecar base)."""
+    if not run.model.startswith("checkpoint:"):
+        return run.model
+    from pixelray.models import checkpoint_sidecar
+
+    base = checkpoint_sidecar(run.model.split(":", 1)[1])["base"]
+    if base != "tiny" and ":" in base:
+        raise ValueError(f"checkpoint: its sidecar names base {base!r}, not a built-in architecture; "
+                         "train-augment fine-tunes torchvision models, 'tiny' and checkpoints of them")
+    return base
+
+
+def _local(path: str | None) -> str | None:
+    """A local path made absolute (URIs as they are): Ray Train runs its workers in a directory of their own."""
+    return path if path is None or "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def _for_workers(run: FineTune) -> FineTune:
+    """The fine-tune with every local path absolute, for the workers (the identity keeps what the user wrote)."""
+    model = run.model
+    if model.startswith("checkpoint:"):
+        model = "checkpoint:" + _local(model.split(":", 1)[1])
+    return dataclasses.replace(run, model=model, data=_local(run.data), eval_data=_local(run.eval_data),
+                               output_dir=_local(run.output_dir))
+
+
+def _run_dir_state(run: FineTune) -> str:
+    """'new', 'resume' or 'done'; TrainError when the directory holds something else."""
+    out = Path(run.output_dir)
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise TrainError(f"[output] dir: {out} is a file; give a directory")
+    run_file = out / _RUN_FILE
+    if run_file.exists():
+        try:
+            meta = json.loads(run_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            meta = {}
+        previous = meta.get("config_hash") if isinstance(meta, dict) else None
+        if previous != run.config_hash or meta.get("kind") != "train-augment":
+            raise TrainError(f"[output] dir: {out} holds a run of another config (hash {previous} != "
+                             f"{run.config_hash}); use another output directory (--out) or delete this one")
+        done = (out / "model.pt").exists() and (out / "pixelray.json").exists() and (out / "epochs.parquet").exists()
+        return "done" if done else "resume"
+    if any(out.iterdir()):
+        raise TrainError(f"[output] dir: {out} is not empty and holds no train-augment run; use an empty or new "
+                         "directory (--out)")
+    return "new"
+
+
+def prepare_run(run: FineTune) -> Prepared:
+    """Check a fine-tune and plan its data, before anything is written.
+
+    Raises:
+        TrainError: bad data, model, head or output directory, with the fix.
+    """
+    state = _run_dir_state(run)
+    try:
+        plan = plan_data(_local(run.data), _local(run.eval_data), images=run.images, eval_images=run.eval_images,
+                         holdout=run.holdout, split_seed=run.split_seed, workers=run.workers)
+    except ValueError as exc:
+        raise TrainError(f"[data] path = {run.data!r}: {exc}") from None
+    change = run.augment.change
+    if change is not None:
+        try:
+            change.check_image(*plan.image_size)
+        except ValueError as exc:
+            raise TrainError(f"[augment] {exc}") from None
+    try:
+        arch = _arch(run)
+        model = build_model(run, arch, plan.labels, plan.num_classes)  # loads the weights: a bad file fails here
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: WeightsMissingError
+        raise TrainError(f"[model] name = {run.model!r}: {exc}") from None
+    shape = shape_of(model, arch)
+    if state != "new":
+        _check_same_data(Path(run.output_dir), plan)
+    return Prepared(run, plan, shape, Path(run.output_dir).name or "run", state)
+
+
+def _check_same_data(out: Path, plan: DataPlan) -> None:
+    """Refuse to resume over data that changed since the run began (same paths, other manifests)."""
+    meta = json.loads((out / _RUN_FILE).read_text())
+    for key in ("data_manifest_sha256", "eval_manifest_sha256"):
+        if meta.get(key) not in (None, getattr(plan, key.removeprefix("data_"))):
+            raise TrainError(f"[data] {out} was trained on other data ({key} {meta[key][:12]}... differs from "
+                             "the manifest now); use another output directory (--out) or restore the data")
+
+
+class _RunLock:
+    """An exclusive lock on a run directory for as long as this process runs it."""
+
+    def __init__(self, out: Path):
+        out.mkdir(parents=True, exist_ok=True)
+        self._file = open(out / _LOCK_FILE, "a+")  # noqa: SIM115 - held until release
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.close()
+            raise TrainError(f"{out}: another train-augment is running in this directory; wait for it or use "
+                             "another --out") from None
+
+    def release(self) -> None:
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _versions() -> dict[str, str]:
+    import ray
+    import torch
+
+    return {"pixelray": __version__, "torch": torch.__version__, "ray": ray.__version__}
+
+
+class _Progress:
+    """Prints one line per finished epoch, read from the checkpoints Ray Train persists under RUN_DIR/train."""
+
+    def __init__(self, prepared: Prepared, say: Callable[[str], None], interval: float = 0.5):
+        self.folder = Path(prepared.run.output_dir).resolve() / _TRAIN_NAME
+        self.name, self.epochs = prepared.name, prepared.run.epochs
+        change = prepared.run.augment.change
+        self.probe = f"n{change.count}" if change is not None else None
+        self.say, self.interval = say, interval
+        self.printed: set[int] = set()
+        self.poll(quiet=True)  # epochs an earlier invocation finished are not news
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="pixelray-train-progress", daemon=True)
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def poll(self, quiet: bool = False) -> None:
+        for folder in sorted(self.folder.glob("epoch-*"), reverse=True)[:1]:
+            try:
+                rows = json.loads((folder / CHECKPOINT_HISTORY).read_text())["epochs"]
+            except (OSError, ValueError, KeyError):
+                continue  # still being written
+            for row in rows:
+                if row["epoch"] not in self.printed:
+                    self.printed.add(row["epoch"])
+                    if not quiet:
+                        self.say(self.line(row))
+
+    def line(self, row: dict[str, Any]) -> str:
+        aug = row.get("augmented_accuracy")
+        wrong = row.get("heldout_wrong_rate")
+        return (f"{self.name} epoch {row['epoch']}/{self.epochs}: loss {row['loss']:.4f}, train acc "
+                f"{row['train_accuracy']:.1%}" + (f" (augmented {aug:.1%})" if aug is not None else "")
+                + f", held-out acc {row['heldout_accuracy']:.1%}"
+                + (f", wrong under {self.probe} {wrong:.1%}" if wrong is not None else "")
+                + f", {row['images_per_s']:,.0f} img/s, {row['seconds']:.1f} s")
+
+
+def _failure_message(exc: BaseException) -> str:
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        rank, cause = sorted(failures.items())[0]
+        cause = getattr(cause, "cause", None) or cause
+        text = " ".join(str(cause).split())[:400]
+        return f"worker {rank} failed: {type(cause).__name__}: {text}"
+    return " ".join(str(exc).split())[:400]
+
+
+def _fit(prepared: Prepared, hooks: TrainHooks | None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run = prepared.run
+    loop = LoopConfig(run=_for_workers(run), plan=prepared.plan, arch=prepared.shape.arch, name=prepared.name,
+                      hooks=hooks)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"loop": loop},
+        scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=run.use_gpu,
+                                     resources_per_worker={"CPU": run.cpus_per_worker,
+                                                           **({"GPU": 1} if run.use_gpu else {})}),
+        run_config=RunConfig(
+            storage_path=str(Path(run.output_dir).resolve()), name=_TRAIN_NAME,
+            failure_config=FailureConfig(max_failures=run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()
+
+
+def _epochs_table(history: list[dict[str, Any]], prepared: Prepared) -> pa.Table:
+    run = prepared.run
+    change = run.augment.change
+    common = {"run": prepared.name, "aug": run.augment.label, "count": change.count if change else None,
+              "seed": run.seed, "config_hash": run.config_hash}
+    rows = [{**common, **{k: row.get(k) for k in EPOCHS_SCHEMA.names if k not in common}} for row in history]
+    return pa.Table.from_pylist(rows, schema=EPOCHS_SCHEMA)
+
+
+def _finish(prepared: Prepared, checkpoint, versions: dict[str, str]) -> tuple[Path, Path, list[dict[str, Any]]]:
+    """model.pt + pixelray.json + epochs.parquet from the run's last checkpoint."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from pixelray.models import RUN_MODEL_FILE, RUN_SIDECAR_FILE, save_checkpoint
+
+    run, out = prepared.run, Path(prepared.run.output_dir)
+    with checkpoint.as_directory() as folder:
+        state = torch.load(os.path.join(folder, CHECKPOINT_STATE), map_location="cpu", weights_only=True)
+        history = json.loads(Path(folder, CHECKPOINT_HISTORY).read_text())["epochs"]
+    if [row["epoch"] for row in history] != list(range(1, run.epochs + 1)):
+        raise TrainError(f"{out}: the last checkpoint holds epochs {[r['epoch'] for r in history]}, not "
+                         f"1..{run.epochs}; delete {out} and run again")
+    model = skeleton(prepared.shape, prepared.name)
+    model.load_state_dict(state["model"])
+    final = {k: history[-1][k] for k in ("loss", "train_accuracy", "augmented_accuracy", "heldout_accuracy",
+                                          "heldout_wrong_rate", "n_train", "n_heldout")}
+    final = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in final.items()}  # JSON
+    metadata = {
+        "train_augment": {"config_hash": run.config_hash, "config": run.identity()},
+        "augment": run.augment.identity(), "aug": run.augment.label, "head": run.head.value,
+        "label_space": prepared.plan.num_classes, "started_from": run.model, "data": run.data,
+        "data_manifest_sha256": prepared.plan.manifest_sha256, "eval_data": run.eval_data,
+        "eval_manifest_sha256": prepared.plan.eval_manifest_sha256, "images": prepared.plan.n_train,
+        "epochs": run.epochs, "lr": run.lr, "optimizer": run.optimizer.value, "batch_size": run.batch_size,
+        "seed": run.seed, "workers": run.workers, "versions": versions, "final": final,
+    }
+    model_path = save_checkpoint(model, out / RUN_MODEL_FILE, base=prepared.shape.arch, metadata=metadata,
+                                 name=prepared.name, sidecar_file=out / RUN_SIDECAR_FILE)
+    epochs_path = out / "epochs.parquet"
+    sink = pa.BufferOutputStream()
+    pq.write_table(_epochs_table(history, prepared), sink)
+    _write_atomic(epochs_path, sink.getvalue().to_pybytes())
+    return model_path, epochs_path, history
+
+
+def _run_one(prepared: Prepared, say, progress: bool, hooks: TrainHooks | None) -> TrainResult:
+    run, out = prepared.run, Path(prepared.run.output_dir)
+    lock = _RunLock(out)
+    try:
+        versions = _versions()
+        if not (out / _RUN_FILE).exists():
+            meta = {"kind": "train-augment", "config_hash": run.config_hash, "config": run.identity(),
+                    "data_manifest_sha256": prepared.plan.manifest_sha256,
+                    "eval_manifest_sha256": prepared.plan.eval_manifest_sha256,
+                    "versions": versions, "created": time.time()}
+            _write_atomic(out / _RUN_FILE, (json.dumps(meta, indent=2, default=str) + "\n").encode())
+        done = sorted(p.name for p in (out / _TRAIN_NAME).glob("epoch-*")) if (out / _TRAIN_NAME).exists() else []
+        say(f"{prepared.name}: {run.augment.label}, {prepared.plan.n_train} training images "
+            f"({run.workers} worker{'s' if run.workers > 1 else ''}), {prepared.plan.n_heldout} held out, "
+            f"{run.epochs} epochs" + (f"; checkpoints found ({done[-1]}): resuming" if done else ""))
+        t0 = time.time()
+        with _Progress(prepared, say) if progress else _nothing():
+            try:
+                result = _fit(prepared, hooks)
+            except Exception as exc:  # noqa: BLE001 - Ray Train's errors: worker group or controller
+                raise TrainError(f"{prepared.name}: training failed ({_failure_message(exc)}); rerun the same "
+                                 "command to resume from the last checkpoint") from None
+        fit_s = time.time() - t0
+        if result.checkpoint is None:
+            raise TrainError(f"{prepared.name}: Ray Train reported no checkpoint; delete {out} and run again")
+        model_path, epochs_path, history = _finish(prepared, result.checkpoint, versions)
+    finally:
+        lock.release()
+    earlier = [row["epoch"] for row in history if row["finished"] < t0]
+    say(f"{prepared.name}: done -> {out} (model.pt, pixelray.json, epochs.parquet)")
+    return TrainResult(out, model_path, epochs_path, resumed_from=max(earlier, default=0),
+                       timing={"fit_started": t0, "fit_s": fit_s})
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def run_train_augment(
+    config: TrainAugmentConfig,
+    *,
+    address: str | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: bool = True,
+    hooks: TrainHooks | None = None,
+) -> list[TrainResult]:
+    """Run (or resume) every fine-tune of ``config``; returns one :class:`TrainResult` per fine-tune.
+
+    Every fine-tune is checked and planned before the first one starts or anything is written.
+    Then it joins Ray (the connected cluster, else ``address``: None/``local`` starts an embedded
+    one, ``auto`` or an address joins a cluster).
+
+    Args:
+        hooks: for tests only: trace the workers' images, or make one die (see :class:`TrainHooks`).
+
+    Raises:
+        TrainError: with the reason and the fix.
+    """
+    from pixelray.models import RUN_MODEL_FILE
+    from pixelray.sweep import connect
+
+    say = log or (lambda msg: None)
+    if len(config.runs) > 1 and (Path(config.output_dir) / _RUN_FILE).exists():
+        raise TrainError(f"[output] dir: {config.output_dir} holds a single run; a list of counts needs a "
+                         "directory of its own (one sub-directory per count)")
+    prepared = [prepare_run(run) for run in config.runs]
+    results: list[TrainResult] = []
+    t0 = time.time()
+    if any(p.state != "done" for p in prepared):
+        connect(address)
+    connect_s = time.time() - t0
+    for item in prepared:
+        out = Path(item.run.output_dir)
+        if item.state == "done":
+            say(f"{item.name}: already done in {out}; delete it to train again")
+            results.append(TrainResult(out, out / RUN_MODEL_FILE, out / "epochs.parquet", skipped=True))
+            continue
+        result = _run_one(item, say, progress, hooks)
+        result.timing["connect_s"] = connect_s
+        results.append(result)
+    return results
