@@ -490,13 +490,17 @@ def _check_run(fields: dict[str, Any]) -> None:
                           "(--metrics-linger)")
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
-    """Read and validate a TOML sweep config."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file's tables; ConfigError naming the file when it is missing or not TOML."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    return parse_config(raw, str(path), overrides)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Read and validate a TOML sweep config."""
+    return parse_config(read_toml(path), str(path), overrides)

@@ -297,7 +297,7 @@ class RunDir:
 
 
 def _in_use(where: Any, holder: dict[str, Any]) -> str:
-    return (f"{where} is in use by another sweep (config {holder.get('config_hash', '?')}, pid "
+    return (f"{where} is in use by another run (config {holder.get('config_hash', '?')}, pid "
             f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('started', '?')}); "
             "wait for it to finish, or write to another directory (--out)")
 

@@ -24,7 +24,6 @@ A sweep names the result as ``checkpoint:RUN_DIR`` (or ``checkpoint:RUN_DIR/mode
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -38,6 +37,9 @@ from typing import Any
 import pyarrow as pa
 
 from pixelray import __version__
+from pixelray.atomic import write_table_atomic, write_text_atomic
+from pixelray.errors import SweepError
+from pixelray.rundir import RunDir
 from pixelray.train_config import FineTune, TrainAugmentConfig
 from pixelray.train_data import DataPlan, plan_data
 from pixelray.train_loop import (
@@ -66,7 +68,6 @@ EPOCHS_SCHEMA = pa.schema([
 
 _TRAIN_NAME = "train"  # Ray Train's run name: RUN_DIR/train
 _RUN_FILE = "run.json"
-_LOCK_FILE = ".lock"
 
 
 class TrainError(RuntimeError):
@@ -186,28 +187,14 @@ def _check_same_data(out: Path, plan: DataPlan) -> None:
                              "the manifest now); use another output directory (--out) or restore the data")
 
 
-class _RunLock:
-    """An exclusive lock on a run directory for as long as this process runs it."""
-
-    def __init__(self, out: Path):
-        out.mkdir(parents=True, exist_ok=True)
-        self._file = open(out / _LOCK_FILE, "a+")  # noqa: SIM115 - held until release
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._file.close()
-            raise TrainError(f"{out}: another train-augment is running in this directory; wait for it or use "
-                             "another --out") from None
-
-    def release(self) -> None:
-        fcntl.flock(self._file, fcntl.LOCK_UN)
-        self._file.close()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _claim(out: Path, config_hash: str, say) -> RunDir:
+    """The run directory, locked for this process as a sweep's is (``run.lock``; a dead holder's is taken over)."""
+    run_dir = RunDir(out, log=say)
+    try:
+        run_dir.claim(config_hash)
+    except SweepError as exc:
+        raise TrainError(str(exc)) from None
+    return run_dir
 
 
 def _versions() -> dict[str, str]:
@@ -309,7 +296,6 @@ def _epochs_table(history: list[dict[str, Any]], prepared: Prepared) -> pa.Table
 
 def _finish(prepared: Prepared, checkpoint, versions: dict[str, str]) -> tuple[Path, Path, list[dict[str, Any]]]:
     """model.pt + pixelray.json + epochs.parquet from the run's last checkpoint."""
-    import pyarrow.parquet as pq
     import torch
 
     from pixelray.models import RUN_MODEL_FILE, RUN_SIDECAR_FILE, save_checkpoint
@@ -338,15 +324,13 @@ def _finish(prepared: Prepared, checkpoint, versions: dict[str, str]) -> tuple[P
     model_path = save_checkpoint(model, out / RUN_MODEL_FILE, base=prepared.shape.arch, metadata=metadata,
                                  name=prepared.name, sidecar_file=out / RUN_SIDECAR_FILE)
     epochs_path = out / "epochs.parquet"
-    sink = pa.BufferOutputStream()
-    pq.write_table(_epochs_table(history, prepared), sink)
-    _write_atomic(epochs_path, sink.getvalue().to_pybytes())
+    write_table_atomic(_epochs_table(history, prepared), epochs_path)
     return model_path, epochs_path, history
 
 
 def _run_one(prepared: Prepared, say, progress: bool, hooks: TrainHooks | None) -> TrainResult:
     run, out = prepared.run, Path(prepared.run.output_dir)
-    lock = _RunLock(out)
+    lock = _claim(out, run.config_hash, say)
     try:
         versions = _versions()
         if not (out / _RUN_FILE).exists():
@@ -354,7 +338,7 @@ def _run_one(prepared: Prepared, say, progress: bool, hooks: TrainHooks | None) 
                     "data_manifest_sha256": prepared.plan.manifest_sha256,
                     "eval_manifest_sha256": prepared.plan.eval_manifest_sha256,
                     "versions": versions, "created": time.time()}
-            _write_atomic(out / _RUN_FILE, (json.dumps(meta, indent=2, default=str) + "\n").encode())
+            write_text_atomic(json.dumps(meta, indent=2, default=str) + "\n", out / _RUN_FILE)
         done = sorted(p.name for p in (out / _TRAIN_NAME).glob("epoch-*")) if (out / _TRAIN_NAME).exists() else []
         say(f"{prepared.name}: {run.augment.label}, {prepared.plan.n_train} training images "
             f"({run.workers} worker{'s' if run.workers > 1 else ''}), {prepared.plan.n_heldout} held out, "

@@ -24,10 +24,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from pixelray.augment import Aug, Augmentation
-from pixelray.config import ConfigError, _get, _unknown
+from pixelray.config import ConfigError, _get, _unknown, read_toml
 from pixelray.spec import PixelChange
 
 __all__ = ["FLAG_KEYS", "FineTune", "Head", "Optimizer", "TrainAugmentConfig", "load_train_config",
@@ -296,11 +294,4 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None 
     """Read and validate a TOML fine-tune config (None: the flags alone)."""
     if path is None:
         return parse_train_config({}, "<flags>", overrides)
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    return parse_train_config(raw, str(path), overrides)
+    return parse_train_config(read_toml(path), str(path), overrides)

@@ -55,7 +55,7 @@ that finished but no results table.
 | out-under-file | the output path lies under a file | `is a file` |
 | out-unwritable | the output path cannot be created | `cannot create` |
 | out-other-run | the output holds another config's run | `holds a run of another config` |
-| out-locked | another sweep holds the output directory | `is in use by another sweep` |
+| out-locked | another sweep holds the output directory | `is in use by another run` |
 | cli-size | `pixel-index --size -1` | `--size -1: must be an integer >= 1` |
 | cli-wrong | `pixel-index --wrong 11 --images 10` | `--wrong 11: must be in 0..--images (10)` |
 | cli-data-check | `data check` of a manifest pointing outside | `outside the data set root` (exit 1) |
@@ -297,7 +297,7 @@ CASES = {
     "out-under-file": (_out_under_file, "is a file"),
     "out-unwritable": (_out_unwritable, "cannot create"),
     "out-other-run": (_out_other_run, "holds a run of another config"),
-    "out-locked": (_out_locked, "is in use by another sweep"),
+    "out-locked": (_out_locked, "is in use by another run"),
 }
 #: Cases that can only be seen inside a unit (reading the whole shard): resume state may remain.
 IN_UNIT = {"data-shard-sha256"}

@@ -142,7 +142,7 @@ def test_two_configs_racing_into_one_directory_one_runs_the_other_is_refused(
     assert codes == [0, 2], [r[2][-2000:] for r in results]
     winner = next(i for i, r in enumerate(results) if r[0] == 0)
     loser_err = results[1 - winner][2].strip().splitlines()
-    assert len(loser_err) == 1 and "is in use by another sweep" in loser_err[0], loser_err
+    assert len(loser_err) == 1 and "is in use by another run" in loser_err[0], loser_err
     assert "Traceback" not in results[1 - winner][2]
     assert not (out / "run.lock").exists(), "the winner releases its lock"
     run = json.loads((out / "run.json").read_text())
@@ -168,7 +168,7 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(synthetic_dataset, ti
     holder = RunDir(out)
     holder.claim("0123456789abcdef")
     try:
-        with pytest.raises(SweepError, match=r"is in use by another sweep \(config 0123456789abcdef, pid "):
+        with pytest.raises(SweepError, match=r"is in use by another run \(config 0123456789abcdef, pid "):
             run_sweep(cfg, progress=False)
     finally:
         holder.abandon()  # removes the folder it made, which works only if it holds nothing else
