@@ -15,11 +15,13 @@ import json
 import os
 import re
 import shlex
+import urllib.request
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from helpers import exported_names, grafana_panels, grafana_queries, promql_metric_names
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -277,3 +279,47 @@ def test_no_shipped_config_listens_on_all_interfaces():
     assert not found, "\n".join(found)
 
 
+# --- Prometheus and Grafana ---------------------------------------------------------------------------
+
+
+def test_grafana_panels_query_metrics_the_driver_exports():
+    from pixelray.telemetry import SweepTelemetry
+
+    panels = grafana_panels(GRAFANA)
+    assert len({p["id"] for p in panels}) == len(panels)
+    assert all(p["targets"] and all(t["expr"].strip() for t in p["targets"]) for p in panels)
+    # what a driver really serves once every kind of event happened
+    tel = SweepTelemetry(port=0, progress=False)
+    try:
+        tel.start_phase("cells", total=2, already_done=0)
+        tel.unit_done("tiny", images=10)
+        tel.unit_failed()
+        tel.worker_replaced()
+        with urllib.request.urlopen(f"http://127.0.0.1:{tel.port}/metrics", timeout=5) as response:
+            driver = exported_names(response.read().decode())
+    finally:
+        tel.close()
+    checked = 0
+    for title, expr in grafana_queries(GRAFANA):
+        names = promql_metric_names(expr)
+        assert names, f"panel {title!r}: no metric in {expr!r}"
+        for name in names - {n for n in names if n.startswith("ray_")}:  # Ray's export: test_cluster_local.py
+            assert name in driver, f"panel {title!r}: {name} is not exported by the driver ({sorted(driver)})"
+            checked += 1
+    assert checked >= 5
+
+
+def test_promql_metric_names_finds_metrics_only():
+    """The parser the dashboard checks rely on."""
+    assert promql_metric_names("sum by (phase) (a_total) / sum by (phase) (b)") == {"a_total", "b"}
+    assert promql_metric_names('sum by (model) (rate(c_total{model=~"x|y"}[1m])) * 60') == {"c_total"}
+    assert promql_metric_names("histogram_quantile(0.9, sum by (le) (rate(d_bucket[5m]))) > bool 1e3") == {"d_bucket"}
+
+
+def test_prometheus_scrapes_rays_discovery_file_and_the_driver_on_loopback():
+    config = yaml.safe_load((CLUSTER / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    sd = jobs["ray"]["file_sd_configs"][0]["files"][0]
+    assert sd.endswith("/prom_metrics_service_discovery.json")
+    targets = [t for c in jobs["pixelray-driver"]["static_configs"] for t in c["targets"]]
+    assert targets and all(t.startswith("127.0.0.1:") for t in targets)
