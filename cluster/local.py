@@ -12,6 +12,10 @@ Ray's socket paths under it must fit in 107 bytes):
     head.pid     the `ray start --block` process, leader of a session of its own
     head.log     its output
 
+The head starts in the current directory (``make cluster-local``: the checkout), so a job submitted
+without ``--working-dir`` runs there and its relative paths (``jobs/demo.toml``, ``demo-out/``) mean
+what they mean on the command line.
+
 ``stop`` ends this head only: ``ray stop`` would end every Ray of this user on the machine
 (another engineer's, a test session's). The head runs as ``ray start --block`` in a new
 session, so every process it starts belongs to that session or descends from it; ``stop``
@@ -151,7 +155,7 @@ def start(
         cmd.append(f"--num-cpus={num_cpus}")
     with open(p["head.log"], "w") as log:
         head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=root)
+                                start_new_session=True)  # jobs without --working-dir run here
     p["head.pid"].write_text(f"{head.pid}\n")
 
     # the dashboard answers before its job agent does ("No available agent"); wait for both, and the metrics
@@ -175,7 +179,7 @@ def start(
         f"  Prometheus service discovery: {p['ray']}/prom_metrics_service_discovery.json\n"
         f"submit:\n"
         f"  . {p['env']}\n"
-        f"  ray job submit --working-dir . -- python jobs/sweep.py --smoke-test\n"
+        f"  ray job submit -- python jobs/sweep.py --smoke-test      # runs in {Path.cwd()}\n"
         f"stop: make cluster-stop" + ("" if str(root) == DEFAULT_DIR else f" CLUSTER_DIR={root}")
     )
 

@@ -62,7 +62,7 @@ def test_cluster_local_token_job_metrics_and_stop(synthetic_dataset, tiny_checkp
 
         out = tmp_path / "out"
         config = _demo_config(synthetic_dataset, tiny_checkpoints, out, tmp_path / "job.toml")
-        submit = ["ray", "job", "submit", "--working-dir", str(REPO), "--", "python", "jobs/sweep.py",
+        submit = ["ray", "job", "submit", "--", "python", "jobs/sweep.py",  # runs in the checkout, as make did
                   "--config", str(config), "--metrics-port", str(driver_port)]
         refused = _run(submit, {**env, "RAY_ADDRESS": dashboard}, timeout=120)
         assert refused.returncode != 0
