@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench clean cluster-local cluster-stop
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check pixelray tests benchmarks jobs
+	$(BIN)/ruff check pixelray tests benchmarks jobs cluster
 
 demo: $(STAMP)
 	$(BIN)/pixelray demo
@@ -31,6 +31,26 @@ bench: $(STAMP)  # each prints one JSON line; see the docstrings for GPU flags
 	$(BIN)/python benchmarks/fgsm.py
 	$(BIN)/python benchmarks/sweep.py
 	$(BIN)/python benchmarks/train.py
+
+# A Ray head on 127.0.0.1 for `ray job submit` (token auth, Ray's metrics export), and only that one
+# stopped again; see cluster/README.md. Another Ray on this machine holds a port? Override it:
+#   make cluster-local CLUSTER_DIR=/tmp/pxr2 CLUSTER_PORT=6380 CLUSTER_DASHBOARD_PORT=8266 ...
+# RAY_AUTH_TOKEN=... make cluster-local uses your token; otherwise one is generated into $(CLUSTER_DIR)/auth_token.
+CLUSTER_DIR ?= /tmp/pxr-$(shell id -u)
+CLUSTER_PORT ?= 6379
+CLUSTER_DASHBOARD_PORT ?= 8265
+CLUSTER_METRICS_PORT ?= 8080
+CLUSTER_CLIENT_PORT ?= 10001
+CLUSTER_AGENT_PORT ?= 52365
+CLUSTER_CPUS ?=
+
+cluster-local: $(STAMP)
+	$(BIN)/python cluster/local.py start --dir $(CLUSTER_DIR) --port $(CLUSTER_PORT) \
+		--dashboard-port $(CLUSTER_DASHBOARD_PORT) --metrics-port $(CLUSTER_METRICS_PORT) \
+		--client-port $(CLUSTER_CLIENT_PORT) --agent-port $(CLUSTER_AGENT_PORT) $(if $(CLUSTER_CPUS),--num-cpus $(CLUSTER_CPUS))
+
+cluster-stop:
+	$(BIN)/python cluster/local.py stop --dir $(CLUSTER_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

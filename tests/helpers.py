@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def wait_for(predicate, timeout: float = 120.0) -> bool:
@@ -19,3 +23,44 @@ def wait_for(predicate, timeout: float = 120.0) -> bool:
 def unit_files(out: Path, phase: str = "cells") -> list[Path]:
     """The finished unit files of one phase of a sweep's output directory."""
     return sorted((Path(out) / "units" / phase).rglob("*.parquet"))
+
+
+_PROMQL_GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
+                    "offset", "inf", "nan"}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (not functions, labels, durations or keywords)."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)  # string literals
+    s = re.sub(r"\{[^}]*\}", " ", s)  # label matchers
+    s = re.sub(r"\[[^\]]*\]", " ", s)  # range and subquery selectors
+    s = _PROMQL_GROUPING.sub(" ", s)  # label lists of by (...), on (...)
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", s):
+        before = s[m.start() - 1] if m.start() else " "
+        if before.isdigit() or before in ".$" or m.group().lower() in _PROMQL_KEYWORDS:
+            continue  # 1e3, 5m, $variable
+        if s[m.end():].lstrip().startswith("("):
+            continue  # a function or an aggregation
+        names.add(m.group())
+    return names
+
+
+def grafana_panels(path: Path) -> list[dict]:
+    """The panels of a Grafana dashboard JSON, those inside collapsed rows included."""
+    panels = []
+    for panel in json.loads(Path(path).read_text())["panels"]:
+        panels.append(panel)
+        panels.extend(panel.get("panels", []))
+    return [p for p in panels if p.get("type") != "row"]
+
+
+def grafana_queries(path: Path) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every query of a Grafana dashboard JSON."""
+    return [(p["title"], t["expr"]) for p in grafana_panels(path) for t in p["targets"]]
+
+
+def exported_names(text: str) -> set[str]:
+    """Sample names (``x_total``, ``x_created``...) in a Prometheus text exposition; it must parse."""
+    return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
