@@ -109,6 +109,8 @@ ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Sho
 @contextlib.contextmanager
 def _ray(address: str | None, workers: int | None) -> Iterator[None]:
     """Use the running Ray, or connect to ``address``, or start a local one; shut down what we started."""
+    if not address:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (see sweep.pool.connect)
     import ray
 
     if ray.is_initialized():
@@ -119,7 +121,7 @@ def _ray(address: str | None, workers: int | None) -> Iterator[None]:
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False,
-                 log_to_driver=False)
+                 log_to_driver=False, _node_ip_address="127.0.0.1")  # an embedded Ray: loopback only
     try:
         yield
     finally:

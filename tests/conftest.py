@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray otherwise takes the machine's address for a node (even with --node-ip-address=127.0.0.1) and
+# listens on every interface; with this, every Ray of the tests (and their subprocesses) stays on loopback.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")

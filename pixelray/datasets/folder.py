@@ -219,7 +219,7 @@ def convert_files(
     decode = _remote_decode()
     if max_in_flight is None:
         if not ray.is_initialized():
-            ray.init()
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
         max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     batches = [entries[i:i + files_per_task] for i in range(0, len(entries), files_per_task)]
     transform_ref = ray.put(transform)

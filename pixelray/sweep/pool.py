@@ -32,16 +32,23 @@ MAX_UNIT_FAILURES = 3
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join a Ray cluster (``auto`` or an address) or start an embedded local one (None/``local``)."""
+    """Join a Ray cluster (``auto`` or an address) or start an embedded local one (None/``local``).
+
+    An embedded Ray stays on loopback: Ray otherwise takes the machine's address for its node
+    and listens on every interface (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps it on 127.0.0.1).
+    """
+    local = address in (None, "", "local")
+    if local:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when Ray is first imported
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address in (None, "", "local"):
+    if local:
         # quiet: a one-line error stays one line (Ray announces the local instance at INFO)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+                 logging_level=logging.WARNING, _node_ip_address="127.0.0.1")  # an embedded Ray: loopback only
     else:
         ray.init(address=address, log_to_driver=False)
 
