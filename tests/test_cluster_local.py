@@ -97,7 +97,8 @@ def test_cluster_local_token_job_metrics_and_stop(synthetic_dataset, tiny_checkp
         assert wait_for(workers_exported, timeout=60), "the workers' counters never reached Ray's metrics export"
         exported = driver_names | exported_names(node_text)
         for title, expr in grafana_queries(REPO / "cluster" / "grafana-dashboard.json"):
-            missing = promql_metric_names(expr) - exported
+            # the fine-tune's panels: checked against a real fine-tune in test_train_augment.py
+            missing = {n for n in promql_metric_names(expr) if not n.startswith("ray_pixelray_train_")} - exported
             assert not missing, f"Grafana panel {title!r} queries {missing}, which this run did not export"
 
         # everything of this head listens on the loopback interface only

@@ -408,3 +408,25 @@ def test_resuming_over_data_that_changed_is_refused(synthetic_dataset, tmp_path)
         prepare_run(run)
     _refused(_invoke(*flags), "was trained on other data (data_manifest_sha256 000000000000... differs")
     assert sorted(p.name for p in out.iterdir()) == ["run.json"]
+
+
+@pytest.mark.slow
+def test_the_grafana_train_panels_query_what_a_fine_tune_exports(finetunes, ray_local):
+    """Every ``ray_pixelray_train_*`` metric of cluster/grafana-dashboard.json, scraped from Ray's metrics
+    export of this session's Ray after the fine-tunes above (the workers report through ray.util.metrics)."""
+    import urllib.request
+
+    from helpers import exported_names, grafana_queries, promql_metric_names, wait_for
+
+    port = ray_local._private.worker.global_worker.node.metrics_export_port
+    wanted = {name for _, expr in grafana_queries(REPO / "cluster" / "grafana-dashboard.json")
+              for name in promql_metric_names(expr) if name.startswith("ray_pixelray_train_")}
+    assert len(wanted) >= 4
+    seen: set[str] = set()
+
+    def exported() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # loopback only
+            seen.update(exported_names(response.read().decode()))
+        return wanted <= seen
+
+    assert wait_for(exported, timeout=60), sorted(wanted - seen)
