@@ -49,12 +49,22 @@ def main(
                 output_dir=str(root / "results"),
             )
         cfg = load_config(config, overrides)
+        _refuse_lost_output(cfg.output_dir)
         result = run_sweep(cfg, progress=True, log=lambda m: typer.echo(m, err=True),
                            address="auto" if in_job else "local")
     except (ConfigError, SweepError, TrainError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"results: {result.cells_path}")
+
+
+def _refuse_lost_output(output_dir: str) -> None:
+    """A relative output inside an uploaded working directory (``--working-dir``) is deleted with it by Ray."""
+    uploaded = "runtime_resources" in Path.cwd().parts or "working_dir_files" in str(Path.cwd())
+    if uploaded and "://" not in output_dir and not Path(output_dir).is_absolute():
+        raise ConfigError(f"[output] dir = {output_dir!r} is relative, and this job runs in the copy of its "
+                          f"working directory that Ray deletes after the job ({Path.cwd()}); give an absolute "
+                          "path on storage every node shares, or an s3:// URI (--out)")
 
 
 if __name__ == "__main__":
