@@ -305,3 +305,19 @@ def test_missing_weights_fail_before_any_unit(ray_local, synthetic_dataset, tmp_
     with pytest.raises(SweepError, match="nope.pt"):
         run_sweep(cfg, progress=False)
     assert not (tmp_path / "out").exists()  # no partial output
+
+
+def test_a_job_refuses_a_relative_output_that_ray_would_delete(synthetic_dataset, tiny_checkpoints, tmp_path):
+    """Inside an uploaded working directory (ray job submit --working-dir), a relative --out would be lost."""
+    repo = Path(__file__).resolve().parents[1]
+    uploaded = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "pkg"
+    uploaded.mkdir(parents=True)
+    raw = {"data": {"path": str(synthetic_dataset)}, "models": {"names": list(tiny_checkpoints), "weights": "none"},
+           "grid": {"counts": [4]}, "output": {"dir": "results/x"}}
+    config = _write_toml(raw, tmp_path / "job.toml")
+    env = {**os.environ, "RAY_JOB_ID": "02000000", "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, str(repo / "jobs" / "sweep.py"), "--config", str(config)], cwd=uploaded,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "[output] dir = 'results/x' is relative" in done.stderr and "Traceback" not in done.stderr
+    assert not (uploaded / "results").exists()
