@@ -176,16 +176,16 @@ class Classifier(nn.Module):
         """Logits (N, num_classes) of a batch of uint8 or [0, 1] float images."""
         x = _as_nchw(x)
         if x.dtype == torch.uint8:
-            x = x.to(self._mean.dtype) / 255
-        elif x.is_floating_point():
+            # One new tensor, normalised in place: the same arithmetic in the same order as
+            # ((x / 255) - mean) / std, so the same bits, without three more full-size tensors.
+            return self.net(x.to(self._mean.dtype).div_(255).sub_(self._mean).div_(self._std))
+        if x.is_floating_point():
             if self.check_range:
                 _check_unit_range(x)
-            x = x.to(self._mean.dtype)
-        else:
-            raise ValueError(
-                f"images: dtype {x.dtype} is not supported; pass uint8 pixels or floats in [0, 1]"
-            )
-        return self.net((x - self._mean) / self._std)
+            return self.net((x.to(self._mean.dtype) - self._mean) / self._std)
+        raise ValueError(
+            f"images: dtype {x.dtype} is not supported; pass uint8 pixels or floats in [0, 1]"
+        )
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, weights={self.weights!r}, num_classes={self.num_classes}"
