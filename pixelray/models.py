@@ -61,6 +61,7 @@ __all__ = [
     "WeightsDownloadError",
     "WeightsMissingError",
     "cached_weights",
+    "check_weights_entry",
     "download_weights",
     "load_model",
     "model_info",
@@ -353,6 +354,21 @@ def _parse_weights(weights: str | Weights | None) -> Weights | str:
 
 def _weights_label(weights: Weights | str) -> str:
     return weights.value if isinstance(weights, Weights) else weights
+
+
+def check_weights_entry(weights: str | Weights | None, names: Sequence[str]) -> str:
+    """The weights' label (``imagenet``, ``default``, ``none`` or an entry name such as ``IMAGENET1K_V2``),
+    after checking that every torchvision model among ``names`` has an explicitly named entry.
+
+    Nothing is loaded or read. Raises ValueError for a malformed name, or naming the model
+    and the entries it has.
+    """
+    kind = _parse_weights(weights)
+    if not isinstance(kind, Weights):
+        for name in names:
+            if _kind(name) == "torchvision":
+                _entry(name, kind)
+    return _weights_label(kind)
 
 
 def _entry(name: str, weights: Weights | str) -> Any:

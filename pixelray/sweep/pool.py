@@ -24,7 +24,7 @@ from pixelray.errors import SweepError
 from pixelray.telemetry import SweepTelemetry
 from pixelray.worker import ModelWorker, Unit
 
-__all__ = ["MAX_UNIT_FAILURES", "WorkerPool", "cause", "connect", "schedule"]
+__all__ = ["MAX_UNIT_FAILURES", "WorkerPool", "cause", "connect", "reserved_cpus", "schedule"]
 
 #: How many worker deaths one unit may see before the sweep stops.
 MAX_UNIT_FAILURES = 3
@@ -43,6 +43,17 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
                  logging_level=logging.WARNING)
     else:
         ray.init(address=address, log_to_driver=False)
+
+
+def reserved_cpus(device: str, threads: int) -> int:
+    """CPUs a worker reserves from Ray: on a CPU, the cores its torch threads use (at most the largest
+    node's CPUs, so that it can be placed at all); on a GPU, one for its Python thread and the copies."""
+    if device == "cuda":
+        return 1
+    import ray
+
+    largest = max((int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")), default=1)
+    return max(1, min(threads, largest))
 
 
 def cause(exc: BaseException) -> BaseException:
@@ -78,12 +89,13 @@ class WorkerPool:
         threads = config.threads or max(1, cpus // self.n)
         self.options = dict(
             num_gpus=1 if device == "cuda" else 0,
-            num_cpus=1,
+            num_cpus=reserved_cpus(device, threads),
             max_concurrency=depth,
             max_restarts=0,  # the driver replaces dead workers and re-queues their units
             max_task_retries=0,
         )
-        self.args = dict(device=device, threads=threads, batch_size=config.batch_size, amp=config.amp)
+        self.args = dict(device=device, threads=threads, batch_size=config.batch_size, amp=config.amp,
+                         cells_per_pass=config.cells_per_pass, cuda_graphs=config.cuda_graphs)
         self.depth = depth
         self.telemetry = telemetry
         self._serial = 0
