@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DEMO_MODELS", "prepare_demo"]
+__all__ = ["DEMO_CONFIG", "DEMO_MODELS", "prepare_demo"]
 
 #: checkpoint file -> augmentation count (None = plain training)
 DEMO_MODELS = {"tiny.pt": None, "tiny-aug4.pt": 4}
+
+#: The demo sweep's config, shipped in the package (``jobs/demo.toml`` is a link to it), so that
+#: ``pixelray demo`` works from any directory.
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.toml"
 
 
 def prepare_demo(

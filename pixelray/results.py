@@ -11,13 +11,16 @@ import pyarrow as pa
 
 __all__ = ["ATTACK_SCHEMA", "CELLS_SCHEMA", "IDS_SCHEMA", "TRANSFER_SCHEMA"]
 
-#: cells.parquet: one row per experiment x model x cell (DESIGN.md "Results schema").
+#: cells.parquet: one row per experiment x model x cell (DESIGN.md "Results schema"). ``cell_id`` is the
+#: string that keys the cell's draws; ``pixelray.spec.Cell.from_id`` (or ``Cell.from_columns`` on the
+#: count .. seed and image_size columns) rebuilds the exact cell.
 CELLS_SCHEMA = pa.schema([
     ("experiment", pa.string()), ("model", pa.string()), ("weights", pa.string()),
     ("attack", pa.string()), ("attack_params", pa.string()), ("eps", pa.float64()), ("count", pa.int64()),
     ("amplitude", pa.string()),
     ("area", pa.int64()), ("channels", pa.string()), ("positions", pa.string()), ("seed", pa.int64()),
-    ("n_images", pa.int64()), ("n_wrong", pa.int64()), ("n_restored", pa.int64()), ("accuracy", pa.float64()),
+    ("cell_id", pa.string()), ("n_images", pa.int64()), ("n_wrong", pa.int64()), ("n_restored", pa.int64()),
+    ("accuracy", pa.float64()),
     ("wrong_rate", pa.float64()), ("restored_rate", pa.float64()), ("ci_low", pa.float64()),
     ("ci_high", pa.float64()), ("pixel_index", pa.float64()), ("image_size", pa.int64()), ("dataset", pa.string()),
     ("config_hash", pa.string()), ("pixelray_version", pa.string()), ("torch_version", pa.string()),

@@ -48,6 +48,8 @@ def _channels_label(cell: Cell) -> str:
 
 
 def cell_columns(cell: Cell, size: tuple[int, int]) -> dict[str, Any]:
+    """The columns that describe a cell; ``Cell.from_columns`` rebuilds the cell from them (and
+    ``image_size``): a whole-image cell says ``area`` = the side of square images (null otherwise)."""
     change = cell.change
     height, width = size
     area = change.area if change.area is not None else (height if height == width else None)
@@ -76,6 +78,4 @@ def cell_rows(config: SweepConfig, cell_pairs, table: pa.Table | None, size, com
                 "n_images": r["n_images"], "n_wrong": r["n_wrong"], "n_restored": None,
             })
     rows.sort(key=lambda r: (exp_order[r["experiment"]], model_order[r["model"]], cell_order[r["cell_id"]]))
-    for row in rows:
-        del row["cell_id"]
     return rows
