@@ -410,9 +410,15 @@ class Perturber:
         if n == 0 or not self.cells:
             return out
         for chunk, entries, new, _ in self._each(images, ids, layout, need_orig=False):
-            place = torch.tensor(chunk.index, dtype=torch.int64, device=images.device).view(-1, 1, 1, 1)
-            out.put_(entries + place * images[0].numel() * n, new)
+            out.put_(entries + self._place_offsets(chunk.index, images[0].numel() * n), new)
         return out
+
+    def _place_offsets(self, places: tuple[int, ...], stride: int) -> torch.Tensor:
+        """(G, 1, 1, 1) offsets of the cells' blocks in a cell-major stack (cached: no copy per batch)."""
+        key = ("places", places, stride)
+        if key not in self._offsets:
+            self._offsets[key] = (torch.tensor(places, dtype=torch.int64) * stride).to(self.device).view(-1, 1, 1, 1)
+        return self._offsets[key]
 
     def passes(self, images: torch.Tensor, image_ids: torch.Tensor | Sequence[int],
                cells_per_pass: int = 1) -> Iterator[tuple[tuple[int, ...], torch.Tensor]]:
