@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import unit_files, wait_for
@@ -240,10 +241,14 @@ def test_attack_counts_equal_an_independent_plain_loop(attack_run, synthetic_dat
     # the counters against the plan, from sources the sweep does not compute: shard files on disk,
     # this test's models, the unit files written
     stats = attack_run.stats
-    n_shards = len(list(Path(synthetic_dataset).glob("*.parquet")))
-    n_models = len(tiny_checkpoints)
+    shard_ids = [set(pq.read_table(p, columns=["image_id"]).column(0).to_pylist())
+                 for p in sorted(Path(synthetic_dataset).glob("*.parquet"))]
+    evaluated = {int(i) for i in (attack_run.out_dir / "image_ids.txt").read_text().split()}
+    n_shards, n_models = len(shard_ids), len(tiny_checkpoints)
+    plan = {"clean": n_shards * n_models, "cells": sum(bool(ids & evaluated) for ids in shard_ids) * n_models}
+    assert 0 < plan["cells"] < plan["clean"]  # eval size 100: only the first shards hold evaluated images
     for phase in ("clean", "cells"):
-        assert stats["reads"][phase] == stats["units_run"][phase] == n_shards * n_models, phase
+        assert stats["reads"][phase] == stats["units_run"][phase] == plan[phase], phase
     written = len(unit_files(attack_run.out_dir, "attack"))
     assert stats["reads"]["attack"] == stats["units_run"]["attack"] == written
     assert stats["attack_units"] == {"planned": n_shards * n_models, "done": written,

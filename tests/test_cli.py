@@ -225,3 +225,21 @@ def test_cell_show_reads_a_whole_image_area_as_whole_and_refuses_bad_ids():
     ]:
         result = invoke("cell", "show", *args)
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.slow
+def test_demo_runs_from_any_directory(tmp_path):
+    # the demo's config ships in the package: no jobs/ where it runs. Small assets are made first
+    # (the demo reuses what it finds), so that the test takes a minute, not five.
+    from pixelray.demo import DEMO_CONFIG, prepare_demo
+
+    assert DEMO_CONFIG.is_file() and (Path(__file__).resolve().parents[1] / "jobs" / "demo.toml").resolve() == \
+        DEMO_CONFIG.resolve()
+    prepare_demo(tmp_path / "demo-out", images=500, epochs=1, log=lambda m: None)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run([console_script(), "demo", "--no-progress"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "jobs").exists()
+    assert (tmp_path / "demo-out" / "results" / "cells.parquet").is_file()
+    assert "report: " in done.stdout and (tmp_path / "demo-out" / "results" / "report" / "report.html").is_file()
