@@ -3,8 +3,15 @@
 A unit is (model, shard). The worker reads the shard itself, moves it to its
 device once, and runs every cell of the plan over it, returning counts (never
 images). Two units may be in flight per worker: the second one's shard is read
-while the first one computes (the actor has two threads; compute is serialised
-by a lock). The compute functions below are plain torch and usable without Ray.
+(and on CUDA copied to the device, from pinned memory, on a copy stream) while
+the first one computes (the actor has two threads; compute is serialised by a
+lock). The compute functions below are plain torch and usable without Ray.
+
+The hot path, per batch of a unit: the plan's :class:`~pixelray.perturb.Perturber`
+draws every cell's changes in a few fused passes and writes them into a scratch
+copy of the batch, one cell (or ``cells_per_pass`` cells) at a time, undoing them
+after each forward pass; nothing waits for the device until the unit's counts are
+read back. The number of reads is counted in the reader (``read_count``), not assumed.
 
 An *attack* unit makes adversarial examples (the config's attack, through the
 interface of :mod:`pixelray.attacks`) with the unit's model at every eps, runs
@@ -25,6 +32,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -178,7 +186,7 @@ class CellGraphs:
             raise ValueError(f"cuda_graphs: needs a CUDA device, the worker runs on {device}")
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
-        self._graphs: dict[tuple, tuple] = {}
+        self._graphs: dict[tuple, tuple] = {}  # key -> (weakref to the model, graph, static inputs, output)
         self._plans: dict[tuple, Perturber] = {}
 
     def run(self, model, perturber: Perturber, batch, ids, truth, step: int, out: torch.Tensor) -> None:
@@ -187,13 +195,21 @@ class CellGraphs:
         for c0 in range(0, len(cells), step):
             chunk = tuple(cells[c0 : c0 + step])
             key = (id(model), tuple(batch.shape), batch.stride(), chunk, torch.is_autocast_enabled())
-            if key not in self._graphs:
-                self._graphs[key] = self._capture(model, chunk, perturber, batch, ids, truth)
-            graph, static_in, static_out = self._graphs[key]
+            found = self._graphs.get(key)
+            if found is None or found[0]() is not model:  # a model at a freed one's address is another model
+                self._forget_dead()
+                found = self._graphs[key] = (weakref.ref(model), *self._capture(model, chunk, perturber, batch, ids,
+                                                                                truth))
+            _, graph, static_in, static_out = found
             for dst, src in zip(static_in, (batch, ids, truth), strict=True):
                 dst.copy_(src, non_blocking=True)
             graph.replay()
             out[c0 : c0 + len(chunk)] = static_out
+
+    def _forget_dead(self) -> None:
+        """Drop the graphs of models that were freed (the worker's LRU let them go)."""
+        for key in [k for k, (ref, *_) in self._graphs.items() if ref() is None]:
+            del self._graphs[key]
 
     def _capture(self, model, chunk, perturber: Perturber, batch, ids, truth):
         plan_key = (chunk, perturber.height, perturber.width)
@@ -320,6 +336,8 @@ def attack_outcomes(
         report_float: also judge the unrounded examples (``success_float``); without it
             ``success_float`` is None and, for attacks that allow it, a forward pass is saved.
         cell_options: options of :func:`correct_under_cells` (a worker's perturber, ...).
+
+    Memory: the examples of every eps are kept until the cells run (E x the unit's images).
 
     Returns:
         ``success_float`` and ``success`` bool (E, N): the model misclassifies the
