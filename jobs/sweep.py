@@ -34,11 +34,11 @@ def main(
     """Run (or resume) a sweep as a Ray job."""
     overrides = {"output_dir": out, "data": data, "metrics_port": metrics_port}
     if smoke_test:
-        from pixelray.demo import prepare_demo
+        from pixelray.demo import DEMO_CONFIG, prepare_demo
 
         root = Path(out or "demo-out")
         data_dir, checkpoints = prepare_demo(root, images=600, epochs=3)
-        config = str(Path(__file__).with_name("demo.toml"))
+        config = str(DEMO_CONFIG)  # the package's copy (jobs/demo.toml links to it)
         overrides.update(
             data=str(data_dir),
             models=tuple(f"checkpoint:{p}" for p in checkpoints),
