@@ -342,6 +342,6 @@ def test_results_from_before_the_attack_phase_are_read(tmp_path):
     run = tmp_path / "old"
     run.mkdir()
     table = pa.Table.from_pylist([cell("vgg16", 4, 100, 7)], schema=CELLS_SCHEMA)
-    pq.write_table(table.drop_columns(["n_restored", "restored_rate"]), run / "cells.parquet")
+    pq.write_table(table.drop_columns(["n_restored", "restored_rate", "cell_id"]), run / "cells.parquet")
     t6 = {t.key: t for t in build_tables(load_runs([run]))}["table-6"]
     check_ours(t6.cell(("vgg16",), "n = 4"), 7, 100)

@@ -73,8 +73,9 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-#: Columns that results written before the attack phase existed lack; read as empty.
-_LATER_COLUMNS = ("n_restored", "restored_rate")
+#: Columns that results written before the attack phase (n_restored, restored_rate) or before rows
+#: named their cell (cell_id) existed lack; read as empty.
+_LATER_COLUMNS = ("n_restored", "restored_rate", "cell_id")
 
 
 def _read_table(path: Path, schema: pa.Schema) -> pd.DataFrame:
