@@ -1,18 +1,23 @@
-"""FGSM throughput beside a forward pass on the same model and batch.
+"""FGSM's cost in forward passes, pixelray's beside torchattacks', on the same model and batch, one run.
 
-Prints one JSON line: images/s of ``pixelray.attacks.fgsm`` (uint8 in, uint8 out: one
-forward and one backward to the input), of a forward pass under ``torch.inference_mode``,
-their ratio (the cost of FGSM in forward passes, about 2-3), and with ``--torchattacks``
-of ``torchattacks.FGSM`` on the same float batch (DESIGN: pixelray's FGSM must run at least
-as fast).
+Every time is a median over ``--iters`` runs after ``--warmup``, divided by the median time of
+one forward pass of the batch (``inference_mode``): the cost "in forward passes". Measured:
 
-The model is a random-init ``pixelray.models.load_model`` Classifier (normalisation inside,
-parameters frozen): no weights are read or downloaded. The timings are medians over
-``--iters`` runs after ``--warmup`` runs.
+* ``fgsm``: :func:`pixelray.attacks.fgsm`, uint8 in, uint8 examples out (one forward and one
+  backward to the input);
+* ``sweep_run``: what a sweep runs per batch, ``FGSM.run``: the examples and the verdict on
+  the uint8 examples (one more forward pass); ``sweep_run_float``: the same with
+  ``[attack] report_float = true`` (the unrounded examples judged too: one more);
+* ``torchattacks``: ``torchattacks.FGSM`` on the float batch, rounded to uint8 like ours; and
+  ``torchattacks_with_verdict``: plus a forward pass on its uint8 examples, the work of
+  ``sweep_run``.
+
+The model is a random-init ``pixelray.models.load_model`` Classifier (normalisation inside):
+no weights are read or downloaded. Prints one JSON line.
 
 Usage:
-    python benchmarks/fgsm.py                                  # resnet18, batch 32, 224x224, CPU
-    python benchmarks/fgsm.py --device cuda --batch 256 --amp --torchattacks  # GPU, fp16 autocast
+    python benchmarks/fgsm.py                                    # resnet18, batch 32, 224x224, CPU
+    python benchmarks/fgsm.py --device cuda --batch 256 --amp    # GPU, fp16 autocast
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 
 import torch
-from timing import median_seconds
+from timing import device_name, median_seconds
 
-from pixelray.attacks import fgsm, to_uint8
+from pixelray.attacks import FGSM, fgsm, to_uint8
 from pixelray.models import load_model
 
 
@@ -39,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--torchattacks", action="store_true", help="also time torchattacks.FGSM")
+    parser.add_argument("--no-torchattacks", action="store_true", help="skip torchattacks (a dev dependency)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.size < 16 or args.iters < 1 or args.warmup < 0:
         parser.error("--batch and --iters must be >= 1, --size >= 16 and --warmup >= 0")
@@ -52,51 +58,60 @@ def main(argv: list[str] | None = None) -> dict:
     images = torch.randint(0, 256, (args.batch, 3, args.size, args.size), generator=gen, dtype=torch.uint8)
     labels = torch.randint(0, model.num_classes, (args.batch,), generator=gen)
     images, labels = images.to(device), labels.to(device)
+    ids = torch.arange(args.batch, device=device)
 
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
 
     def autocast() -> contextlib.AbstractContextManager:
-        if not args.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=amp_dtype)
+        return torch.autocast(device.type, dtype=amp_dtype) if args.amp else contextlib.nullcontext()
 
     def forward() -> None:
         with torch.inference_mode(), autocast():
             model(images)
 
-    def attack() -> None:
-        with autocast():
-            fgsm(model, images, labels, args.eps)
+    def time(fn) -> float:
+        def run() -> None:
+            with autocast():
+                fn()
+        return median_seconds(run, args.iters, args.warmup, device)
 
     t_forward = median_seconds(forward, args.iters, args.warmup, device)
-    t_fgsm = median_seconds(attack, args.iters, args.warmup, device)
-    result = {
-        "model": args.model,
-        "device": str(device),
-        "batch": args.batch,
-        "size": args.size,
-        "amp": str(amp_dtype).removeprefix("torch.") if args.amp else None,
-        "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "eps": args.eps,
-        "forward_images_per_s": round(args.batch / t_forward, 2),
-        "fgsm_images_per_s": round(args.batch / t_fgsm, 2),
-        "fgsm_cost_in_forwards": round(t_fgsm / t_forward, 3),
+    timings = {
+        "fgsm": time(lambda: fgsm(model, images, labels, args.eps)),
+        "sweep_run": time(lambda: FGSM.run(model, images, labels, ids, args.eps, report_float=False)),
+        "sweep_run_float": time(lambda: FGSM.run(model, images, labels, ids, args.eps, report_float=True)),
     }
-
-    if args.torchattacks:
+    if not args.no_torchattacks:
         import torchattacks  # a dev dependency
 
         unit = images.float() / 255
         atk = torchattacks.FGSM(model, eps=args.eps)
 
-        def theirs() -> None:  # float in (ours converts uint8 inside its timing), rounded like ours
-            with autocast():
-                to_uint8(atk(unit, labels))
+        def with_verdict() -> None:
+            adv = to_uint8(atk(unit, labels))
+            with torch.inference_mode():
+                model(adv).argmax(1)
 
-        t_theirs = median_seconds(theirs, args.iters, 0, device)  # the model's kernels are warm by now
-        result["torchattacks_images_per_s"] = round(args.batch / t_theirs, 2)
-        result["speed_vs_torchattacks"] = round(t_theirs / t_fgsm, 3)
-
+        timings["torchattacks"] = time(lambda: to_uint8(atk(unit, labels)))
+        timings["torchattacks_with_verdict"] = time(with_verdict)
+    result = {
+        "benchmark": "fgsm",
+        "model": args.model,
+        "device": str(device),
+        "device_name": device_name(device),
+        "batch": args.batch,
+        "size": args.size,
+        "amp": str(amp_dtype).removeprefix("torch.") if args.amp else None,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "eps": round(args.eps, 6),
+        "forward_s": round(t_forward, 4),
+        **{f"{name}_cost_in_forwards": round(seconds / t_forward, 3) for name, seconds in timings.items()},
+    }
+    if "torchattacks" in timings:
+        result["speed_vs_torchattacks"] = round(timings["torchattacks"] / timings["fgsm"], 3)
+        result["sweep_run_speed_vs_torchattacks_with_verdict"] = round(
+            timings["torchattacks_with_verdict"] / timings["sweep_run"], 3)
+    result["load_average"] = round(os.getloadavg()[0], 2)
     print(json.dumps(result))
     return result
 

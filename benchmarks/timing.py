@@ -1,4 +1,4 @@
-"""Shared timing helper of the benchmarks: median wall seconds with device synchronisation."""
+"""Shared helpers of the benchmarks: median wall seconds with device synchronisation, the device's name."""
 
 from __future__ import annotations
 
@@ -26,3 +26,19 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int, device: 
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

@@ -37,12 +37,12 @@ def main(
     in_job = os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID")
     try:
         if smoke_test:
-            from pixelray.demo import prepare_demo
+            from pixelray.demo import DEMO_CONFIG, prepare_demo
 
             root = Path(out or "demo-out")
             data_dir, checkpoints = prepare_demo(root, images=600, heldout=300, epochs=3, finetune_epochs=2,
                                                  address="auto" if in_job else "local")
-            config = str(Path(__file__).with_name("demo.toml"))
+            config = str(DEMO_CONFIG)  # the package's copy (jobs/demo.toml links to it)
             overrides.update(
                 data=str(data_dir),
                 models=tuple(f"checkpoint:{p}" for p in checkpoints),

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from pixelray import __version__
+from pixelray.cli_cell import cell_app
 from pixelray.cli_data import data_app, prepare_app
 from pixelray.cli_models import weights_app
 from pixelray.cli_train import train_augment_cmd
@@ -25,6 +26,7 @@ app.add_typer(weights_app, name="weights")
 app.add_typer(data_app, name="data")
 app.add_typer(prepare_app, name="prepare")
 app.command("train-augment")(train_augment_cmd)
+app.add_typer(cell_app, name="cell")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -198,7 +200,9 @@ def report_cmd(
 @app.command("demo")
 def demo_cmd(
     out: Annotated[str, typer.Option("--out", help="Where the demo's data, models and results go.")] = "demo-out",
-    config: Annotated[str, typer.Option("--config", help="The demo sweep config.")] = "jobs/demo.toml",
+    config: Annotated[
+        str | None, typer.Option("--config", help="The demo sweep config (default: the one in the package).")
+    ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Run the whole pipeline on an embedded local Ray: synthetic data, a tiny CNN, its fine-tunes, a sweep.
@@ -210,7 +214,7 @@ def demo_cmd(
     from pathlib import Path
 
     from pixelray.config import ConfigError, load_config
-    from pixelray.demo import prepare_demo
+    from pixelray.demo import DEMO_CONFIG, prepare_demo
     from pixelray.sweep import SweepError, run_sweep
     from pixelray.train_augment import TrainError
 
@@ -224,7 +228,7 @@ def demo_cmd(
         "output_dir": str(Path(out) / "results"),
     }
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config or DEMO_CONFIG, overrides)
         result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True), address="local")
     except (ConfigError, SweepError) as exc:
         fail(str(exc))

@@ -84,6 +84,9 @@ class AttackConfig:
             (the paper: 10,000 successful examples); None keeps all.
         params: the attack's own parameters (e.g. PGD's ``steps``), as ``(key, value)``
             pairs; every parameter is filled in with its default and checked by the spec.
+        report_float: also judge the unrounded examples (``success_float``,
+            ``n_success_float`` and ``success_rate_float`` in the tables; null without it).
+            It costs one more forward pass per example and eps (about 20% of FGSM).
     """
 
     kind: str = "fgsm"
@@ -91,6 +94,7 @@ class AttackConfig:
     keep: Keep = Keep.SUCCESSFUL
     size: int | None = None
     params: tuple[tuple[str, Any], ...] = ()
+    report_float: bool = False
 
     def __post_init__(self) -> None:
         from pixelray.attacks import get_attack  # the attack's own module decides its parameters
@@ -120,6 +124,8 @@ class AttackConfig:
         object.__setattr__(self, "eps", eps)
         if self.size is not None and (not is_int(self.size) or self.size < 1):
             raise ValueError(f"size = {self.size!r}: must be an integer >= 1, or omit it to keep every example")
+        if not isinstance(self.report_float, bool):
+            raise ValueError(f"report_float = {self.report_float!r}: must be true or false")
 
     @property
     def name(self) -> str:
@@ -134,9 +140,14 @@ class AttackConfig:
         return json.dumps(dict(self.params), sort_keys=True)
 
     def identity(self) -> dict[str, Any]:
-        """What determines the attack's results (parameters only when the attack has any: FGSM keeps its hash)."""
+        """What determines the attack's results (parameters only when the attack has any, report_float only
+        when true: a config without them keeps its hash)."""
         out = {"kind": self.kind, "eps": list(self.eps), "keep": self.keep.value, "size": self.size}
-        return {**out, "params": dict(self.params)} if self.params else out
+        if self.params:
+            out["params"] = dict(self.params)
+        if self.report_float:
+            out["report_float"] = True
+        return out
 
 
 @dataclass(frozen=True)
@@ -196,12 +207,14 @@ class SweepConfig:
     gpus: int | str | None = None  # GPU workers: a number, or "all" (one per GPU as the cluster grows)
     placement_timeout: float = 600.0  # seconds a worker may wait for its resources before the sweep stops
     threads: int | None = None
-    amp: bool = False
+    amp: bool | str = False  # autocast: True (fp16 on CUDA, bf16 on CPU), "bf16" or "fp16"
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_linger: float = 5.0  # seconds the metrics endpoint stays up after the final tables
     verify: Verify = Verify.AUTO
     attacks: tuple[AttackConfig, ...] = ()  # [attack], or several [[attack]] tables
+    cells_per_pass: int = 1  # cells per forward pass (the batch holds cells x images)
+    cuda_graphs: bool = False  # replay the cells' passes from CUDA graphs (CUDA only; off until trusted)
     save_adversarial: str | None = None  # directory for adversarial image shards (optional)
 
     def cells(self, image_size: tuple[int, int] | None = None) -> list[tuple[str, Cell]]:
@@ -328,14 +341,38 @@ def _attacks(raw: dict, source: str) -> tuple[AttackConfig, ...]:
     return tuple(out)
 
 
+def _weights(value: Any, names: tuple[str, ...]) -> str | None:
+    """``[models] weights``: 'imagenet', 'default', 'none' or a weights entry such as 'IMAGENET1K_V2'
+    (the model registry's own names), checked against every torchvision model of the sweep."""
+    from pixelray.models import check_weights_entry
+
+    allowed = "'imagenet', 'default', 'none' or a torchvision weights entry such as 'IMAGENET1K_V2'"
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"[models] weights = {value!r}: allowed: {allowed}")
+    try:
+        label = check_weights_entry(value, names)
+    except ValueError as exc:
+        raise ConfigError(f"[models] weights = {value!r}: {exc}") from None
+    return None if label == "none" else label
+
+
+def _amp(value: bool | str) -> bool | str:
+    """``[run] amp``: false, true (fp16 on CUDA, bf16 on CPU), 'bf16' or 'fp16'."""
+    if isinstance(value, str) and value not in ("bf16", "fp16"):
+        raise ConfigError(f"[run] amp = {value!r}: allowed: true, false, 'bf16', 'fp16'")
+    return value
+
+
 def _attack(table: dict, where: str) -> AttackConfig:
     kind = _get(table, "kind", where, str, fix="e.g. kind = 'fgsm'")
     eps = _get(table, "eps", where, list, [1, 2, 4, 8], fix="a list of integers k meaning k/255, e.g. [1, 2, 4, 8]")
     keep = _get(table, "keep", where, str, "successful", fix="'successful' or 'all'")
     size = _get(table, "size", where, int, None, fix="a positive number of examples, or omit it for all")
-    params = {k: v for k, v in table.items() if k not in ("kind", "eps", "keep", "size")}
+    report_float = _get(table, "report_float", where, bool, False, fix="true or false")
+    params = {k: v for k, v in table.items() if k not in ("kind", "eps", "keep", "size", "report_float")}
     try:
-        return AttackConfig(kind=kind, eps=tuple(eps), keep=keep, size=size, params=tuple(params.items()))
+        return AttackConfig(kind=kind, eps=tuple(eps), keep=keep, size=size, params=tuple(params.items()),
+                            report_float=report_float)
     except ValueError as exc:
         raise ConfigError(f"[{where}] {exc}") from None
 
@@ -376,10 +413,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
         resolve_models(list(names))  # the form of each spec, with close matches for a typo; nothing is loaded
     except ValueError as exc:
         raise ConfigError(f"[models] {exc}") from None
-    weights = models_t.get("weights", "imagenet")
-    if weights not in ("imagenet", "default", "none", None):
-        raise ConfigError(f"[models] weights = {weights!r}: allowed: 'imagenet', 'default', 'none'")
-    weights = None if weights == "none" else weights
+    weights = _weights(models_t.get("weights", "imagenet"), names)
     if weights is not None and "tiny" in names:
         raise ConfigError(f"[models] weights = {weights!r}: 'tiny' has no pretrained weights; "
                           "set weights = 'none' (random init) or name a trained 'checkpoint:PATH'")
@@ -426,7 +460,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
 
     run = _get(raw, "run", source, dict, {})
     allowed_run = {"device", "workers", "gpus", "placement_timeout", "threads", "amp", "metrics_port", "metrics_host",
-                   "metrics_linger"}
+                   "metrics_linger", "cells_per_pass", "cuda_graphs"}
     _unknown(run, allowed_run, "run")
     device = _get(run, "device", "run", str, "auto")
     if device not in ("auto", "cpu", "cuda"):
@@ -447,12 +481,14 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
         "gpus": _get(run, "gpus", "run", (int, str), None, fix="a number of GPUs, or 'all'"),
         "placement_timeout": _get(run, "placement_timeout", "run", (int, float), 600.0, fix="seconds, e.g. 600"),
         "threads": _get(run, "threads", "run", int, None),
-        "amp": _get(run, "amp", "run", bool, False),
+        "amp": _amp(_get(run, "amp", "run", (bool, str), False, fix="true, false, 'bf16' or 'fp16'")),
         "metrics_port": _get(run, "metrics_port", "run", int, None),
         "metrics_host": _get(run, "metrics_host", "run", str, "127.0.0.1"),
         "metrics_linger": _get(run, "metrics_linger", "run", (int, float), 5.0),
         "verify": verify,
         "attacks": attacks,
+        "cells_per_pass": _get(run, "cells_per_pass", "run", int, 1),
+        "cuda_graphs": _get(run, "cuda_graphs", "run", bool, False),
         "save_adversarial": save_adversarial,
     }
     for key, value in (overrides or {}).items():
@@ -469,7 +505,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
 
 def _check_run(fields: dict[str, Any]) -> None:
     """The ``[run]`` values (from the file or the command line): positive counts, a real port."""
-    for key in ("workers", "threads"):
+    for key in ("workers", "threads", "cells_per_pass"):
         value = fields[key]
         if value is not None and (not is_int(value) or value < 1):
             raise ConfigError(f"[run] {key} = {value!r}: must be an integer >= 1, or omit it for the default")
@@ -481,6 +517,9 @@ def _check_run(fields: dict[str, Any]) -> None:
     timeout = fields["placement_timeout"]
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
         raise ConfigError(f"[run] placement_timeout = {timeout!r}: must be a number of seconds > 0")
+    if fields["cuda_graphs"] and fields["device"] == "cpu":
+        raise ConfigError("[run] cuda_graphs = true needs a CUDA device, but device = 'cpu'; drop cuda_graphs "
+                          "(with device = 'auto' it applies only where the workers have a GPU)")
     port = fields["metrics_port"]
     if port is not None and (not is_int(port) or not 0 <= port <= 65535):
         raise ConfigError(f"[run] metrics_port = {port!r}: must be in 0..65535 (0 = any free port)")

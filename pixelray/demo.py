@@ -14,11 +14,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DEMO_COUNT", "prepare_demo"]
+__all__ = ["DEMO_CONFIG", "DEMO_COUNT", "prepare_demo"]
 
 #: Changed pixels per training image of the demo's augmented fine-tune (of 32 x 32 = 1,024): the
 #: tiny CNN on the synthetic images shrugs off a few pixels, and breaks from a quarter of them up.
 DEMO_COUNT = 384
+
+#: The demo sweep's config, shipped in the package (``jobs/demo.toml`` is a link to it), so that
+#: ``pixelray demo`` works from any directory.
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.toml"
 
 
 def prepare_demo(

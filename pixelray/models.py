@@ -68,6 +68,7 @@ __all__ = [
     "cached_weights",
     "checkpoint_file",
     "checkpoint_sidecar",
+    "check_weights_entry",
     "download_weights",
     "load_model",
     "model_info",
@@ -90,7 +91,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _CHECKPOINT_PREFIX = "checkpoint:"
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-_ENTRY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_ENTRY_RE = re.compile(r"^[A-Z][A-Z0-9]*(_[A-Z0-9]+)*_V[0-9]+$")  # torchvision entry names: IMAGENET1K_V2
 _SIDECAR_FORMAT = "pixelray.checkpoint"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.")  # DDP, torch.compile, a saved Classifier
 _RANGE_TOL = 1e-6
@@ -187,16 +188,16 @@ class Classifier(nn.Module):
         """Logits (N, num_classes) of a batch of uint8 or [0, 1] float images."""
         x = _as_nchw(x)
         if x.dtype == torch.uint8:
-            x = x.to(self._mean.dtype) / 255
-        elif x.is_floating_point():
+            # One new tensor, normalised in place: the same arithmetic in the same order as
+            # ((x / 255) - mean) / std, so the same bits, without three more full-size tensors.
+            return self.net(x.to(self._mean.dtype).div_(255).sub_(self._mean).div_(self._std))
+        if x.is_floating_point():
             if self.check_range:
                 _check_unit_range(x)
-            x = x.to(self._mean.dtype)
-        else:
-            raise ValueError(
-                f"images: dtype {x.dtype} is not supported; pass uint8 pixels or floats in [0, 1]"
-            )
-        return self.net((x - self._mean) / self._std)
+            return self.net((x.to(self._mean.dtype) - self._mean) / self._std)
+        raise ValueError(
+            f"images: dtype {x.dtype} is not supported; pass uint8 pixels or floats in [0, 1]"
+        )
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, weights={self.weights!r}, num_classes={self.num_classes}"
@@ -391,7 +392,7 @@ def _parse_weights(weights: str | Weights | None) -> Weights | str:
         try:
             return Weights(weights.strip().lower())
         except ValueError:
-            if _ENTRY_RE.match(weights.strip()):
+            if _ENTRY_RE.match(weights.strip().upper()):
                 return weights.strip().upper()
     raise ValueError(
         f"weights: {weights!r} is invalid; use 'imagenet' (IMAGENET1K_V1), 'default', 'none' "
@@ -401,6 +402,21 @@ def _parse_weights(weights: str | Weights | None) -> Weights | str:
 
 def _weights_label(weights: Weights | str) -> str:
     return weights.value if isinstance(weights, Weights) else weights
+
+
+def check_weights_entry(weights: str | Weights | None, names: Sequence[str]) -> str:
+    """The weights' label (``imagenet``, ``default``, ``none`` or an entry name such as ``IMAGENET1K_V2``),
+    after checking that every torchvision model among ``names`` has an explicitly named entry.
+
+    Nothing is loaded or read. Raises ValueError for a malformed name, or naming the model
+    and the entries it has.
+    """
+    kind = _parse_weights(weights)
+    if not isinstance(kind, Weights):
+        for name in names:
+            if _kind(name) == "torchvision":
+                _entry(name, kind)
+    return _weights_label(kind)
 
 
 def _entry(name: str, weights: Weights | str) -> Any:

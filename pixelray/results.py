@@ -14,13 +14,15 @@ __all__ = ["ATTACK_SCHEMA", "CELLS_SCHEMA", "IDS_SCHEMA", "TRANSFER_SCHEMA"]
 #: cells.parquet: one row per experiment x model x cell (DESIGN.md "Results schema"). ``family`` is
 #: ``pixel_change`` (count, amplitude, area, channels, positions set) or a corruption such as
 #: ``impulse_noise`` (severity set; pixel_index null; equivalent_pixels: the pixel-change count with
-#: the same wrong rate, and its interval).
+#: the same wrong rate, and its interval). ``cell_id`` is the string that keys the cell's draws;
+#: ``pixelray.spec.Cell.from_id`` (or ``Cell.from_columns`` on the count .. seed and image_size
+#: columns) rebuilds the exact cell.
 CELLS_SCHEMA = pa.schema([
     ("experiment", pa.string()), ("model", pa.string()), ("weights", pa.string()),
     ("attack", pa.string()), ("attack_params", pa.string()), ("eps", pa.float64()),
     ("family", pa.string()), ("count", pa.int64()), ("amplitude", pa.string()),
     ("area", pa.int64()), ("channels", pa.string()), ("positions", pa.string()), ("severity", pa.int64()),
-    ("seed", pa.int64()),
+    ("seed", pa.int64()), ("cell_id", pa.string()),
     ("n_images", pa.int64()), ("n_wrong", pa.int64()), ("n_restored", pa.int64()), ("accuracy", pa.float64()),
     ("wrong_rate", pa.float64()), ("restored_rate", pa.float64()), ("ci_low", pa.float64()),
     ("ci_high", pa.float64()), ("pixel_index", pa.float64()), ("equivalent_pixels", pa.float64()),

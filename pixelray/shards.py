@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import posixpath
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -58,6 +59,7 @@ __all__ = [
     "check_shards",
     "load_manifest",
     "read_labels",
+    "read_count",
     "read_shard",
     "shard_uri",
     "shard_uris",
@@ -74,6 +76,16 @@ _SHAPE_KEY = b"pixelray.image_shape"
 _COLUMNS = ("image_id", "label", "image", "source")
 _MAX_ROWS_LISTED = 5  # row-level problems listed per file and kind before "... and N more"
 _HASH_BLOCK = 8 << 20
+_reads = threading.local()  # read_shard calls per thread (see read_count)
+
+
+def read_count() -> int:
+    """How many times :func:`read_shard` was called in this thread so far.
+
+    The worker reports the difference over a unit (each unit runs in one thread), so a
+    unit that read its shard twice says 2: the sweep's ``reads`` are counted, not assumed.
+    """
+    return getattr(_reads, "n", 0)
 
 
 class ShardError(ValueError):
@@ -399,14 +411,16 @@ def _image_views(column: pa.ChunkedArray, shape: tuple[int, int, int], where: st
     return views
 
 
-def _gather(views: list[torch.Tensor], keep: np.ndarray | None, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Rows ``keep`` (sorted; None = all) of the chunk views as one tensor, copying at most once."""
+def _gather(views: list[torch.Tensor], keep: np.ndarray | None, shape: tuple[int, int, int],
+            pin_memory: bool = False) -> torch.Tensor:
+    """Rows ``keep`` (sorted; None = all) of the chunk views as one tensor, copying at most once
+    (into page-locked memory with ``pin_memory``: the one copy lands where a GPU copy can start from)."""
     total = sum(len(v) for v in views)
     if keep is None or len(keep) == total:
-        if len(views) == 1:
+        if len(views) == 1 and not pin_memory:
             return views[0]  # zero-copy
         keep = None
-    out = torch.empty((total if keep is None else len(keep), *shape), dtype=torch.uint8)
+    out = torch.empty((total if keep is None else len(keep), *shape), dtype=torch.uint8, pin_memory=pin_memory)
     dest = out.numpy().reshape(len(out), -1)
     start, pos = 0, 0
     for view in views:
@@ -471,12 +485,13 @@ def _open_for_read(fs: pafs.FileSystem, path: str, uri: str, sha256: str | None)
 
 
 def read_shard(
-    uri: str, image_ids: Sequence[int] | None = None, expect: ShardExpectation | None = None
+    uri: str, image_ids: Sequence[int] | None = None, expect: ShardExpectation | None = None,
+    pin_memory: bool = False,
 ) -> ShardBatch:
     """Read one shard into torch tensors, copying the pixels at most once.
 
     A shard written by :class:`ShardWriter` (one row group) is read without copying
-    the pixels: the tensor shares the buffer Parquet decoded into.
+    the pixels: the tensor shares the buffer Parquet decoded into (and keeps it alive).
 
     Args:
         uri: local path or pyarrow filesystem URI (``s3://...``, ``file://...``) of a shard.
@@ -489,7 +504,10 @@ def read_shard(
     Raises:
         ShardError: the file is missing, unreadable, not a pixelray shard, or not what
             ``expect`` says.
+        pin_memory: put the pixels in page-locked memory (one copy; needs CUDA), so that a
+            ``.to("cuda", non_blocking=True)`` copy is asynchronous.
     """
+    _reads.n = read_count() + 1
     fs, path = _resolve(uri)
     columns = ["image_id", "label", "image"]
     try:
@@ -536,14 +554,12 @@ def read_shard(
         if problems:
             raise ShardError(problems[0])
     views = _image_views(table.column("image"), shape, uri)
-    if keep is None:
-        images = _gather(views, None, shape)
-    else:
+    if keep is not None:
         ids, labels = ids[keep], labels[keep]
-        images = _gather(views, keep, shape)
+    images = _gather(views, keep, shape, pin_memory)
     return ShardBatch(
-        image_ids=torch.tensor(ids, dtype=torch.int64),
-        labels=torch.tensor(labels, dtype=torch.int64),
+        image_ids=torch.tensor(ids, dtype=torch.int64, pin_memory=pin_memory),
+        labels=torch.tensor(labels, dtype=torch.int64, pin_memory=pin_memory),
         images=images,
     )
 

@@ -14,9 +14,11 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 
 from pixelray.check import check_int, is_int
 
@@ -233,8 +235,78 @@ class Cell:
         """Stable string id of this cell, used as a result key."""
         return f"{self.change.label}-seed{self.seed}"
 
+    def for_image(self, height: int, width: int) -> Cell:
+        """This cell as a sweep keys it on ``height`` x ``width`` images: an area equal to the side of a
+        square image is the whole image (``area=None``, label ``whole``), the one key of a whole-image cell."""
+        change = self.change
+        if change.area is not None and change.area == height == width:
+            change = PixelChange(change.count, change.amplitude, None, change.channels, change.positions)
+            return Cell(change, self.seed)
+        return self
+
+    @classmethod
+    def from_id(cls, cell_id: str, image_size: tuple[int, int] | int | None = None) -> Cell:
+        """The cell a :attr:`cell_id` names (e.g. a ``cells.parquet`` row's ``cell_id``).
+
+        With ``image_size`` (a side, or (height, width)) an area equal to the side of a square
+        image is read as the whole image (see :meth:`for_image`).
+
+        >>> Cell.from_id("n64-a10-s200-c0-per-image-seed3").change
+        PixelChange(count=64, amplitude=10, area=200, channels=(0,), positions='per-image')
+        >>> Cell.from_id("n4-full-s32-all-per-image-seed0", 32).cell_id
+        'n4-full-whole-all-per-image-seed0'
+        """
+        match = _CELL_ID.match(cell_id) if isinstance(cell_id, str) else None
+        if match is None:
+            raise ValueError(f"cell_id: {cell_id!r} is not a cell id; expected e.g. "
+                             "'n64-full-whole-all-per-image-seed0' (count, amplitude, area, channels, positions, seed)")
+        count, amp, area, channels, positions, seed = match.groups()
+        change = PixelChange(
+            int(count), "full" if amp == "full" else int(amp[1:]), None if area == "whole" else int(area[1:]),
+            "all" if channels == "all" else tuple(int(c) for c in channels[1:]), positions,
+        )
+        cell = cls(change, int(seed))
+        if cell.cell_id != cell_id:  # e.g. 'c10' for 'c01', or 'a010'
+            raise ValueError(f"cell_id: {cell_id!r} is not in canonical form; it reads as {cell.cell_id!r}")
+        return cell if image_size is None else cell.for_image(*_size(image_size))
+
+    @classmethod
+    def from_columns(cls, row: Mapping[str, Any], width: int | None = None) -> Cell:
+        """The cell of a ``cells.parquet`` row, from its columns ``count``, ``amplitude``, ``area``,
+        ``channels``, ``positions``, ``seed`` and ``image_size`` (the height) alone.
+
+        ``area`` null, or equal to the side of a square image, is the whole image. ``width``
+        defaults to ``image_size`` (square images, as the results say no more); pass it for
+        other data sets. The result's :attr:`cell_id` equals the row's ``cell_id``.
+        """
+        def value(key: str) -> Any:
+            v = row[key]
+            return None if v is None or (isinstance(v, float) and v != v) else v  # pandas gives NaN for null
+
+        amplitude = str(value("amplitude"))
+        channels = str(value("channels"))
+        area = value("area")
+        height = int(value("image_size"))
+        change = PixelChange(
+            int(value("count")), "full" if amplitude == "full" else int(amplitude),
+            None if area is None else int(area),
+            "all" if channels == "all" else tuple(int(c) for c in channels.split(",")),
+            str(value("positions")),
+        )
+        return cls(change, int(value("seed"))).for_image(height, height if width is None else int(width))
+
     @property
     def key(self) -> int:
         """Stable 63-bit integer derived from :attr:`cell_id`; keys the random draws."""
         digest = hashlib.sha256(self.cell_id.encode()).digest()
         return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+_CELL_ID = re.compile(r"^n(\d+)-(full|a\d+)-(whole|s\d+)-(all|c[0-2]+)-(per-image|shared)-seed(\d+)$")
+
+
+def _size(image_size: tuple[int, int] | int) -> tuple[int, int]:
+    if isinstance(image_size, int) and not isinstance(image_size, bool):
+        return image_size, image_size
+    height, width = image_size  # type: ignore[misc]
+    return int(height), int(width)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from tqdm import tqdm
@@ -17,9 +18,15 @@ __all__ = ["SweepTelemetry"]
 
 
 class SweepTelemetry:
-    """Units total/done/failed, images evaluated per model, throughput, ETA, worker restarts."""
+    """Units total/done/failed, images evaluated per model, throughput, ETA, worker restarts.
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", progress: bool = True):
+    Throughput is the phase's images (x cells) over the seconds since the phase started; the
+    ETA is the units left over the rate of units run in this phase (resumed units excluded).
+    """
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", progress: bool = True,
+                 clock: Callable[[], float] = time.monotonic):
+        self.clock = clock  # seconds, monotonic (tests pass a scripted one)
         self.registry = CollectorRegistry()
         r = self.registry
         self.units_total = Gauge("pixelray_units_total", "Units planned in this phase.", ["phase"], registry=r)
@@ -45,7 +52,7 @@ class SweepTelemetry:
         self.units_total.labels(phase).set(total)
         self.units_done.labels(phase).inc(already_done)
         self._phase, self._total, self._done, self._resumed = phase, total, already_done, already_done
-        self._start, self._images_phase = time.monotonic(), 0
+        self._start, self._images_phase = self.clock(), 0
         self._bar = tqdm(
             total=total, initial=already_done, desc=f"{phase:>6}", unit="unit",
             disable=not self._progress, file=sys.stderr, dynamic_ncols=True,
@@ -56,7 +63,7 @@ class SweepTelemetry:
         self._images_phase += images
         self.units_done.labels(self._phase).inc()
         self.images.labels(model).inc(images)
-        elapsed = max(time.monotonic() - self._start, 1e-9)
+        elapsed = max(self.clock() - self._start, 1e-9)
         rate = self._images_phase / elapsed
         self.throughput.set(rate)
         left = self._total - self._done

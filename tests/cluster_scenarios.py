@@ -32,12 +32,17 @@ from pixelray.sweep import SweepError, run_sweep  # noqa: E402
 FAST_DEATH = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
 
 
-def config(data, models, out, **run):
+GRID = {"counts": [4, 64, 200, 400], "amplitudes": ["full", 60]}
+#: Eight times the work: the two workers that are placed must not finish it before the timeout.
+LONG_GRID = {"counts": [4, 16, 64, 128, 200, 300, 400, 500], "amplitudes": ["full", 20, 60, 120]}
+
+
+def config(data, models, out, grid=GRID, size=300, **run):
     return parse_config({
         "data": {"path": data},
         "models": {"names": models, "weights": "none"},
-        "eval": {"filter": "all", "size": 300, "batch_size": 100},
-        "grid": {"counts": [4, 64, 200, 400], "amplitudes": ["full", 60]},
+        "eval": {"filter": "all", "size": size, "batch_size": 100},
+        "grid": grid,
         "output": {"dir": out},
         "run": {"threads": 1, **run},
     })
@@ -81,7 +86,8 @@ def stuck(data, out, models):
     ray.init(address=cluster.address, log_to_driver=False)
     start = time.monotonic()
     try:
-        run_sweep(config(data, models, out, device="cuda", gpus=4, placement_timeout=10), progress=False)
+        run_sweep(config(data, models, out, LONG_GRID, 600, device="cuda", gpus=4, placement_timeout=5),
+                  progress=False)
         error = None
     except SweepError as exc:
         error = str(exc)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -64,3 +66,32 @@ def grafana_queries(path: Path) -> list[tuple[str, str]]:
 def exported_names(text: str) -> set[str]:
     """Sample names (``x_total``, ``x_created``...) in a Prometheus text exposition; it must parse."""
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+class Scraper:
+    """Scrape a Prometheus endpoint on loopback every ``period`` seconds in a thread; ``seen`` collects
+    every sample name ever exported. Ray drops a dead worker's gauges from its export within about ten
+    seconds, so a test that checks what a short-lived worker exported must scrape while it runs."""
+
+    def __init__(self, port: int, period: float = 0.5):
+        self.url = f"http://127.0.0.1:{port}/metrics"  # loopback only
+        self.period, self.seen = period, set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    self.seen |= exported_names(response.read().decode())
+            except OSError:  # the agent may not be up yet
+                pass
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import unit_files, wait_for
 
-from pixelray.attacks import fgsm, pgd
+from pixelray.attacks import fgsm, fgsm_float, pgd
 from pixelray.config import AttackConfig, ConfigError, Keep, parse_config
 from pixelray.models import load_model
 from pixelray.perturb import apply_pixel_changes
@@ -27,7 +28,7 @@ from pixelray.worker import attack_outcomes, model_slug
 GRID = {"counts": [4, 32], "amplitudes": ["full", 60]}
 # eps 4/255 fools the tiny CNNs on a few percent of the images, 32/255 on more than half: with
 # size 20 the weakest eps needs about half of the shards, so the last units are skipped.
-ATTACK = {"kind": "fgsm", "eps": [4, 8, 16, 32], "keep": "successful", "size": 20}
+ATTACK = {"kind": "fgsm", "eps": [4, 8, 16, 32], "keep": "successful", "size": 20, "report_float": True}
 VERSIONS = ["pixelray_version", "torch_version"]
 
 
@@ -142,7 +143,7 @@ def plain_attack(data, models, cells, eps, size, attack=_fgsm):
         ok = torch.stack([nets[m](images).argmax(1) == labels for m in models]).all(0)
     order = torch.argsort(ids[ok])
     cand_ids, cand_labels, cand_images = ids[ok][order], labels[ok][order], images[ok][order]
-    out = {"attack": {}, "cells": {}, "transfer": {}, "examples": {}}
+    out = {"attack": {}, "attack_float": {}, "cells": {}, "transfer": {}, "examples": {}}
     for m in models:
         per_eps = {}
         for k in eps:
@@ -165,6 +166,13 @@ def plain_attack(data, models, cells, eps, size, attack=_fgsm):
         upto = cand_ids <= cutoff
         for k, (fooled, kept) in per_eps.items():
             out["attack"][(m, k)] = (int(upto.sum()), int(fooled[upto].sum()), len(kept))
+            # the unrounded example of each image, made and judged one image at a time
+            float_fooled = 0
+            for i in torch.nonzero(upto).flatten().tolist():
+                unrounded = fgsm_float(nets[m], cand_images[i : i + 1], cand_labels[i : i + 1], k / 255)
+                with torch.inference_mode():
+                    float_fooled += int(nets[m](unrounded).argmax(1)[0] != cand_labels[i])
+            out["attack_float"][(m, k)] = float_fooled
     return out
 
 
@@ -204,7 +212,10 @@ def test_attack_counts_equal_an_independent_plain_loop(attack_run, synthetic_dat
     got = {(r.model, _k(r.eps)): (r.n_attacked, r.n_success, r.n_kept) for r in attack.itertuples()}
     assert got == expected["attack"]
     assert (attack.n_kept == ATTACK["size"]).all()
-    assert (attack.n_success_float >= 0).all() and attack.success_rate_float.between(0, 1).all()
+    # the unrounded examples' verdicts (report_float = true), against a loop of its own
+    got = {(r.model, _k(r.eps)): r.n_success_float for r in attack.itertuples()}
+    assert got == expected["attack_float"]
+    assert np.allclose(attack.success_rate_float, attack.n_success_float / attack.n_attacked)
     for _, per_model in attack.groupby("model"):  # the success rate rises with eps
         assert per_model.sort_values("eps").success_rate.is_monotonic_increasing
         assert per_model.success_rate.iloc[-1] > 2 * per_model.success_rate.iloc[0]
@@ -234,9 +245,21 @@ def test_attack_counts_equal_an_independent_plain_loop(attack_run, synthetic_dat
     # the images never enter a results table
     for name, table in tables.items():
         assert not {"image", "adv", "pixels"} & set(table.columns), name
+    # the counters against the plan, from sources the sweep does not compute: shard files on disk,
+    # this test's models, the unit files written
     stats = attack_run.stats
-    n_shards = len(shard_uris(synthetic_dataset))
-    assert stats["reads"]["attack"] == stats["units_run"]["attack"] <= 2 * n_shards
+    shard_ids = [set(pq.read_table(p, columns=["image_id"]).column(0).to_pylist())
+                 for p in sorted(Path(synthetic_dataset).glob("*.parquet"))]
+    evaluated = {int(i) for i in (attack_run.out_dir / "image_ids.txt").read_text().split()}
+    n_shards, n_models = len(shard_ids), len(tiny_checkpoints)
+    plan = {"clean": n_shards * n_models, "cells": sum(bool(ids & evaluated) for ids in shard_ids) * n_models}
+    assert 0 < plan["cells"] < plan["clean"]  # eval size 100: only the first shards hold evaluated images
+    for phase in ("clean", "cells"):
+        assert stats["reads"][phase] == stats["units_run"][phase] == plan[phase], phase
+    written = len(unit_files(attack_run.out_dir, "attack"))
+    assert stats["reads"]["attack"] == stats["units_run"]["attack"] == written
+    assert stats["attack_units"]["fgsm"] == {"planned": n_shards * n_models, "done": written,
+                                             "skipped": n_shards * n_models - written}
     assert stats["attack_units"]["fgsm"]["skipped"] >= 1  # the examples were found before the last shards
 
 
@@ -261,12 +284,21 @@ def test_saved_examples_are_a_dataset_holding_the_kept_examples(attack_run, synt
 
 
 @pytest.mark.slow
-def test_same_counts_across_runs_batch_sizes_and_workers(attack_run, synthetic_dataset, tiny_checkpoints, tmp_path):
-    raw = raw_config(synthetic_dataset, tiny_checkpoints, tmp_path / "out", batch_size=17, workers=2, threads=1)
+def test_same_counts_across_runs_batch_sizes_workers_and_report_float(attack_run, synthetic_dataset, tiny_checkpoints,
+                                                                      tmp_path):
+    attack = {**ATTACK, "report_float": False}
+    raw = raw_config(synthetic_dataset, tiny_checkpoints, tmp_path / "out", batch_size=17, workers=2, threads=1,
+                     attack=attack)
+    raw["run"]["cells_per_pass"] = 3  # three cells per forward pass: the tiny CNN gives the same verdicts
     result = run_sweep(parse_config(raw), progress=False)
     first, second = _tables(attack_run.out_dir), _tables(result.out_dir)
+    floats = ["n_success_float", "success_rate_float"]
+    assert second["attack"][floats].isna().all().all()  # not asked for: null, the columns kept
+    assert first["attack"][floats].notna().all().all()
     for name in first:
-        pd.testing.assert_frame_equal(first[name], second[name], obj=name)
+        drop = floats + ["config_hash"] if name == "attack" else ["config_hash"]
+        pd.testing.assert_frame_equal(first[name].drop(columns=drop, errors="ignore"),
+                                      second[name].drop(columns=drop, errors="ignore"), obj=name)
 
 
 

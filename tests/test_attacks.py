@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from pixelray.attacks import (
+    FGSM,
+    PGD,
+    check_labels,
     eval_mode,
     fgsm,
     fgsm_float,
@@ -140,6 +143,7 @@ MODELS = {
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_matches_torchattacks(name: str) -> None:
+    # bit for bit on CPU, as attacks/fgsm.py promises: the public function and the sweep's run
     factory, size, n = MODELS[name]
     model = factory()
     images, labels = random_batch(n, size, seed=1, classes=num_classes(model, size))
@@ -148,9 +152,10 @@ def test_matches_torchattacks(name: str) -> None:
         eps = k / 255
         theirs = to_uint8(torchattacks.FGSM(model, eps=eps)(unit, labels))
         ours = fgsm(model, images, labels, eps)
-        diff = (ours.int() - theirs.int()).abs()
-        assert int(diff.max()) <= 1, f"{name} eps={k}/255: {int((diff > 1).sum())} pixels differ by > 1"
-        assert torch.equal(predict(model, ours), predict(model, theirs)), f"{name} eps={k}/255"
+        assert torch.equal(ours, theirs), f"{name} eps={k}/255: {int((ours != theirs).sum())} values differ"
+        swept = FGSM.run(model, images, labels, torch.arange(n), eps, report_float=False)
+        assert torch.equal(swept.adv, theirs), f"{name} eps={k}/255 (sweep)"
+        assert torch.equal(swept.success, predict(model, theirs) != labels)
     # float input and NHWC input give the same examples
     assert torch.equal(fgsm(model, unit, labels, eps), ours)
     nhwc = images.permute(0, 2, 3, 1).contiguous()
@@ -163,7 +168,7 @@ def test_float_example_matches_torchattacks(tiny: nn.Module) -> None:
     theirs = torchattacks.FGSM(tiny, eps=4 / 255)(unit, labels)
     ours = fgsm_float(tiny, images, labels, 4 / 255)
     assert ours.dtype == torch.float32 and ours.shape == unit.shape
-    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
+    assert torch.equal(ours, theirs)
 
 
 # --- properties ----------------------------------------------------------------------------------
@@ -287,6 +292,64 @@ def test_fgsm_with_success_is_consistent(tiny: nn.Module) -> None:
     assert torch.equal(outcome.success, outcome.pred_adv != labels)
 
 
+# --- the sweep's runs: no host syncs, the unrounded verdict only when asked --------------------
+
+# Ops that wait for the device on CUDA: reading a value (item, bool, int), a data-dependent
+# size (nonzero, boolean masks), a range read for a check (aminmax), an explicit sync.
+SYNCING_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::aminmax",
+               "aten::masked_select", "aten::unique_consecutive", "aten::_unique2"}
+
+
+def ops_of(fn) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+def test_the_profiler_sees_a_sync_where_there_is_one(tiny: nn.Module) -> None:
+    # the check below is not vacuous: the public function reads the labels' range
+    images, labels = random_batch(8, 16, seed=3, classes=10)
+    assert SYNCING_OPS & ops_of(lambda: fgsm(tiny, images, labels, 2 / 255))
+
+
+@pytest.mark.parametrize("spec", [FGSM, PGD], ids=lambda s: s.name)
+@pytest.mark.parametrize("report_float", [True, False])
+def test_sweep_runs_do_not_synchronise_with_the_host(tiny: nn.Module, spec, report_float: bool) -> None:
+    images, labels = random_batch(8, 16, seed=3, classes=10)
+    params = spec.parse({})
+    ops = ops_of(lambda: spec.run(tiny, images, labels, torch.arange(8), 4 / 255, report_float=report_float,
+                                  **params))
+    assert not SYNCING_OPS & ops, sorted(SYNCING_OPS & ops)
+
+
+@pytest.mark.parametrize("spec", [FGSM, PGD], ids=lambda s: s.name)
+def test_report_float_adds_the_unrounded_verdict_and_changes_nothing_else(tiny: nn.Module, spec) -> None:
+    images, labels = random_batch(16, 16, seed=4, classes=10)
+    params = spec.parse({})
+    with_float = spec.run(tiny, images, labels, torch.arange(16), 8 / 255, report_float=True, **params)
+    without = spec.run(tiny, images, labels, torch.arange(16), 8 / 255, report_float=False, **params)
+    assert without.success_float is None
+    assert torch.equal(with_float.adv, without.adv) and torch.equal(with_float.success, without.success)
+    # the reference: the unrounded example, judged one image at a time
+    reference = (fgsm_float if spec is FGSM else None)
+    if reference is not None:
+        expected = torch.stack([predict(tiny, reference(tiny, images[i : i + 1], labels[i : i + 1], 8 / 255))[0]
+                                != labels[i] for i in range(16)])
+        assert torch.equal(with_float.success_float, expected)
+
+
+def test_labels_are_checked_once_by_the_caller() -> None:
+    check_labels(torch.tensor([0, 9]), 10)
+    with pytest.raises(ValueError, match=r"labels: values span \[0, 10\], outside the model's classes \[0, 9\]"):
+        check_labels(torch.tensor([0, 10]), 10)
+    with pytest.raises(ValueError, match=r"labels: values span \[-1, 3\]"):
+        check_labels(torch.tensor([-1, 3]), None)
+    with pytest.raises(ValueError, match="not an integer class index"):
+        check_labels(torch.tensor([0.0]), 10)
+
+
 # --- success over eps ---------------------------------------------------------------------------
 
 
@@ -390,6 +453,21 @@ def test_cuda_matches_torchattacks_and_stays_on_device(no_tf32) -> None:
         ours = fgsm(model, images, labels, k / 255)
         assert ours.device == images.device
         theirs = to_uint8(torchattacks.FGSM(model, eps=k / 255)(images.float() / 255, labels))
-        assert int((ours.int() - theirs.int()).abs().max()) <= 1, k
+        assert torch.equal(ours, theirs), k  # TF32 off: the same bits as on CPU's promise
         assert torch.equal(predict(model, ours), predict(model, theirs)), k
         assert torch.equal(fgsm(model, images, labels, k / 255), ours), k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sweep_runs_do_not_synchronise_on_cuda(no_tf32) -> None:
+    model = torchvision_model("resnet18").cuda()
+    images, labels = random_batch(16, 64, seed=10, classes=1000)
+    images, labels, ids = images.cuda(), labels.cuda(), torch.arange(16, device="cuda")
+    for spec in (FGSM, PGD):
+        spec.run(model, images, labels, ids, 4 / 255, report_float=False, **spec.parse({}))  # warm-up
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            spec.run(model, images, labels, ids, 4 / 255, report_float=False, **spec.parse({}))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -164,3 +164,82 @@ def test_sweep_refuses_a_bad_config_in_one_line_and_writes_nothing(tmp_path, tom
 def test_sweep_of_a_missing_config_file(tmp_path):
     result = invoke("sweep", str(tmp_path / "none.toml"))
     assert result.exit_code == 2 and "no such config file" in result.stderr
+
+
+# --- pixelray cell show: one image's draws, from a result row's cell_id ---------------------------
+
+
+def _image_of(data: str, image_id: int):
+    """One image (H, W, 3) uint8 of a data set, read with pyarrow alone."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    for path in sorted(Path(data).glob("*.parquet")):
+        table = pq.read_table(path, columns=["image_id", "image"])
+        ids = table.column("image_id").to_pylist()
+        if image_id in ids:
+            raw = table.column("image")[ids.index(image_id)].as_py()
+            return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape(32, 32, 3).copy())
+    raise AssertionError(f"no image {image_id}")
+
+
+@pytest.mark.parametrize("cell_id", ["n16-a40-s20-c02-per-image-seed3", "n64-full-whole-all-per-image-seed0",
+                                     "n9-a127-s8-all-shared-seed5"])
+def test_cell_show_gives_the_entries_the_cell_changes(synthetic_dataset, cell_id):
+    import json
+
+    import reference_perturb
+    import torch
+
+    from pixelray.spec import Cell
+
+    result = invoke("cell", "show", cell_id, "--image-id", "123", "--data", synthetic_dataset, "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    image = _image_of(synthetic_dataset, 123)
+    changed = reference_perturb.apply_pixel_changes(image[None], Cell.from_id(cell_id), [123])[0]
+    entries = list(zip(record["y"], record["x"], record["channel"], strict=True))
+    assert len(set(entries)) == len(entries) == Cell.from_id(cell_id).change.count * len(
+        Cell.from_id(cell_id).change.channel_indices)
+    assert [int(image[y, x, c]) for y, x, c in entries] == record["old"]
+    assert [int(changed[y, x, c]) for y, x, c in entries] == record["value"]
+    untouched = torch.ones_like(image, dtype=torch.bool)
+    for y, x, c in entries:
+        untouched[y, x, c] = False
+    assert torch.equal(changed[untouched], image[untouched])  # nothing else changes
+
+
+def test_cell_show_reads_a_whole_image_area_as_whole_and_refuses_bad_ids():
+    same = [invoke("cell", "show", cid, "--image-id", "5", "--size", "32", "--json")
+            for cid in ("n4-full-s32-all-per-image-seed0", "n4-full-whole-all-per-image-seed0")]
+    assert all(r.exit_code == 0 for r in same)
+    assert same[0].stdout == same[1].stdout and '"cell_id": "n4-full-whole-all-per-image-seed0"' in same[0].stdout
+    table = invoke("cell", "show", "n2-a10-s16-c0-per-image-seed1", "--image-id", "5", "--size", "32")
+    assert table.exit_code == 0 and "shift" in table.stdout and "give --data" in table.stdout
+    for args, message in [
+        (("nope", "--image-id", "1"), "cell_id: 'nope' is not a cell id"),
+        (("n4-full-whole-c10-per-image-seed0", "--image-id", "1"), "not in canonical form"),
+        (("n4-full-s300-all-per-image-seed0", "--image-id", "1", "--size", "224"), "area: 300 is larger"),
+        (("n4-full-whole-all-per-image-seed0", "--image-id", "1", "--size", "2x"), "--size '2x': expected"),
+    ]:
+        result = invoke("cell", "show", *args)
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.slow
+def test_demo_runs_from_any_directory(tmp_path):
+    # the demo's config ships in the package: no jobs/ where it runs. Small assets are made first
+    # (the demo reuses what it finds), so that the test takes a minute, not five.
+    from pixelray.demo import DEMO_CONFIG, prepare_demo
+
+    assert DEMO_CONFIG.is_file() and (Path(__file__).resolve().parents[1] / "jobs" / "demo.toml").resolve() == \
+        DEMO_CONFIG.resolve()
+    prepare_demo(tmp_path / "demo-out", images=500, epochs=1, log=lambda m: None)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run([console_script(), "demo", "--no-progress"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "jobs").exists()
+    assert (tmp_path / "demo-out" / "results" / "cells.parquet").is_file()
+    assert "report: " in done.stdout and (tmp_path / "demo-out" / "results" / "report" / "report.html").is_file()

@@ -49,7 +49,17 @@ def test_paper_config_is_tables_6_to_8_on_the_five_models():
         (base(models={"names": ["a", "a"]}), "each model may appear once"),
         (base(models={"names": ["resnet1010"]}), r"\[models\] model: 'resnet1010' is unknown; did you mean resnet101"),
         (base(models={"preset": "nope"}), r"preset = 'nope': unknown; allowed: \['paper'\]"),
-        (base(models={"names": ["tiny"], "weights": "v2"}), r"weights = 'v2': allowed"),
+        (base(models={"names": ["tiny"], "weights": "v 2"}), r"weights = 'v 2': weights: 'v 2' is invalid; use"),
+        (base(models={"names": ["tiny"], "weights": 2}), r"weights = 2: allowed: 'imagenet', 'default', 'none'"),
+        (base(models={"names": ["resnet18"], "weights": "v2"}),
+         r"weights = 'v2': weights: 'v2' is invalid; use 'imagenet' \(IMAGENET1K_V1\), 'default', 'none' or a "),
+        (base(models={"names": ["resnet18"], "weights": "IMAGENET1K_V9"}),
+         r"weights = 'IMAGENET1K_V9': weights: resnet18 has no IMAGENET1K_V9 weights; use 'default' \(IMAGENET1K_V1\)"),
+        (base(models={"names": ["resnet101", "vgg16"], "weights": "IMAGENET1K_V2"}),
+         r"vgg16 has no IMAGENET1K_V2 weights"),
+        (base(run={"cells_per_pass": 0}), r"\[run\] cells_per_pass = 0: must be an integer >= 1"),
+        (base(run={"device": "cpu", "cuda_graphs": True}), r"cuda_graphs = true needs a CUDA device"),
+        (base(attack={"kind": "fgsm", "report_float": "yes"}), r"\[attack\] report_float = 'yes': expected bool"),
         (base(models={"names": ["tiny"]}), r"weights = 'imagenet': 'tiny' has no pretrained weights; set weights"),
         (base(eval={"filter": "some"}), r"filter = 'some': allowed: \['all', 'per-model', 'none'\]"),
         (base(eval={"size": 0}), r"size = 0: must be >= 1"),
@@ -89,6 +99,21 @@ def test_area_equal_to_the_image_is_the_whole_image_and_shared_cells_run_once():
     assert [c.change for c in cfg.unique_cells((32, 32))] == [
         PixelChange(4), PixelChange(8), PixelChange(4, area=16), PixelChange(8, area=16)
     ]
+
+
+@pytest.mark.parametrize(("given", "label"), [("IMAGENET1K_V2", "IMAGENET1K_V2"), ("imagenet1k_v2", "IMAGENET1K_V2"),
+                                              ("imagenet", "imagenet"), ("default", "default"), ("none", None)])
+def test_weights_names_of_the_model_registry_are_accepted(given, label):
+    # the registry's own names (torchvision's entries), as `pixelray weights download` takes them
+    cfg = parse_config(base(models={"names": ["resnet101", "resnet50"], "weights": given}))
+    assert cfg.weights == label
+
+
+def test_run_options_of_the_hot_path():
+    cfg = parse_config(base(run={"cells_per_pass": 4, "cuda_graphs": True}))
+    assert (cfg.cells_per_pass, cfg.cuda_graphs) == (4, True)
+    assert parse_config(base()).cells_per_pass == 1 and not parse_config(base()).cuda_graphs
+    assert cfg.config_hash == parse_config(base()).config_hash  # how fast it runs is not identity
 
 
 def test_overrides_and_config_hash():

@@ -141,6 +141,18 @@ def test_wilson_known_values():
     assert tuple(round(v, 4) for v in wilson_interval(81, 263)) == (0.2553, 0.3662)
 
 
+@pytest.mark.parametrize(("k", "n"), [(0, 1), (1, 1), (0, 7), (3, 7), (7, 7), (1, 100), (50, 100), (99, 100),
+                                    (352, 10000), (9999, 10000), (81, 263), (1, 1_000_000), (123_456, 1_000_000)])
+def test_wilson_equals_scipy(k, n):
+    # an independent implementation: scipy's binomial test, Wilson score interval without continuity correction
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    low, high = wilson_interval(k, n)
+    assert low == pytest.approx(ci.low, rel=1e-9, abs=1e-15)
+    assert high == pytest.approx(ci.high, rel=1e-9, abs=1e-15)
+
+
 @pytest.mark.parametrize("n", [1, 10, 10000])
 def test_wilson_edges(n):
     low, high = wilson_interval(0, n)

@@ -144,6 +144,22 @@ def test_classifier_normalises_inside_with_its_mean_and_std():
     torch.testing.assert_close(model(x), torch.tensor([[1.0, -1.0, 128 / 255]]))
 
 
+def test_uint8_conversion_gives_the_bits_of_the_unfused_formula():
+    # the network sees exactly ((x / 255) - mean) / std, as written out here, for both layouts
+    seen = []
+    model = load_model("tiny", None)
+    model.net.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    nhwc = _images(3, 32, seed=5)
+    mean = torch.tensor(model.mean).view(1, 3, 1, 1)
+    std = torch.tensor(model.std).view(1, 3, 1, 1)
+    expected = (nhwc.permute(0, 3, 1, 2).to(torch.float32) / 255 - mean) / std
+    with torch.inference_mode():
+        model(nhwc)
+        model(nhwc.permute(0, 3, 1, 2).contiguous())
+    assert torch.equal(seen[0], expected) and torch.equal(seen[1], expected)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+
+
 def test_classifier_supports_autograd_on_float_input():
     model = load_model("tiny", None)
     x = (_images(2, 32).permute(0, 3, 1, 2).float() / 255).requires_grad_(True)

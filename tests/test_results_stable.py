@@ -1,10 +1,15 @@
-"""Results of the existing configs do not change when the code is reorganised.
+"""Results of the existing configs do not change when the code is reorganised, and a row says how to redo it.
 
 ``tests/data/demo_golden_cells.csv`` holds the pixel-change rows of a sweep of
 ``jobs/demo.toml`` made by the code before the driver was split into a package
 (commit de2aede), over models and data that give the same predictions on every CPU
 (``exact_models.py``: integer images, integer weights, exact sums). The same sweep by
 today's code must give the same rows, row by row.
+
+The same sweep's rows are then recounted from their columns alone: the cell rebuilt from
+``count`` .. ``seed`` and ``image_size``, the evaluated images (``image_ids.txt``) read
+with pyarrow, the model loaded by its name, the pixels changed by the perturbation code
+of fbc5ed4 (``reference_perturb``), the misclassified ones counted.
 """
 
 from __future__ import annotations
@@ -14,18 +19,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import reference_perturb
 import tomli_w
 import tomllib
+import torch
 from exact_models import make_data
+
+from pixelray.models import load_model
+from pixelray.spec import Cell
 
 TESTS = Path(__file__).resolve().parent
 GOLDEN = TESTS / "data" / "demo_golden_cells.csv"
 
 
-@pytest.mark.slow
-def test_a_demo_sweep_gives_the_rows_it_gave_before_the_split(tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """A sweep of jobs/demo.toml over the exact models and data; returns its directory (data/, out/)."""
+    tmp_path = tmp_path_factory.mktemp("demo")
     make_data(tmp_path / "data")
     raw = tomllib.loads((TESTS.parent / "jobs" / "demo.toml").read_text())
     raw["data"]["path"] = str(tmp_path / "data")
@@ -38,10 +53,49 @@ def test_a_demo_sweep_gives_the_rows_it_gave_before_the_split(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pixelray", "sweep", str(config), "--no-progress"], env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_a_demo_sweep_gives_the_rows_it_gave_before_the_split(demo_run):
     golden = pd.read_csv(GOLDEN, dtype={"amplitude": str})
-    cells = pd.read_parquet(tmp_path / "out" / "cells.parquet")
+    cells = pd.read_parquet(demo_run / "out" / "cells.parquet")
     plain = cells[cells.attack.isna()]
     if "family" in plain.columns:
         plain = plain[plain.family == "pixel_change"]
     assert (golden.n_wrong > 0).any() and len(golden) == 24
     pd.testing.assert_frame_equal(plain[golden.columns].reset_index(drop=True), golden, check_dtype=False)
+
+
+def _evaluated_images(run: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, labels, images NHWC uint8) of the run's evaluated images, read with pyarrow only."""
+    wanted = [int(line) for line in (run / "out" / "image_ids.txt").read_text().split()]
+    table = pa.concat_tables([pq.read_table(path, columns=["image_id", "label", "image"])
+                              for path in sorted((run / "data").glob("*.parquet"))])
+    ids = table.column("image_id").to_numpy()
+    order = {int(i): k for k, i in enumerate(ids)}
+    rows = [order[i] for i in wanted]
+    pixels = np.frombuffer(b"".join(table.column("image").to_pylist()), dtype=np.uint8).reshape(len(ids), 32, 32, 3)
+    labels = table.column("label").to_numpy().astype(np.int64)
+    return torch.tensor(wanted), torch.from_numpy(labels[rows]), torch.from_numpy(pixels[rows].copy())
+
+
+@pytest.mark.slow
+def test_five_random_rows_recount_from_their_columns_alone(demo_run):
+    cells = pd.read_parquet(demo_run / "out" / "cells.parquet")
+    plain = cells[cells.attack.isna()].reset_index(drop=True)
+    # every row's columns rebuild the cell that its cell_id names (whole-image rows say area = 32)
+    for _, row in cells.iterrows():
+        assert Cell.from_columns(row).cell_id == row.cell_id
+        assert Cell.from_id(row.cell_id) == Cell.from_columns(row)
+    assert (plain.area == 32).any() and plain.cell_id.str.contains("-whole-").any()
+    chosen = plain.sample(5, random_state=np.random.default_rng(11))
+    assert (chosen.area == 32).any() and (chosen.area < 32).any(), "the sample should hold both kinds of rows"
+    ids, labels, images = _evaluated_images(demo_run)
+    for _, row in chosen.iterrows():
+        cell = Cell.from_columns(row)  # no cell_id: count, amplitude, area, channels, positions, seed, image_size
+        model = load_model(row.model, None, num_classes=10)
+        changed = reference_perturb.apply_pixel_changes(images, cell, ids)
+        with torch.inference_mode():
+            wrong = int((model(changed).argmax(1) != labels).sum())
+        assert (len(ids), wrong) == (row.n_images, row.n_wrong), row.cell_id

@@ -71,6 +71,55 @@ def test_round_trip_shards_manifest_and_checksums(tmp_path):
     assert check_dataset(str(root)) == []
 
 
+def test_a_whole_shard_is_read_without_copying_the_pixels(tmp_path):
+    # The claim: the tensor shares the buffer Parquet decoded into. Checked with Arrow's own
+    # accounting: while the batch lives, Arrow's pool holds (at least) the pixels, and they go
+    # back to the pool when the tensor is dropped. A reader that copied into torch memory would
+    # leave nothing in Arrow's pool. A subset read copies once, into torch memory.
+    import gc
+
+    root = tmp_path / "ds"
+    _write(root, n=64, rows=64, h=64, w=64)
+    uri = shard_uris(str(root))[0]
+    pixels = 64 * 64 * 64 * 3
+    gc.collect()
+    before = pa.total_allocated_bytes()
+    batch = read_shard(uri)
+    held = pa.total_allocated_bytes() - before
+    assert held >= pixels, f"Arrow holds {held} bytes while the batch lives; the pixels are {pixels}"
+    view = batch.images
+    del batch
+    gc.collect()
+    assert pa.total_allocated_bytes() - before >= pixels  # the tensor alone keeps the buffer alive
+    del view
+    gc.collect()
+    assert pa.total_allocated_bytes() - before < pixels // 8  # and it was the pixels' buffer
+    # a subset: one copy into torch memory, Arrow's buffer freed on return
+    sub = read_shard(uri, image_ids=list(range(100, 132)))
+    assert pa.total_allocated_bytes() - before < pixels // 8 and sub.images.shape == (32, 64, 64, 3)
+
+
+def test_read_count_counts_calls_in_this_thread(tmp_path):
+    import threading
+
+    from pixelray.shards import read_count
+
+    root = tmp_path / "ds"
+    _write(root)
+    uri = shard_uris(str(root))[0]
+    start = read_count()
+    read_shard(uri)
+    read_shard(uri, image_ids=[101])
+    with pytest.raises(ShardError):
+        read_shard(str(root / "missing.parquet"))  # a failed read is a read too
+    assert read_count() - start == 3
+    other = []
+    thread = threading.Thread(target=lambda: (read_shard(uri), other.append(read_count())))
+    thread.start()
+    thread.join()
+    assert other == [1] and read_count() - start == 3  # each thread counts its own
+
+
 def test_read_shard_subset_keeps_shard_order_and_ignores_other_ids(tmp_path):
     root = tmp_path / "ds"
     ids, labels, images = _write(root)

@@ -94,12 +94,18 @@ def test_counts_equal_an_independent_plain_loop(ray_local, synthetic_dataset, ti
 
 @pytest.mark.slow
 def test_reads_do_not_grow_with_the_grid(ray_local, synthetic_dataset, tiny_checkpoints, tmp_path):
-    n_shards = len(shard_uris(str(synthetic_dataset)))
-    reads = []
+    # The plan from sources the sweep does not compute: the shard files on disk, the models this
+    # test names. ``reads`` are counted in the workers' reader (every read_shard call), ``units_run``
+    # in the driver; the unit files on disk are a third count.
+    n_shards = len(list(Path(synthetic_dataset).glob("*.parquet")))
+    plan = {"clean": n_shards * len(tiny_checkpoints), "cells": n_shards * len(tiny_checkpoints)}
+    assert n_shards == 6
     for name, grid in {"small": {"counts": [4]}, "big": GRID}.items():
-        result = run_sweep(make_config(synthetic_dataset, tiny_checkpoints, tmp_path / name, grid=grid), progress=False)
-        reads.append(result.stats["reads"])
-    assert reads[0] == reads[1] == {"clean": n_shards * 2, "cells": n_shards * 2}
+        out = tmp_path / name
+        result = run_sweep(make_config(synthetic_dataset, tiny_checkpoints, out, grid=grid), progress=False)
+        assert result.stats["reads"] == plan, name
+        assert result.stats["units_run"] == plan, name
+        assert {phase: len(unit_files(out, phase)) for phase in plan} == plan, name
 
 
 
@@ -321,3 +327,24 @@ def test_a_job_refuses_a_relative_output_that_ray_would_delete(synthetic_dataset
     assert done.returncode == 2, done.stderr[-2000:]
     assert "[output] dir = 'results/x' is relative" in done.stderr and "Traceback" not in done.stderr
     assert not (uploaded / "results").exists()
+
+
+def test_cpu_workers_reserve_the_cores_they_use(ray_local, synthetic_dataset, tiny_checkpoints, tmp_path):
+    import ray
+
+    from pixelray.sweep.pool import WorkerPool, reserved_cpus
+    from pixelray.telemetry import SweepTelemetry
+
+    assert (reserved_cpus("cpu", 1), reserved_cpus("cpu", 2), reserved_cpus("cuda", 8)) == (1, 2, 1)
+    assert reserved_cpus("cpu", 64) == 2  # never more than a node has: it could not be placed
+    cfg = make_config(synthetic_dataset, tiny_checkpoints, tmp_path / "out")  # threads = 2
+    total = ray.cluster_resources()["CPU"]
+    pool = WorkerPool(cfg, SweepTelemetry(progress=False))
+    try:
+        ray.get(pool.workers[0].handle.ping.remote())
+        assert pool.options["num_cpus"] == cfg.threads == 2
+        # the running actor holds its two CPUs (Ray's own accounting)
+        assert wait_for(lambda: ray.available_resources().get("CPU", 0) == total - 2, timeout=30)
+    finally:
+        pool.shutdown()
+    assert wait_for(lambda: ray.available_resources().get("CPU", 0) == total, timeout=60)

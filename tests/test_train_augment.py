@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from helpers import wait_for
+from helpers import Scraper, wait_for
 from typer.testing import CliRunner
 
 from pixelray.augment import epoch_seed
@@ -102,11 +102,14 @@ def finetunes(ray_local, synthetic_dataset, heldout_dataset, tiny_checkpoints, t
     marker = root / "worker-died.json"
     hooks = TrainHooks(die_in_epoch=2, marker=str(marker))
     runs, configs = {}, {}
-    for aug in ("pixels", "none"):
-        raw = _raw(tiny_checkpoints[0], synthetic_dataset, heldout_dataset, root / aug, aug)
-        configs[aug] = parse_train_config(raw)
-        (runs[aug],) = run_train_augment(configs[aug], progress=False, hooks=hooks if aug == "pixels" else None)
-    return runs, json.loads(marker.read_text()), configs
+    port = ray_local._private.worker.global_worker.node.metrics_export_port
+    with Scraper(port) as scraped:  # what the workers export while they run (for the Grafana test)
+        for aug in ("pixels", "none"):
+            raw = _raw(tiny_checkpoints[0], synthetic_dataset, heldout_dataset, root / aug, aug)
+            configs[aug] = parse_train_config(raw)
+            (runs[aug],) = run_train_augment(configs[aug], progress=False, hooks=hooks if aug == "pixels" else None)
+        time.sleep(3)  # the last epoch's gauges reach the export (Ray keeps a dead worker's for ~10 s)
+    return runs, json.loads(marker.read_text()), configs, scraped.seen
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +130,7 @@ def claim_sweep(finetunes, tiny_checkpoints, heldout_dataset, tmp_path_factory):
 @pytest.mark.slow
 def test_train_augment_then_a_sweep_over_the_run_directory(finetunes, claim_sweep, synthetic_dataset,
                                                            heldout_dataset):
-    runs, _, configs = finetunes
+    runs, _, configs, _ = finetunes
     run = runs["pixels"].run_dir
     assert {"model.pt", "pixelray.json", "epochs.parquet", "run.json", "train"} <= {p.name for p in run.iterdir()}
     state = torch.load(run / "model.pt", weights_only=True)
@@ -175,7 +178,7 @@ def test_the_augmented_fine_tune_breaks_less_than_its_control(claim_sweep):
 @pytest.mark.slow
 def test_a_worker_killed_in_epoch_2_resumes_from_the_epoch_1_checkpoint(finetunes, tiny_checkpoints,
                                                                           synthetic_dataset):
-    runs, died, _ = finetunes
+    runs, died, _, _ = finetunes
     epochs = pd.read_parquet(runs["pixels"].epochs_path)
     assert epochs.epoch.tolist() == list(range(1, EPOCHS + 1))  # every epoch once
     assert died["epoch"] == 2
@@ -411,22 +414,13 @@ def test_resuming_over_data_that_changed_is_refused(synthetic_dataset, tmp_path)
 
 
 @pytest.mark.slow
-def test_the_grafana_train_panels_query_what_a_fine_tune_exports(finetunes, ray_local):
+def test_the_grafana_train_panels_query_what_a_fine_tune_exports(finetunes):
     """Every ``ray_pixelray_train_*`` metric of cluster/grafana-dashboard.json, scraped from Ray's metrics
-    export of this session's Ray after the fine-tunes above (the workers report through ray.util.metrics)."""
-    import urllib.request
+    export of this session's Ray while the fine-tunes above ran (the workers report through ray.util.metrics)."""
+    from helpers import grafana_queries, promql_metric_names
 
-    from helpers import exported_names, grafana_queries, promql_metric_names, wait_for
-
-    port = ray_local._private.worker.global_worker.node.metrics_export_port
     wanted = {name for _, expr in grafana_queries(REPO / "cluster" / "grafana-dashboard.json")
               for name in promql_metric_names(expr) if name.startswith("ray_pixelray_train_")}
     assert len(wanted) >= 4
-    seen: set[str] = set()
-
-    def exported() -> bool:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # loopback only
-            seen.update(exported_names(response.read().decode()))
-        return wanted <= seen
-
-    assert wait_for(exported, timeout=60), sorted(wanted - seen)
+    seen = finetunes[3]
+    assert wanted <= seen, sorted(wanted - seen)

@@ -12,7 +12,16 @@ from __future__ import annotations
 import importlib
 import re
 
-from pixelray.attacks.base import AttackOutcome, AttackSpec, Param, eval_mode, predict, to_uint8, to_unit
+from pixelray.attacks.base import (
+    AttackOutcome,
+    AttackSpec,
+    Param,
+    check_labels,
+    eval_mode,
+    predict,
+    to_uint8,
+    to_unit,
+)
 from pixelray.attacks.fgsm import FGSM, FGSMOutcome, fgsm, fgsm_float, fgsm_with_success
 from pixelray.attacks.pgd import PGD, pgd, pgd_float
 
@@ -22,6 +31,7 @@ __all__ = [
     "AttackSpec",
     "FGSMOutcome",
     "Param",
+    "check_labels",
     "eval_mode",
     "fgsm",
     "fgsm_float",

@@ -6,12 +6,16 @@ read, before any work), whether it needs gradients, and a ``run`` function::
 
     run(model, images, labels, image_ids, eps, **params) -> AttackOutcome
 
-``images`` are uint8 (N, H, W, 3) or (N, 3, H, W) on the model's device, ``eps`` is in
+``images`` are uint8 (N, H, W, 3) or (N, 3, H, W) on the model's device, ``labels`` int64
+(N,) on the same device and within the model's classes (the caller checks them, once per
+unit: ``run`` is called per batch and should not synchronise with the host), ``eps`` is in
 [0, 1] pixel units (k/255), ``image_ids`` key any random draw (so that an image's example
 does not depend on its batch). The outcome holds the uint8 examples in the input's layout
-and, per image, whether the model misclassifies the unrounded and the uint8 example. The
-worker and the driver know only this interface: ``[attack] kind`` names a built-in spec
-(``fgsm``, ``pgd``) or a ``module.path:SPEC`` of the user's own.
+and, per image, whether the model misclassifies the uint8 example and (when asked) the
+unrounded one. A spec with ``optional_float`` takes ``report_float=False`` and then skips
+the forward pass that only the unrounded verdict needs. The worker and the driver know only
+this interface: ``[attack] kind`` names a built-in spec (``fgsm``, ``pgd``) or a
+``module.path:SPEC`` of the user's own.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 
 from pixelray.perturb import image_layout
 
-__all__ = ["AttackOutcome", "AttackSpec", "Param", "eval_mode", "predict", "to_uint8", "to_unit"]
+__all__ = ["AttackOutcome", "AttackSpec", "Param", "check_labels", "eval_mode", "predict", "to_uint8", "to_unit"]
 
 
 class AttackOutcome(NamedTuple):
@@ -34,12 +38,13 @@ class AttackOutcome(NamedTuple):
 
     Attributes:
         adv: the adversarial images, uint8, in the input's layout.
-        success_float: per image, the model misclassifies the unrounded example (bool (N,)).
+        success_float: per image, the model misclassifies the unrounded example (bool (N,));
+            None when the run was asked not to report it.
         success: per image, the model misclassifies the uint8 example (bool (N,)).
     """
 
     adv: torch.Tensor
-    success_float: torch.Tensor
+    success_float: torch.Tensor | None
     success: torch.Tensor
 
 
@@ -80,6 +85,8 @@ class AttackSpec:
         params: its parameters besides eps.
         needs_grad: it differentiates through the model (the worker then turns TF32 off).
         description: one line for ``--help`` and docs.
+        optional_float: ``run`` takes ``report_float`` (bool); with False it may return
+            ``success_float=None`` and save the forward pass of the unrounded examples.
     """
 
     name: str
@@ -87,6 +94,7 @@ class AttackSpec:
     params: tuple[Param, ...] = ()
     needs_grad: bool = True
     description: str = ""
+    optional_float: bool = False
 
     def parse(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Every parameter, from ``given`` or its default, checked; ValueError names the key, value and rule."""
@@ -172,9 +180,13 @@ def to_uint8(unit: torch.Tensor, layout: str = "NCHW") -> torch.Tensor:
 
 
 def _as_labels(
-    labels: torch.Tensor | Sequence[int], n: int, device: torch.device
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Labels as int64 (N,) on ``device``, and their (min, max) for the check against the logits."""
+    labels: torch.Tensor | Sequence[int], n: int, device: torch.device, span: bool = True
+) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """Labels as int64 (N,) on ``device``, and their (min, max) for the check against the logits.
+
+    With ``span=False`` (labels checked by the caller, e.g. once per unit) the range is not
+    read: reading it synchronises with the device.
+    """
     if isinstance(labels, torch.Tensor):
         if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
             raise ValueError(
@@ -190,15 +202,34 @@ def _as_labels(
             f"labels: shape {tuple(labels.shape)} does not match {n} images; pass one class index per image (N,)"
         )
     # Read the range now, where the device queue is short, not between forward and backward.
-    span = tuple(int(v) for v in torch.aminmax(labels)) if n else (0, 0)
-    return labels.to(device=device, dtype=torch.int64), span  # type: ignore[return-value]
+    lo_hi = (tuple(int(v) for v in torch.aminmax(labels)) if n else (0, 0)) if span else None
+    return labels.to(device=device, dtype=torch.int64), lo_hi  # type: ignore[return-value]
 
 
-def _check_logits(logits: torch.Tensor, n: int, span: tuple[int, int]) -> None:
+def check_labels(labels: torch.Tensor, num_classes: int | None) -> None:
+    """ValueError unless every label is a class index of a model with ``num_classes`` logits (one host sync).
+
+    Callers that run an attack batch by batch check the whole unit's labels once with this,
+    then call the attack's ``run`` (whose own check would synchronise per batch).
+    """
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels: dtype {labels.dtype} is not an integer class index; use int64 class indices")
+    if not labels.numel():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(labels))
+    if lo < 0 or (num_classes is not None and hi >= num_classes):
+        top = "" if num_classes is None else f" [0, {num_classes - 1}]"
+        raise ValueError(f"labels: values span [{lo}, {hi}], outside the model's classes{top}; "
+                         "check the label mapping")
+
+
+def _check_logits(logits: torch.Tensor, n: int, span: tuple[int, int] | None) -> None:
     if logits.ndim != 2 or logits.shape[0] != n:
         raise ValueError(
             f"model: output shape {tuple(logits.shape)} is not (N={n}, classes); the model must return logits"
         )
+    if span is None:
+        return
     lo, hi = span
     if lo < 0 or hi >= logits.shape[1]:
         raise ValueError(

@@ -87,13 +87,15 @@ class FGSMOutcome(NamedTuple):
 
 
 def _fgsm(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | Sequence[int], eps: float
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | Sequence[int], eps: float,
+    labels_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(adv_float NCHW, labels int64, clean logits); validates everything."""
+    """(adv_float NCHW, labels int64, clean logits); validates everything (the labels' range only
+    unless ``labels_checked``: reading it synchronises with the device)."""
     _check_model(model)
     eps = _check_eps(eps)
     unit = to_unit(images)
-    labels, span = _as_labels(labels, unit.shape[0], unit.device)
+    labels, span = _as_labels(labels, unit.shape[0], unit.device, span=not labels_checked)
     if unit.shape[0] == 0:
         return unit.detach().clone(), labels, torch.zeros(0, 1, device=unit.device)
     # Grad must be on even inside a caller's no_grad or inference_mode; an inference
@@ -170,10 +172,23 @@ def fgsm_with_success(
 
 
 def _run(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, image_ids: torch.Tensor,
-         eps: float) -> AttackOutcome:
-    outcome = fgsm_with_success(model, images, labels, eps)
-    return AttackOutcome(outcome.adv, outcome.success_float, outcome.success)
+         eps: float, *, report_float: bool = True) -> AttackOutcome:
+    """The sweep's FGSM: :func:`fgsm_with_success`'s examples and verdicts, labels checked by the caller,
+    and the unrounded examples judged only with ``report_float`` (one forward pass fewer without)."""
+    adv_float, labels, _ = _fgsm(model, images, labels, eps, labels_checked=True)
+    pixels = to_uint8(adv_float)
+    adv = _like(pixels.permute(0, 2, 3, 1) if image_layout(images) == "NHWC" else pixels, images)
+    if not len(labels):
+        none = torch.zeros(0, dtype=torch.bool, device=adv.device)
+        return AttackOutcome(adv, none if report_float else None, none)
+    success_float = None
+    with eval_mode(model), torch.inference_mode():
+        if report_float:
+            success_float = model(adv_float).argmax(dim=1) != labels
+        success = model(pixels.float().div_(255).to(adv_float.dtype)).argmax(dim=1) != labels
+    return AttackOutcome(adv, success_float, success)
 
 
 #: FGSM for sweeps (``[attack] kind = "fgsm"``): no parameters besides eps.
-FGSM = AttackSpec(name="fgsm", run=_run, description="one signed-gradient step of size eps (the paper's Exp. 4)")
+FGSM = AttackSpec(name="fgsm", run=_run, description="one signed-gradient step of size eps (the paper's Exp. 4)",
+                  optional_float=True)

@@ -73,12 +73,14 @@ def start_offsets(image_ids: torch.Tensor, shape: Sequence[int], eps: float, see
 def _pgd(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | Sequence[int], eps: float,
     step_size: float, steps: int, random_start: bool, seed: int, image_ids: torch.Tensor | None,
+    labels_checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(adv_float NCHW in [0, 1], labels int64); validates everything."""
+    """(adv_float NCHW in [0, 1], labels int64); validates everything (the labels' range only unless
+    ``labels_checked``)."""
     _check_model(model)
     eps, step_size, steps = _check_eps(eps), _check_eps(step_size), check_int(steps, "steps")
     x0 = to_unit(images)
-    labels, span = _as_labels(labels, x0.shape[0], x0.device)
+    labels, span = _as_labels(labels, x0.shape[0], x0.device, span=not labels_checked)
     if x0.shape[0] == 0:
         return x0.detach().clone(), labels
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
@@ -133,15 +135,19 @@ def pgd(
     return _like(to_uint8(adv, image_layout(images)), images)
 
 
-def _run(model, images, labels, image_ids, eps, *, steps, step, random_start, seed) -> AttackOutcome:
+def _run(model, images, labels, image_ids, eps, *, steps, step, random_start, seed,
+         report_float: bool = True) -> AttackOutcome:
     step_size = step / 255 if step is not None else min(1.0, 2.5 * eps / steps)
-    adv_float, labels = _pgd(model, images, labels, eps, step_size, steps, random_start, seed, image_ids)
+    adv_float, labels = _pgd(model, images, labels, eps, step_size, steps, random_start, seed, image_ids,
+                             labels_checked=True)
     pixels = to_uint8(adv_float)
+    success_float = None
     with eval_mode(model), torch.inference_mode():
-        pred_float = model(adv_float).argmax(dim=1)
-        pred_adv = model(pixels.float().div_(255)).argmax(dim=1)
+        if report_float:
+            success_float = model(adv_float).argmax(dim=1) != labels
+        success = model(pixels.float().div_(255)).argmax(dim=1) != labels
     adv = _like(pixels.permute(0, 2, 3, 1) if image_layout(images) == "NHWC" else pixels, images)
-    return AttackOutcome(adv, pred_float != labels, pred_adv != labels)
+    return AttackOutcome(adv, success_float, success)
 
 
 #: PGD for sweeps: ``[attack] kind = "pgd"``, ``steps``, ``step`` (k/255; default 2.5 x eps / steps),
@@ -157,4 +163,5 @@ PGD = AttackSpec(
         Param("seed", 0, (int,), "an integer in 0..2**31-1", lambda v: 0 <= v < 2**31),
     ),
     description="steps of projected signed gradient inside the eps-ball, random start per (seed, image id)",
+    optional_float=True,
 )

@@ -77,7 +77,7 @@ def _first_line(exc: BaseException) -> str:
 #: Columns that results written by earlier versions lack, and the value they read as (None: empty).
 _LATER_COLUMNS = {
     "n_restored": None, "restored_rate": None, "attack_params": None, "family": "pixel_change", "severity": None,
-    "equivalent_pixels": None, "equivalent_pixels_low": None, "equivalent_pixels_high": None,
+    "equivalent_pixels": None, "equivalent_pixels_low": None, "equivalent_pixels_high": None, "cell_id": None,
 }
 
 

@@ -35,7 +35,8 @@ META_CELLS, META_JUDGES, META_SAVED = b"pixelray.cells", b"pixelray.judges", b"p
 
 
 def attack_unit_table(res: dict, eps: tuple[int, ...], cells: list[Cell], judges: tuple[str, ...]) -> pa.Table:
-    """A worker's bits as one row per (eps, image): eps (k), image_id, label, success_float, success,
+    """A worker's bits as one row per (eps, image): eps (k), image_id, label, success_float (null without
+    ``report_float``), success,
     restored (one bool per cell, in the plan's order) and correct_by (one per judge, in the sweep's model
     order); the cell ids, the judges and any saved shards are in the file's metadata."""
     n_eps, n = res["success"].shape
@@ -49,7 +50,8 @@ def attack_unit_table(res: dict, eps: tuple[int, ...], cells: list[Cell], judges
         "eps": pa.array(np.repeat(np.asarray(eps, dtype=np.int64), n), pa.int64()),
         "image_id": pa.array(np.tile(res["image_id"], n_eps), pa.int64()),
         "label": pa.array(np.tile(res["label"], n_eps), pa.int64()),
-        "success_float": pa.array(res["success_float"].reshape(-1), pa.bool_()),
+        "success_float": pa.nulls(n_eps * n, pa.bool_()) if res["success_float"] is None
+        else pa.array(res["success_float"].reshape(-1), pa.bool_()),
         "success": pa.array(res["success"].reshape(-1), pa.bool_()),
         "restored": per_row(res["restored"]),
         "correct_by": per_row(res["correct_by"]),
@@ -119,7 +121,8 @@ def run_attack(ctx: RunContext, clean: CleanPass, attack: AttackConfig) -> Attac
     save_dir, where = None, config.save_adversarial
     if where:
         save_dir = join_uri(where if is_remote(where) else os.path.abspath(where), name)
-    plan = AttackPlan(attack.eps, keep_all, tuple(config.models), save_dir, attack.kind, attack.params)
+    plan = AttackPlan(attack.eps, keep_all, tuple(config.models), save_dir, attack.kind, attack.params,
+                      attack.report_float)
     kept = _KeptSoFar(attack.eps, attack.size, keep_all)
     cells = ctx.cells
     weights, classes = config.weights, ctx.num_classes

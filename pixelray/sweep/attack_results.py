@@ -13,7 +13,8 @@ interval and ``pixel_index`` keep their meaning. ``n_restored`` and
 
 ``attack.parquet``: model, weights, attack, eps, keep, n_attacked, n_success_float,
 n_success, success_rate_float, success_rate (misclassified before / after uint8
-rounding), ci_low, ci_high (Wilson, on success_rate), n_kept, ... The rates are
+rounding; the ``_float`` ones only with ``[attack] report_float = true``, else null),
+ci_low, ci_high (Wilson, on success_rate), n_kept, ... The rates are
 over one deterministic set per model: the candidates up to the highest image id
 kept at any eps (all candidates when some eps has fewer than ``size``).
 
@@ -81,7 +82,7 @@ def attack_results(config: SweepConfig, cell_pairs, done: AttackPass, size, comm
         t_eps = table["eps"].to_numpy()
         ids_all = table["image_id"].to_numpy()
         ok_all = table["success"].to_numpy(zero_copy_only=False)
-        ok_float_all = table["success_float"].to_numpy(zero_copy_only=False)
+        ok_float_all = table["success_float"].to_numpy(zero_copy_only=False) if attack.report_float else None
         restored_all = _bits(table, "restored", len(cell_ids))
         correct_all = _bits(table, "correct_by", len(judges))
         rows_of = [np.flatnonzero(t_eps == k) for k in attack.eps]
@@ -105,8 +106,10 @@ def attack_results(config: SweepConfig, cell_pairs, done: AttackPass, size, comm
             out["attack"].append({
                 **common, "model": model, "attack": name, "attack_params": params, "eps": eps,
                 "keep": attack.keep.value,
-                "n_attacked": n_att, "n_success_float": int(ok_float_all[attacked].sum()), "n_success": n_ok,
-                "success_rate_float": ok_float_all[attacked].mean() if n_att else math.nan,
+                "n_attacked": n_att, "n_success": n_ok,
+                "n_success_float": None if ok_float_all is None else int(ok_float_all[attacked].sum()),
+                "success_rate_float": None if ok_float_all is None else (
+                    ok_float_all[attacked].mean() if n_att else math.nan),
                 "success_rate": n_ok / n_att if n_att else math.nan, "ci_low": low, "ci_high": high,
                 "n_kept": len(c), "image_size": size[0],
             })
@@ -117,7 +120,7 @@ def attack_results(config: SweepConfig, cell_pairs, done: AttackPass, size, comm
                     out["cells"].append({
                         **common, "experiment": exp, "model": model, "attack": name, "attack_params": params,
                         "eps": eps,
-                        **cell_columns(by_id[cell_id], size), "n_images": len(c),
+                        **cell_columns(by_id[cell_id], size), "cell_id": cell_id, "n_images": len(c),
                         "n_wrong": len(c) - n_restored, "n_restored": n_restored,
                         "_order": (exp_order[exp], config.models.index(model), e, cell_ids.index(cell_id)),
                     })

@@ -34,7 +34,9 @@ class RunContext:
         pool: the workers.
         telemetry: metrics and the progress bar.
         say: where messages for the user go.
-        stats: ``reads`` and ``units_run`` per phase, for ``stats.json``.
+        stats: per phase, for ``stats.json``: ``reads`` (shard reads the workers made, counted in
+            their reader), ``units_run`` (units finished, counted here), and the workers' seconds
+            ``compute_s`` (holding the device) and ``read_s`` (reading and staging shards).
     """
 
     config: SweepConfig
@@ -114,15 +116,17 @@ class RunContext:
             if on_table is not None:
                 on_table(unit, table)
         name = phase.value
-        self.stats.setdefault("reads", {}).setdefault(name, 0)
-        self.stats.setdefault("units_run", {}).setdefault(name, 0)
+        for counter in ("reads", "units_run", "compute_s", "read_s"):
+            self.stats.setdefault(counter, {}).setdefault(name, 0)
 
         def done(unit: Unit, result: dict) -> None:
             table = to_table(unit, result)
             self.run_dir.write_unit(unit.key, table, self.unit_print(unit))
             tables[unit.key] = table
-            self.stats["reads"][name] += int(result["reads"])
-            self.stats["units_run"][name] += 1
+            self.stats["reads"][name] += int(result["reads"])  # counted in the worker's reader
+            self.stats["units_run"][name] += 1  # counted here, as units finish
+            self.stats["compute_s"][name] += float(result["compute_s"])
+            self.stats["read_s"][name] += float(result["read_s"])
             self.telemetry.unit_done(unit.model, int(result["images"]))
             if on_table is not None:
                 on_table(unit, table)

@@ -25,7 +25,7 @@ from pixelray.errors import SweepError
 from pixelray.telemetry import SweepTelemetry
 from pixelray.worker import ModelWorker, Unit
 
-__all__ = ["DEVICE_OVERRIDE", "MAX_UNIT_FAILURES", "WorkerPool", "cause", "connect", "schedule"]
+__all__ = ["DEVICE_OVERRIDE", "MAX_UNIT_FAILURES", "WorkerPool", "cause", "connect", "reserved_cpus", "schedule"]
 
 #: How many worker deaths one unit may see before the sweep stops.
 MAX_UNIT_FAILURES = 3
@@ -51,6 +51,17 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
                  logging_level=logging.WARNING, _node_ip_address="127.0.0.1")  # an embedded Ray: loopback only
     else:
         ray.init(address=address, log_to_driver=False)
+
+
+def reserved_cpus(device: str, threads: int) -> int:
+    """CPUs a worker reserves from Ray: on a CPU, the cores its torch threads use (at most the largest
+    node's CPUs, so that it can be placed at all); on a GPU, one for its Python thread and the copies."""
+    if device == "cuda":
+        return 1
+    import ray
+
+    largest = max((int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")), default=1)
+    return max(1, min(threads, largest))
 
 
 def cause(exc: BaseException) -> BaseException:
@@ -103,15 +114,19 @@ class WorkerPool:
         cpus = int(resources.get("CPU", 1))
         if device == "cuda":
             n = self._gpu_target(gpus)
-            threads = config.threads or max(1, cpus // n)
-            self.options = dict(num_gpus=1, num_cpus=1)
         else:
             n = config.workers or 1
-            threads = config.threads or max(1, cpus // n)
-            self.options = dict(num_gpus=0, num_cpus=threads)
-        self.options.update(max_concurrency=depth, max_restarts=0, max_task_retries=0)  # the driver retries
+        threads = config.threads or max(1, cpus // n)
+        self.options = dict(
+            num_gpus=1 if device == "cuda" else 0,
+            num_cpus=reserved_cpus(device, threads),
+            max_concurrency=depth,
+            max_restarts=0,  # the driver replaces dead workers and re-queues their units
+            max_task_retries=0,
+        )
         compute = os.environ.get(DEVICE_OVERRIDE) or device
-        self.args = dict(device=compute, threads=threads, batch_size=config.batch_size, amp=config.amp)
+        self.args = dict(device=compute, threads=threads, batch_size=config.batch_size, amp=config.amp,
+                         cells_per_pass=config.cells_per_pass, cuda_graphs=config.cuda_graphs)
         self.depth = depth
         self.timeout = config.placement_timeout
         self.telemetry = telemetry

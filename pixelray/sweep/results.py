@@ -50,7 +50,9 @@ def _channels_label(cell: Cell) -> str | None:
 
 
 def cell_columns(cell: Cell, size: tuple[int, int]) -> dict[str, Any]:
-    """The columns that name a cell: its family, then the change's or the corruption's parameters."""
+    """The columns that name a cell: its family, then the change's or the corruption's parameters;
+    ``Cell.from_columns`` rebuilds a pixel-change cell from them (and ``image_size``): a whole-image cell
+    says ``area`` = the side of square images (null otherwise)."""
     change = cell.change
     if isinstance(change, Corruption):
         return {
@@ -110,6 +112,4 @@ def cell_rows(config: SweepConfig, cell_pairs, table: pa.Table | None, size, com
                 "n_images": r["n_images"], "n_wrong": r["n_wrong"], "n_restored": None,
             })
     rows.sort(key=lambda r: (exp_order[r["experiment"]], model_order[r["model"]], cell_order[r["cell_id"]]))
-    for row in rows:
-        del row["cell_id"]
     return rows
