@@ -3,9 +3,11 @@
 A thin shell over :func:`pixelray.perturb.describe_change`; mounted on the main app by
 :mod:`pixelray.cli`. The Python equivalent::
 
-    from pixelray.perturb import describe_change
-    from pixelray.spec import Cell
+    from pixelray.corrupt import describe_cell
+    from pixelray.spec import Cell, Corruption
     describe_change(Cell.from_id(row.cell_id), image_id, 224, 224)
+
+(``pixelray.corrupt.describe_cell`` does the same for any cell, a corruption's too.)
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ def show_cmd(
 
     Example: pixelray cell show n64-full-whole-all-per-image-seed0 --image-id 17 --size 224
     """
-    from pixelray.perturb import describe_change
-    from pixelray.spec import Cell
+    from pixelray.corrupt import describe_cell
+    from pixelray.spec import Cell, Corruption
 
     image = None
     if data is not None:
@@ -82,15 +84,18 @@ def show_cmd(
         height = width = 224
     try:
         cell = Cell.from_id(cell_id, (height, width))
-        record = describe_change(cell, image_id, height, width, image)
+        record = describe_cell(cell, image_id, height, width, image)
     except ValueError as exc:
         _fail(str(exc))
     if as_json:
         typer.echo(json.dumps({**asdict(record), "height": height, "width": width}))
         return
-    amp = cell.change.amplitude
-    typer.echo(f"cell {record.cell_id}, image {image_id} ({height}x{width}): {cell.change.count} positions x "
-               f"{len(cell.change.channel_indices)} channels, amplitude {amp}")
+    if isinstance(cell.change, Corruption):
+        typer.echo(f"cell {record.cell_id}, image {image_id} ({height}x{width}): {cell.change.family} at severity "
+                   f"{cell.change.severity}, {len(record.y)} of {height * width * 3} values replaced")
+    else:
+        typer.echo(f"cell {record.cell_id}, image {image_id} ({height}x{width}): {cell.change.count} positions x "
+                   f"{len(cell.change.channel_indices)} channels, amplitude {cell.change.amplitude}")
     head = ["y", "x", "channel"] + (["old"] if record.old else []) + (["shift"] if record.shift else [])
     head += ["new"] if record.value else []
     typer.echo("  ".join(f"{h:>7}" for h in head))

@@ -25,10 +25,10 @@ from collections.abc import Sequence
 
 import torch
 
-from pixelray.perturb import apply_pixel_changes, hash64, image_layout
+from pixelray.perturb import ChangeRecord, apply_pixel_changes, describe_change, hash64, image_layout
 from pixelray.spec import Cell, Corruption
 
-__all__ = ["apply_cell", "impulse_noise"]
+__all__ = ["apply_cell", "describe_cell", "impulse_noise"]
 
 _STREAM_NOISE = 3  # streams 1 and 2 are the pixel changes' positions and values
 _KEY_MUL = -0x2917014799A6026D  # odd 64-bit multiplier (two's complement), as in perturb's keys
@@ -67,3 +67,23 @@ def apply_cell(images: torch.Tensor, cell: Cell, image_ids: torch.Tensor | Seque
     if isinstance(cell.change, Corruption):
         return impulse_noise(images, cell, image_ids)
     return apply_pixel_changes(images, cell, image_ids)
+
+
+def describe_cell(cell: Cell, image_id: int, height: int, width: int,
+                  image: torch.Tensor | None = None) -> ChangeRecord:
+    """The entries a cell changes in image ``image_id``: :func:`pixelray.perturb.describe_change` for a
+    pixel change; for a corruption, every (y, x, channel) it replaces, in (H, W, C) order, with the new value
+    (its draws do not depend on the image; ``old`` is filled when ``image`` (H, W, 3) is given)."""
+    if not isinstance(cell.change, Corruption):
+        return describe_change(cell, image_id, height, width, image)
+    probe = torch.full((1, height, width, 3), 7, dtype=torch.uint8)  # neither 0 nor 255: every change shows
+    changed = apply_cell(probe, cell, [int(image_id)])[0]
+    y, x, ch = (changed != 7).nonzero(as_tuple=True)
+    old = None
+    if image is not None:
+        pixels = image.permute(1, 2, 0) if image_layout(image[None]) == "NCHW" else image
+        if tuple(pixels.shape) != (height, width, 3) or pixels.dtype != torch.uint8:
+            raise ValueError(f"image: expected uint8 ({height}, {width}, 3), got {pixels.dtype} {tuple(pixels.shape)}")
+        old = tuple(pixels[y, x, ch].tolist())
+    return ChangeRecord(cell.cell_id, int(image_id), tuple(y.tolist()), tuple(x.tolist()), tuple(ch.tolist()),
+                        tuple(changed[y, x, ch].tolist()), None, old)

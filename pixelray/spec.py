@@ -256,10 +256,15 @@ class Cell:
         >>> Cell.from_id("n4-full-s32-all-per-image-seed0", 32).cell_id
         'n4-full-whole-all-per-image-seed0'
         """
+        corruption = _CORRUPTION_ID.match(cell_id) if isinstance(cell_id, str) else None
+        if corruption is not None and corruption.group(1) in CORRUPTIONS:
+            family, severity, seed = corruption.groups()
+            return cls(Corruption(family, int(severity)), int(seed))
         match = _CELL_ID.match(cell_id) if isinstance(cell_id, str) else None
         if match is None:
             raise ValueError(f"cell_id: {cell_id!r} is not a cell id; expected e.g. "
-                             "'n64-full-whole-all-per-image-seed0' (count, amplitude, area, channels, positions, seed)")
+                             "'n64-full-whole-all-per-image-seed0' (count, amplitude, area, channels, positions, seed) "
+                             "or 'impulse_noise-sev3-seed0' (a corruption)")
         count, amp, area, channels, positions, seed = match.groups()
         change = PixelChange(
             int(count), "full" if amp == "full" else int(amp[1:]), None if area == "whole" else int(area[1:]),
@@ -273,7 +278,8 @@ class Cell:
     @classmethod
     def from_columns(cls, row: Mapping[str, Any], width: int | None = None) -> Cell:
         """The cell of a ``cells.parquet`` row, from its columns ``count``, ``amplitude``, ``area``,
-        ``channels``, ``positions``, ``seed`` and ``image_size`` (the height) alone.
+        ``channels``, ``positions``, ``seed`` and ``image_size`` (the height) alone; a corruption's row
+        (``family`` other than ``pixel_change``) from ``family``, ``severity`` and ``seed``.
 
         ``area`` null, or equal to the side of a square image, is the whole image. ``width``
         defaults to ``image_size`` (square images, as the results say no more); pass it for
@@ -283,6 +289,9 @@ class Cell:
             v = row[key]
             return None if v is None or (isinstance(v, float) and v != v) else v  # pandas gives NaN for null
 
+        family = value("family") if "family" in row else None  # results before corruptions: pixel changes
+        if family not in (None, PIXEL_CHANGE):
+            return cls(Corruption(str(value("family")), int(value("severity"))), int(value("seed")))
         amplitude = str(value("amplitude"))
         channels = str(value("channels"))
         area = value("area")
@@ -302,6 +311,7 @@ class Cell:
         return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+_CORRUPTION_ID = re.compile(r"^([a-z_]+)-sev(\d)-seed(\d+)$")
 _CELL_ID = re.compile(r"^n(\d+)-(full|a\d+)-(whole|s\d+)-(all|c[0-2]+)-(per-image|shared)-seed(\d+)$")
 
 

@@ -210,6 +210,31 @@ def test_cell_show_gives_the_entries_the_cell_changes(synthetic_dataset, cell_id
     assert torch.equal(changed[untouched], image[untouched])  # nothing else changes
 
 
+def test_cell_show_gives_a_corruption_s_entries_as_the_sweep_applies_them(synthetic_dataset):
+    import json
+
+    import torch
+
+    from pixelray.corrupt import apply_cell
+    from pixelray.spec import Cell
+
+    result = invoke("cell", "show", "impulse_noise-sev2-seed4", "--image-id", "123", "--data", synthetic_dataset,
+                    "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    image = _image_of(synthetic_dataset, 123)
+    rebuilt = image.clone()
+    for y, x, c, v in zip(record["y"], record["x"], record["channel"], record["value"], strict=True):
+        rebuilt[y, x, c] = v
+    # what the sweep applies, and only that: the entries written into the image give its noisy version
+    assert torch.equal(rebuilt, apply_cell(image[None], Cell.from_id("impulse_noise-sev2-seed4"), [123])[0])
+    assert record["old"] == [int(image[y, x, c]) for y, x, c in zip(record["y"], record["x"], record["channel"],
+                                                                        strict=True)]
+    assert 0.03 < len(record["y"]) / image.numel() < 0.09  # severity 2 replaces 6% of the values
+    text = invoke("cell", "show", "impulse_noise-sev2-seed4", "--image-id", "123", "--size", "32")
+    assert text.exit_code == 0 and "impulse_noise at severity 2" in text.stdout
+
+
 def test_cell_show_reads_a_whole_image_area_as_whole_and_refuses_bad_ids():
     same = [invoke("cell", "show", cid, "--image-id", "5", "--size", "32", "--json")
             for cid in ("n4-full-s32-all-per-image-seed0", "n4-full-whole-all-per-image-seed0")]

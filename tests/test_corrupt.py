@@ -68,6 +68,8 @@ def test_draws_are_a_function_of_seed_cell_and_image_id(severity, seed):
 def test_the_cell_id_names_the_family_and_bad_values_are_refused():
     assert noise(3, 7).cell_id == "impulse_noise-sev3-seed7" and noise(3).family == "impulse_noise"
     assert Cell(PixelChange(4)).family == "pixel_change"
+    row = {"family": "impulse_noise", "severity": 3, "seed": 7, "count": None, "amplitude": None}
+    assert Cell.from_id("impulse_noise-sev3-seed7") == Cell.from_columns(row) == noise(3, 7)
     with pytest.raises(ValueError, match="severity: 6 is invalid; allowed: \\[1, 2, 3, 4, 5\\]"):
         Corruption("impulse_noise", 6)
     with pytest.raises(ValueError, match="family: 'fog' is unknown"):
