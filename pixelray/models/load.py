@@ -1,0 +1,58 @@
+"""``load_model``: any model spec as a :class:`~pixelray.models.wrapper.Classifier`, eval mode, frozen."""
+
+from __future__ import annotations
+
+from pixelray.models.build import _build_net, _load_factory, _load_torchvision
+from pixelray.models.checkpoints import _load_checkpoint
+from pixelray.models.registry import Weights, _kind, _parse_weights, _weights_label
+from pixelray.models.wrapper import Classifier
+
+
+def load_model(
+    spec: str,
+    weights: str | Weights | None = "imagenet",
+    *,
+    num_classes: int | None = None,
+    init_seed: int = 0,
+) -> Classifier:
+    """Build a :class:`Classifier` from a model spec, in eval mode, parameters frozen.
+
+    Args:
+        spec: a torchvision classification model name, ``"tiny"``, ``"checkpoint:PATH"`` or
+            ``"module.path:factory"`` (see the module docstring).
+        weights: for torchvision models, ``"imagenet"`` (IMAGENET1K_V1, the paper's weights),
+            ``"default"`` (torchvision's DEFAULT), an entry name such as ``"IMAGENET1K_V2"``,
+            or None/``"none"`` for random init. ``"tiny"`` has no pretrained weights and needs
+            ``"none"``; checkpoints and factories bring their own weights and ignore it.
+        num_classes: size of the head; by default the weights' (1000 for ImageNet), 10 for tiny.
+            A checkpoint, or a factory without a ``num_classes`` parameter, must already match it.
+        init_seed: seed of the random init (the same in every process); the global generator
+            is left as it was.
+
+    Raises:
+        ValueError: a bad spec, weights name, num_classes, or a missing or malformed checkpoint.
+        WeightsMissingError: pretrained weights are not in the torch hub cache (no download is tried).
+    """
+    kind = _kind(spec)
+    parsed = _parse_weights(weights)
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes: {num_classes!r} is invalid; it must be an integer >= 1 or None")
+    if isinstance(init_seed, bool) or not isinstance(init_seed, int) or not 0 <= init_seed < 2**63:
+        raise ValueError(f"init_seed: {init_seed!r} is invalid; it must be an integer in 0..2**63-1")
+    if kind == "torchvision":
+        model = _load_torchvision(spec, parsed, num_classes, init_seed)
+    elif kind == "tiny":
+        if parsed is not Weights.NONE:
+            raise ValueError(f"weights: tiny has no pretrained {_weights_label(parsed)!r} weights; use "
+                             "weights='none' (random init) or a trained 'checkpoint:PATH'")
+        classes = 10 if num_classes is None else num_classes
+        model = Classifier(_build_net("tiny", classes, init_seed), name="tiny", num_classes=classes,
+                           weights="none", source=f"tiny random init (seed {init_seed})")
+    elif kind == "checkpoint":
+        model = _load_checkpoint(spec, num_classes, init_seed)
+    else:
+        model = _load_factory(spec, num_classes, init_seed)
+    model.eval()
+    model.requires_grad_(False)
+    return model
