@@ -21,6 +21,7 @@ Random init is deterministic: the same spec and ``init_seed`` give the same weig
 process, and the caller's global random state is left untouched.
 
 Example:
+    >>> import torch
     >>> model = load_model("tiny", weights=None, num_classes=10)
     >>> model(torch.zeros(2, 32, 32, 3, dtype=torch.uint8)).shape
     torch.Size([2, 10])
