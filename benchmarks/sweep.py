@@ -52,11 +52,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pixelray.datasets.synthetic import make_synthetic  # noqa: E402
+from pixelray.evaluate import pick_device  # noqa: E402
 from pixelray.models import load_model  # noqa: E402
 from pixelray.perturb import apply_pixel_changes  # noqa: E402
 from pixelray.shards import load_manifest, read_shard, shard_uris  # noqa: E402
 from pixelray.spec import Cell, PixelChange  # noqa: E402
-from pixelray.worker import ModelWorker, Unit, pick_device  # noqa: E402
+from pixelray.units import Unit  # noqa: E402
+from pixelray.worker import ModelWorker  # noqa: E402
 
 COUNTS = [4, 8, 16, 32, 64]
 AMPLITUDES = ["full", 10, 40, 70, 127]

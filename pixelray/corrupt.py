@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pixelray.draws import _shr
 from pixelray.perturb import ChangeRecord, apply_pixel_changes, describe_change, hash64, image_layout
 from pixelray.spec import Cell, Corruption
 
@@ -32,11 +33,6 @@ __all__ = ["apply_cell", "describe_cell", "impulse_noise"]
 
 _STREAM_NOISE = 3  # streams 1 and 2 are the pixel changes' positions and values
 _KEY_MUL = -0x2917014799A6026D  # odd 64-bit multiplier (two's complement), as in perturb's keys
-
-
-def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
 def impulse_noise(images: torch.Tensor, cell: Cell, image_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:

@@ -230,7 +230,7 @@ def _all_reduce(values: torch.Tensor, world: int) -> torch.Tensor:
 
 def _evaluate(model: Classifier, data, run: FineTune, world: int, device: torch.device) -> torch.Tensor:
     """[held-out images, correct clean, correct clean but wrong under the change], summed over the workers."""
-    from pixelray.worker import correct_under_cells, predict
+    from pixelray.evaluate import correct_under_cells, predict
 
     ids, labels, images = data
     counts = torch.zeros(3, dtype=torch.float64, device=device)

@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pixelray import perturb
+from pixelray import draws, perturber
 from pixelray.perturb import apply_pixel_changes, draw_positions, draw_values, hash64, image_layout
 from pixelray.spec import Cell, PixelChange
 
@@ -313,19 +313,19 @@ def test_big_batch_matches_small_batches(cell):
 def test_big_batch_matches_small_batches_when_candidates_run_short(monkeypatch):
     # Force the candidate path on a crowded area, where some images need more than one round of
     # candidates: extending the stream must not change the images that had enough in round one.
-    monkeypatch.setattr(perturb, "_TOPK_FACTOR", 0)
+    monkeypatch.setattr(perturber, "_TOPK_FACTOR", 0)
     cell = Cell(PixelChange(20, area=5), 4)  # 25 positions, 72 candidates in round one
     ids = torch.arange(1000)
-    keys = perturb._image_keys(cell, ids).unsqueeze(1)
-    first_round = perturb._uniform(perturb._stream(keys, perturb._STREAM_POSITION, torch.arange(72)), 25)
-    _, enough = perturb._first_distinct(first_round, 20)
+    keys = draws._image_keys(cell, ids).unsqueeze(1)
+    first_round = draws._uniform(draws._stream(keys, draws._STREAM_POSITION, torch.arange(72)), 25)
+    _, enough = draws._first_distinct(first_round, 20)
     assert 0 < int((~enough).sum()) < 1000, "the case should mix images with and without a second round"
     _check_big_batch(cell)
 
 
 def test_first_distinct():
     candidates = torch.tensor([[3, 3, 1, 3, 2, 0], [5, 5, 5, 5, 5, 5], [0, 1, 2, 3, 4, 5]])
-    keep, enough = perturb._first_distinct(candidates, 3)
+    keep, enough = draws._first_distinct(candidates, 3)
     assert enough.tolist() == [True, False, True]
     assert candidates[0][keep[0]].tolist() == [3, 1, 2]
     assert candidates[2][keep[2]].tolist() == [0, 1, 2]
@@ -451,7 +451,7 @@ def _draw(cell: Cell, n: int, height: int, width: int) -> tuple[torch.Tensor, in
 def test_positions_are_uniform_over_the_area(change, height, width):
     cell = Cell(change, 1)
     positions, size = _draw(cell, 20000, height, width)
-    path_is_topk = size <= perturb._TOPK_FACTOR * change.count
+    path_is_topk = size <= perturber._TOPK_FACTOR * change.count
     assert path_is_topk == (change.area in (4, 9))
     assert_uniform(positions, size, "all positions")
     # the order within an image carries no bias: the first and the last drawn are uniform too
@@ -461,7 +461,7 @@ def test_positions_are_uniform_over_the_area(change, height, width):
 
 @pytest.mark.parametrize("topk_factor", [8, 0], ids=["topk", "candidates"])
 def test_pairs_are_uniform_subsets(monkeypatch, topk_factor):
-    monkeypatch.setattr(perturb, "_TOPK_FACTOR", topk_factor)
+    monkeypatch.setattr(perturber, "_TOPK_FACTOR", topk_factor)
     cell = Cell(PixelChange(2, area=3), 2)  # 9 positions: 36 subsets, 72 ordered pairs
     positions, size = _draw(cell, 36000, 3, 3)
     first, second = positions[:, 0], positions[:, 1]

@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pixelray import perturb
+from pixelray import perturber
 from pixelray.perturb import Perturber, apply_pixel_changes, draw_positions
 from pixelray.spec import Cell, PixelChange
 
@@ -109,7 +109,7 @@ def test_paper_sized_grid_matches_the_reference():
 
 def test_candidates_running_short_extend_the_stream_like_the_reference(monkeypatch):
     # the candidate path on a crowded area: some rows need a second round of candidates
-    monkeypatch.setattr(perturb, "_TOPK_FACTOR", 0)
+    monkeypatch.setattr(perturber, "_TOPK_FACTOR", 0)
     monkeypatch.setattr(ref, "_TOPK_FACTOR", 0)
     cells = [Cell(PixelChange(20, area=5), 4), Cell(PixelChange(3, area=5, amplitude=9), 1)]
     images, ids = images_of(300, 9, 9), torch.arange(300)

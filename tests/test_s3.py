@@ -31,7 +31,7 @@ from pixelray.atomic import TMP_GLOB
 from pixelray.config import parse_config
 from pixelray.shards import check_dataset, load_manifest
 from pixelray.sweep import run_sweep
-from pixelray.worker import model_slug
+from pixelray.units import model_slug
 
 ENV = {"AWS_ACCESS_KEY_ID": "pixelray-test", "AWS_SECRET_ACCESS_KEY": "pixelray-test",
        "AWS_EC2_METADATA_DISABLED": "true", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -46,7 +46,7 @@ from pixelray.shards import MANIFEST_NAME, Manifest, ShardInfo
 from pixelray.storage import Location, join_uri
 from pixelray.sweep.attack import META_SAVED, AttackPass, select_kept
 from pixelray.sweep.results import cell_columns, experiments_of
-from pixelray.worker import model_slug
+from pixelray.units import model_slug
 
 __all__ = ["attack_results", "write_adversarial_manifests"]
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 from pixelray.spec import Cell
 from pixelray.sweep.clean import CleanPass
 from pixelray.sweep.context import RunContext
-from pixelray.worker import Phase, Unit
+from pixelray.units import Phase, Unit
 
 __all__ = ["run_cells"]
 

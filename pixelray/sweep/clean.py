@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from pixelray.config import Filter
 from pixelray.sweep.context import RunContext
-from pixelray.worker import Phase, Unit, model_slug
+from pixelray.units import Phase, Unit, model_slug
 
 __all__ = ["CleanPass", "run_clean", "select_eval_set", "write_eval_ids"]
 

@@ -16,7 +16,7 @@ from pixelray.shards import Manifest, ShardExpectation, ShardInfo
 from pixelray.spec import Cell
 from pixelray.sweep.pool import WorkerPool, schedule
 from pixelray.telemetry import SweepTelemetry
-from pixelray.worker import Phase, Unit
+from pixelray.units import Phase, Unit
 
 __all__ = ["RunContext"]
 

@@ -23,7 +23,8 @@ from typing import Any
 from pixelray.config import SweepConfig
 from pixelray.errors import SweepError
 from pixelray.telemetry import SweepTelemetry
-from pixelray.worker import ModelWorker, Unit
+from pixelray.units import Unit
+from pixelray.worker import ModelWorker
 
 __all__ = ["DEVICE_OVERRIDE", "MAX_UNIT_FAILURES", "WorkerPool", "cause", "connect", "reserved_cpus", "schedule"]
 

@@ -1,0 +1,197 @@
+"""The compute of attack units: adversarial examples at every eps, every cell over them, every judge.
+
+An attack unit makes adversarial examples (the config's attack, through the interface of
+:mod:`pixelray.attacks`) with the unit's model at every eps, runs every cell over them, and
+has every model of the sweep judge them (the transfer matrix). It returns per-image bits, not
+counts, so that the driver can pick the kept examples exactly across shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pixelray.attacks import get_attack
+from pixelray.evaluate import correct_under_cells, predict
+from pixelray.spec import Cell
+from pixelray.units import model_slug
+
+__all__ = ["AttackPlan", "attack_outcomes", "save_examples"]
+
+
+@dataclass(frozen=True)
+class AttackPlan:
+    """What an attack unit does: the attack, its steps, which examples go on, and who judges them.
+
+    Args:
+        eps: radii in pixel units k (eps is k/255).
+        keep_all: run the cells and judges over every example (``keep = "all"``), not only
+            over those that fool the model after rounding.
+        judges: the sweep's models, in order; each judges every example (transfer).
+        save_dir: write the examples that go through the cells as shards here (optional).
+        kind: the attack (``[attack] kind``: a built-in name or ``module.path:SPEC``).
+        params: its parameters, ``(key, value)`` pairs as the config checked them.
+        report_float: also judge the unrounded examples (``[attack] report_float``).
+    """
+
+    eps: tuple[int, ...]
+    keep_all: bool
+    judges: tuple[str, ...]
+    save_dir: str | None = None
+    kind: str = "fgsm"
+    params: tuple[tuple[str, Any], ...] = ()
+    report_float: bool = False
+
+
+@contextlib.contextmanager
+def _exact_fp32(device: torch.device):
+    """cuDNN without TF32 for the attack: with TF32 a few gradient signs change from run to run
+    (see ``attacks.py``); without it the examples repeat exactly."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
+def attack_outcomes(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    image_ids: torch.Tensor,
+    eps: Sequence[int],
+    cells: Sequence[Cell],
+    judges: Sequence[torch.nn.Module | None],
+    batch_size: int,
+    *,
+    keep_all: bool = False,
+    amp: bool = False,
+    on_examples: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    attack: str = "fgsm",
+    params: Sequence[tuple[str, Any]] = (),
+    report_float: bool = True,
+    cell_options: dict | None = None,
+) -> dict[str, np.ndarray | None]:
+    """The attack with ``model`` at each eps, then every cell and every judge over the examples; per-image bits.
+
+    The attack (``attack``, a kind for :func:`pixelray.attacks.get_attack`, with its
+    ``params``) runs in fp32 (on CUDA without TF32) in slices of ``batch_size``; ``amp``
+    applies to the cells and judges only. The cells and the judges see the uint8
+    examples, and only the *eligible* ones: those the model misclassifies after
+    rounding, or all with ``keep_all``. On CPU the bits of an image do not depend on
+    the batch size for the tiny CNN; big torchvision models can differ in a few
+    near-zero gradient signs across batch sizes (oneDNN, see ``attacks.py``).
+
+    Host syncs: the labels' range is checked once, before the attack; the attack runs at
+    every eps with its verdicts kept as masks on the device; then one copy of the (eps,
+    images) mask tells which examples go on (running the cells over examples that cannot
+    be kept would cost more than this one wait); the bits come back at the end.
+
+    Args:
+        model: the attacked classifier (uint8 or [0, 1] input, normalisation inside).
+        images: uint8 (N, H, W, 3) or (N, 3, H, W), on the model's device.
+        labels, image_ids: int64 (N,), on the same device.
+        eps: steps in pixel units k (k/255).
+        cells: the pixel changes applied to the examples.
+        judges: models that judge the unchanged examples; ``None`` stands for ``model``
+            itself, whose verdict is the attack's own (``not success``).
+        on_examples: called as ``on_examples(eps_index, image_ids, labels, examples)`` with
+            the eligible uint8 examples of each eps (to save them).
+        report_float: also judge the unrounded examples (``success_float``); without it
+            ``success_float`` is None and, for attacks that allow it, a forward pass is saved.
+        cell_options: options of :func:`correct_under_cells` (a worker's perturber, ...).
+
+    Memory: the examples of every eps are kept until the cells run (E x the unit's images).
+
+    Returns:
+        ``success_float`` and ``success`` bool (E, N): the model misclassifies the
+        unrounded / the uint8 example (``success_float`` None without ``report_float``);
+        ``restored`` bool (E, C, N): under each cell the model predicts the true label;
+        ``correct_by`` bool (E, J, N): each judge predicts the true label on the example.
+        ``restored`` and ``correct_by`` are False for images that are not eligible.
+    """
+    from pixelray.attacks import check_labels
+
+    n, n_eps = images.shape[0], len(eps)
+    dev = images.device
+    check_labels(labels, getattr(model, "num_classes", None))  # once per unit, not per batch
+    success_float = torch.zeros(n_eps, n, dtype=torch.bool, device=dev) if report_float else None
+    success = torch.zeros(n_eps, n, dtype=torch.bool, device=dev)
+    restored = torch.zeros(n_eps, len(cells), n, dtype=torch.bool, device=dev)
+    correct_by = torch.zeros(n_eps, len(judges), n, dtype=torch.bool, device=dev)
+    examples = torch.empty((n_eps, *images.shape), dtype=images.dtype, device=dev)
+    spec = get_attack(attack)
+    kwargs = dict(params)
+    if spec.optional_float:
+        kwargs["report_float"] = report_float
+    for e, k in enumerate(eps):
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            with _exact_fp32(dev) if spec.needs_grad else contextlib.nullcontext():
+                outcome = spec.run(model, images[start:stop], labels[start:stop], image_ids[start:stop], k / 255,
+                                   **kwargs)
+            examples[e, start:stop] = outcome.adv
+            success[e, start:stop] = outcome.success
+            if success_float is not None:
+                success_float[e, start:stop] = outcome.success_float
+    eligible = None if keep_all else success.cpu().numpy()  # the one wait: which examples go on
+    options = dict(cell_options or {})
+    for e in range(n_eps):
+        if keep_all:
+            chosen = torch.arange(n, device=dev)
+        else:
+            index = np.flatnonzero(eligible[e])
+            if not len(index):
+                continue
+            chosen = torch.from_numpy(index).to(dev)
+        adv, truth, ids = examples[e][chosen], labels[chosen], image_ids[chosen]
+        if on_examples is not None:
+            on_examples(e, ids, truth, adv)
+        restored[e][:, chosen] = correct_under_cells(model, adv, truth, ids, cells, batch_size, amp, **options)
+        for j, judge in enumerate(judges):
+            verdict = ~success[e, chosen] if judge is None else predict(judge, adv, batch_size, amp) == truth
+            correct_by[e, j, chosen] = verdict
+    return {
+        "success_float": None if success_float is None else success_float.cpu().numpy(),
+        "success": success.cpu().numpy(),
+        "restored": restored.cpu().numpy(),
+        "correct_by": correct_by.cpu().numpy(),
+    }
+
+
+def save_examples(
+    root: str, model: str, k: int, shard_name: str, ids: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
+    num_classes: int, source: str = "fgsm",
+) -> dict:
+    """Write uint8 NHWC examples as one pixelray shard ``ROOT/<model>/eps<k>/<shard stem>.parquet``, atomically.
+
+    ``ROOT`` is a local directory or any pyarrow filesystem URI (``s3://...``). Returns the
+    shard's manifest entry (file relative to ``ROOT/<model>/eps<k>``, rows, sha256, id range);
+    the driver writes the manifest over all of them at the end.
+    """
+    from pixelray.shards import ShardWriter
+    from pixelray.storage import Location, join_uri
+
+    name = shard_name.rsplit(".", 1)[0] + ".parquet"
+    with tempfile.TemporaryDirectory(prefix="pixelray-adv-") as tmp:
+        with ShardWriter(
+            os.path.join(tmp, "set"), name="adversarial", height=images.shape[1], width=images.shape[2],
+            class_names=[str(i) for i in range(num_classes)], source=source, rows_per_shard=max(1, len(ids)),
+        ) as writer:
+            writer.add(ids.cpu().numpy(), labels.cpu().numpy(), images.cpu().numpy(), [""] * len(ids))
+        info = writer.close().shards[0]
+        data = Path(tmp, "set", info.file).read_bytes()
+    Location(join_uri(root, model_slug(model), f"eps{k}", name)).write_bytes(data)
+    return {"file": name, "rows": info.rows, "sha256": info.sha256, "min_id": info.min_id, "max_id": info.max_id}
