@@ -7,7 +7,7 @@ examples go through the same grid. Every mistake is refused here, before any
 work starts, with the key, the value and the fix.
 
 Example:
-    >>> cfg = parse_config({"data": {"path": "shards"}, "models": {"names": ["tiny"]},
+    >>> cfg = parse_config({"data": {"path": "shards"}, "models": {"names": ["tiny"], "weights": "none"},
     ...                     "grid": {"counts": [4, 8]}, "output": {"dir": "out"}})
     >>> [c.cell_id for _, c in cfg.cells(image_size=(32, 32))]
     ['n4-full-whole-all-per-image-seed0', 'n8-full-whole-all-per-image-seed0']
@@ -22,10 +22,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
+from pixelray.attack_config import AttackConfig, Keep
 from pixelray.check import is_int
 from pixelray.spec import CORRUPTIONS, PIXEL_CHANGE, Cell, Corruption, PixelChange, parse_channels
+from pixelray.tomlcheck import ConfigError, check_keys, get_value, int_list, read_toml
 
 __all__ = [
     "AttackConfig",
@@ -38,10 +38,6 @@ __all__ = [
     "load_config",
     "parse_config",
 ]
-
-
-class ConfigError(ValueError):
-    """An invalid sweep config; the message names the key, the value and the fix."""
 
 
 class Filter(str, Enum):
@@ -58,96 +54,6 @@ class Verify(str, Enum):
     AUTO = "auto"  # sha256 for local files, basic for object stores
     SHA256 = "sha256"  # basic, plus the whole file's sha256 (once per shard and worker)
     BASIC = "basic"  # rows, image shape, id range, labels
-
-
-class Keep(str, Enum):
-    """Which adversarial examples go through the grid."""
-
-    SUCCESSFUL = "successful"  # those the attacked model misclassifies after uint8 rounding (the paper)
-    ALL = "all"  # every attacked image, fooled or not
-
-
-@dataclass(frozen=True)
-class AttackConfig:
-    """The ``[attack]`` section: which attack, at which steps, on which images.
-
-    The attack runs on the images the ``[eval]`` filter admits (not cut to the eval
-    size: the attack has its own ``size``), per model, white-box.
-
-    Args:
-        kind: the attack: a built-in name (``fgsm``, ``pgd``) or ``module.path:SPEC``
-            (see :mod:`pixelray.attacks`).
-        eps: steps in pixel units k, each meaning k/255 in [0, 1] pixel space, e.g. (1, 2, 4, 8).
-        keep: ``successful`` keeps the examples the model misclassifies after rounding to
-            uint8; ``all`` keeps every example.
-        size: keep at most this many examples per (model, eps), lowest image ids first
-            (the paper: 10,000 successful examples); None keeps all.
-        params: the attack's own parameters (e.g. PGD's ``steps``), as ``(key, value)``
-            pairs; every parameter is filled in with its default and checked by the spec.
-        report_float: also judge the unrounded examples (``success_float``,
-            ``n_success_float`` and ``success_rate_float`` in the tables; null without it).
-            It costs one more forward pass per example and eps (about 20% of FGSM).
-    """
-
-    kind: str = "fgsm"
-    eps: tuple[int, ...] = (1, 2, 4, 8)
-    keep: Keep = Keep.SUCCESSFUL
-    size: int | None = None
-    params: tuple[tuple[str, Any], ...] = ()
-    report_float: bool = False
-
-    def __post_init__(self) -> None:
-        from pixelray.attacks import get_attack  # the attack's own module decides its parameters
-
-        spec = get_attack(self.kind)
-        object.__setattr__(self, "params", tuple(sorted(spec.parse(dict(self.params)).items())))
-        try:
-            object.__setattr__(self, "keep", Keep(self.keep))
-        except ValueError:
-            raise ValueError(f"keep = {self.keep!r}: allowed: {[k.value for k in Keep]}") from None
-        eps = tuple(self.eps) if isinstance(self.eps, (list, tuple)) else self.eps
-        if (
-            not isinstance(eps, tuple) or not eps
-            or not all(isinstance(e, int) and not isinstance(e, bool) for e in eps)
-        ):
-            shown = list(eps) if isinstance(eps, tuple) else eps
-            raise ValueError(
-                f"eps = {shown!r}: expected a non-empty list of integers k (pixel units, k/255), e.g. [1, 2, 4, 8]"
-            )
-        bad = [e for e in eps if not 1 <= e <= 255]
-        if bad:
-            raise ValueError(
-                f"eps = {list(eps)!r}: {bad} outside 1..255; eps is in pixel units k meaning k/255, e.g. [1, 2, 4, 8]"
-            )
-        if len(set(eps)) != len(eps):
-            raise ValueError(f"eps = {list(eps)!r}: each value may appear once")
-        object.__setattr__(self, "eps", eps)
-        if self.size is not None and (not is_int(self.size) or self.size < 1):
-            raise ValueError(f"size = {self.size!r}: must be an integer >= 1, or omit it to keep every example")
-        if not isinstance(self.report_float, bool):
-            raise ValueError(f"report_float = {self.report_float!r}: must be true or false")
-
-    @property
-    def name(self) -> str:
-        """The attack's name in result rows (a plug-in's spec name, not its module path)."""
-        from pixelray.attacks import get_attack
-
-        return get_attack(self.kind).name
-
-    @property
-    def params_label(self) -> str:
-        """The parameters as canonical JSON (``attack_params`` in the results), ``{}`` for none."""
-        return json.dumps(dict(self.params), sort_keys=True)
-
-    def identity(self) -> dict[str, Any]:
-        """What determines the attack's results (parameters only when the attack has any, report_float only
-        when true: a config without them keeps its hash)."""
-        out = {"kind": self.kind, "eps": list(self.eps), "keep": self.keep.value, "size": self.size}
-        if self.params:
-            out["params"] = dict(self.params)
-        if self.report_float:
-            out["report_float"] = True
-        return out
 
 
 @dataclass(frozen=True)
@@ -260,44 +166,12 @@ class SweepConfig:
 _TOP_KEYS = {"data", "models", "eval", "grid", "experiment", "attack", "output", "run"}
 
 
-def _get(table: dict, key: str, where: str, kind: type | tuple[type, ...], default: Any = ..., fix: str = "") -> Any:
-    if key not in table:
-        if default is ...:
-            raise ConfigError(f"[{where}] {key}: missing; {fix or 'add it'}")
-        return default
-    value = table[key]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        raise ConfigError(f"[{where}] {key} = {value!r}: expected {_kind_name(kind)}; {fix}".rstrip("; "))
-    return value
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(k.__name__ for k in kinds)
-
-
-def _unknown(table: dict, allowed: set[str], where: str) -> None:
-    extra = sorted(set(table) - allowed)
-    if extra:
-        raise ConfigError(f"[{where}] unknown key(s) {extra}; allowed: {sorted(allowed)}")
-
-
-def _int_list(table: dict, key: str, where: str, default: Any = ...) -> tuple[int, ...]:
-    value = _get(table, key, where, list, default, fix="use a list of integers, e.g. [4, 8, 16]")
-    if value is default:
-        return value
-    if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise ConfigError(f"[{where}] {key} = {value!r}: expected a non-empty list of integers, e.g. [4, 8, 16]")
-    return tuple(value)
-
-
 def _corruption_experiment(table: dict, where: str, name: str, family: str) -> Experiment:
-    _unknown(table, {"name", "family", "severities"}, where)
+    check_keys(table, {"name", "family", "severities"}, where)
     if family not in CORRUPTIONS:
         raise ConfigError(f"[{where}] family = {family!r}: unknown; allowed: {[PIXEL_CHANGE, *sorted(CORRUPTIONS)]}")
     levels = sorted(CORRUPTIONS[family])
-    severities = _int_list(table, "severities", where, tuple(levels))
+    severities = int_list(table, "severities", where, tuple(levels))
     bad = [v for v in severities if v not in levels]
     if bad or len(set(severities)) != len(severities):
         raise ConfigError(f"[{where}] severities = {list(severities)!r}: distinct values from {levels}")
@@ -305,16 +179,16 @@ def _corruption_experiment(table: dict, where: str, name: str, family: str) -> E
 
 
 def _experiment(table: dict, where: str, name: str) -> Experiment:
-    family = _get(table, "family", where, str, PIXEL_CHANGE, fix="e.g. family = 'impulse_noise'")
+    family = get_value(table, "family", where, str, PIXEL_CHANGE, fix="e.g. family = 'impulse_noise'")
     if family != PIXEL_CHANGE:
         return _corruption_experiment(table, where, name, family)
     allowed = {"name", "family", "counts", "amplitudes", "areas", "channels", "positions"}
-    _unknown(table, allowed, where)
-    counts = _int_list(table, "counts", where)
-    amplitudes = tuple(_get(table, "amplitudes", where, list, ["full"], fix="e.g. ['full', 10, 40]"))
-    areas = tuple(None if a in ("whole", "all") else a for a in _get(table, "areas", where, list, [None]))
-    channels = tuple(_get(table, "channels", where, list, ["all"], fix="e.g. ['all'] or [[0]]"))
-    positions = _get(table, "positions", where, str, "per-image")
+    check_keys(table, allowed, where)
+    counts = int_list(table, "counts", where)
+    amplitudes = tuple(get_value(table, "amplitudes", where, list, ["full"], fix="e.g. ['full', 10, 40]"))
+    areas = tuple(None if a in ("whole", "all") else a for a in get_value(table, "areas", where, list, [None]))
+    channels = tuple(get_value(table, "channels", where, list, ["all"], fix="e.g. ['all'] or [[0]]"))
+    positions = get_value(table, "positions", where, str, "per-image")
     exp = Experiment(name, counts, amplitudes, areas, channels, positions)
     try:
         normal = [parse_channels(c) for c in channels]
@@ -327,7 +201,7 @@ def _experiment(table: dict, where: str, name: str) -> Experiment:
 
 def _attacks(raw: dict, source: str) -> tuple[AttackConfig, ...]:
     """``[attack]`` (one table) or ``[[attack]]`` (several), each checked; attack names distinct."""
-    tables = _get(raw, "attack", source, (dict, list), [])
+    tables = get_value(raw, "attack", source, (dict, list), [])
     tables = [tables] if isinstance(tables, dict) else tables
     out = []
     for i, table in enumerate(tables):
@@ -364,11 +238,12 @@ def _amp(value: bool | str) -> bool | str:
 
 
 def _attack(table: dict, where: str) -> AttackConfig:
-    kind = _get(table, "kind", where, str, fix="e.g. kind = 'fgsm'")
-    eps = _get(table, "eps", where, list, [1, 2, 4, 8], fix="a list of integers k meaning k/255, e.g. [1, 2, 4, 8]")
-    keep = _get(table, "keep", where, str, "successful", fix="'successful' or 'all'")
-    size = _get(table, "size", where, int, None, fix="a positive number of examples, or omit it for all")
-    report_float = _get(table, "report_float", where, bool, False, fix="true or false")
+    kind = get_value(table, "kind", where, str, fix="e.g. kind = 'fgsm'")
+    eps = get_value(table, "eps", where, list, [1, 2, 4, 8],
+                    fix="a list of integers k meaning k/255, e.g. [1, 2, 4, 8]")
+    keep = get_value(table, "keep", where, str, "successful", fix="'successful' or 'all'")
+    size = get_value(table, "size", where, int, None, fix="a positive number of examples, or omit it for all")
+    report_float = get_value(table, "report_float", where, bool, False, fix="true or false")
     params = {k: v for k, v in table.items() if k not in ("kind", "eps", "keep", "size", "report_float")}
     try:
         return AttackConfig(kind=kind, eps=tuple(eps), keep=keep, size=size, params=tuple(params.items()),
@@ -382,27 +257,27 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
 
     ``overrides`` (e.g. ``{"output_dir": ...}`` from the command line) replace fields.
     """
-    _unknown(raw, _TOP_KEYS, source)
-    data = _get(raw, "data", source, dict, fix="add [data] path = 'DIR'")
-    _unknown(data, {"path", "verify"}, "data")
-    data_path = _get(data, "path", "data", str, fix="a local directory of shards or a URI such as s3://bucket/shards")
-    verify = _get(data, "verify", "data", str, "auto")
+    check_keys(raw, _TOP_KEYS, source)
+    data = get_value(raw, "data", source, dict, fix="add [data] path = 'DIR'")
+    check_keys(data, {"path", "verify"}, "data")
+    data_path = get_value(data, "path", "data", str, fix="a local directory of shards or a URI such as s3://bucket/shards")
+    verify = get_value(data, "verify", "data", str, "auto")
     try:
         verify = Verify(verify)
     except ValueError:
         raise ConfigError(f"[data] verify = {verify!r}: allowed: {[v.value for v in Verify]}") from None
 
-    models_t = _get(raw, "models", source, dict, fix="add [models] names = ['resnet101'] or preset = 'paper'")
-    _unknown(models_t, {"names", "preset", "weights"}, "models")
+    models_t = get_value(raw, "models", source, dict, fix="add [models] names = ['resnet101'] or preset = 'paper'")
+    check_keys(models_t, {"names", "preset", "weights"}, "models")
     if "preset" in models_t:
         from pixelray.models import PRESETS  # light import: the registry table only
 
-        preset = _get(models_t, "preset", "models", str)
+        preset = get_value(models_t, "preset", "models", str)
         if preset not in PRESETS:
             raise ConfigError(f"[models] preset = {preset!r}: unknown; allowed: {sorted(PRESETS)}")
         names = tuple(PRESETS[preset]) + tuple(models_t.get("names", ()))
     else:
-        names = tuple(_get(models_t, "names", "models", list, fix="e.g. names = ['resnet101', 'vgg16']"))
+        names = tuple(get_value(models_t, "names", "models", list, fix="e.g. names = ['resnet101', 'vgg16']"))
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ConfigError(f"[models] names = {list(names)!r}: expected a non-empty list of model names")
     if len(set(names)) != len(names):
@@ -418,32 +293,32 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
         raise ConfigError(f"[models] weights = {weights!r}: 'tiny' has no pretrained weights; "
                           "set weights = 'none' (random init) or name a trained 'checkpoint:PATH'")
 
-    ev = _get(raw, "eval", source, dict, {})
-    _unknown(ev, {"filter", "size", "seeds", "batch_size"}, "eval")
+    ev = get_value(raw, "eval", source, dict, {})
+    check_keys(ev, {"filter", "size", "seeds", "batch_size"}, "eval")
     try:
         filt = Filter(ev.get("filter", "all"))
     except ValueError:
         raise ConfigError(
             f"[eval] filter = {ev.get('filter')!r}: allowed: {[f.value for f in Filter]}"
         ) from None
-    size = _get(ev, "size", "eval", int, None, fix="a positive number of images, or omit it for all")
+    size = get_value(ev, "size", "eval", int, None, fix="a positive number of images, or omit it for all")
     if size is not None and size < 1:
         raise ConfigError(f"[eval] size = {size}: must be >= 1, or omit it for all images")
-    seeds = _int_list(ev, "seeds", "eval", (0,))
+    seeds = int_list(ev, "seeds", "eval", (0,))
     if any(not 0 <= s < 2**31 for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"[eval] seeds = {list(seeds)}: distinct integers in 0..2**31-1")
-    batch_size = _get(ev, "batch_size", "eval", int, 64)
+    batch_size = get_value(ev, "batch_size", "eval", int, 64)
     if batch_size < 1:
         raise ConfigError(f"[eval] batch_size = {batch_size}: must be >= 1")
 
     experiments: list[Experiment] = []
     if "grid" in raw:
-        experiments.append(_experiment(_get(raw, "grid", source, dict), "grid", "grid"))
-    for i, table in enumerate(_get(raw, "experiment", source, list, [])):
+        experiments.append(_experiment(get_value(raw, "grid", source, dict), "grid", "grid"))
+    for i, table in enumerate(get_value(raw, "experiment", source, list, [])):
         where = f"experiment #{i + 1}"
         if not isinstance(table, dict):
             raise ConfigError(f"[{where}] expected a table [[experiment]]")
-        name = _get(table, "name", where, str, fix="give each [[experiment]] a name")
+        name = get_value(table, "name", where, str, fix="give each [[experiment]] a name")
         experiments.append(_experiment(table, f"experiment {name!r}", name))
     if not experiments:
         raise ConfigError(f"{source}: no grid; add [grid] counts = [...] or one or more [[experiment]] tables")
@@ -453,16 +328,16 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
 
     attacks = _attacks(raw, source)
 
-    out = _get(raw, "output", source, dict, {})
-    _unknown(out, {"dir", "save_adversarial"}, "output")
-    output_dir = _get(out, "dir", "output", str, None)
-    save_adversarial = _get(out, "save_adversarial", "output", str, None, fix="a directory for adversarial shards")
+    out = get_value(raw, "output", source, dict, {})
+    check_keys(out, {"dir", "save_adversarial"}, "output")
+    output_dir = get_value(out, "dir", "output", str, None)
+    save_adversarial = get_value(out, "save_adversarial", "output", str, None, fix="a directory for adversarial shards")
 
-    run = _get(raw, "run", source, dict, {})
+    run = get_value(raw, "run", source, dict, {})
     allowed_run = {"device", "workers", "gpus", "placement_timeout", "threads", "amp", "metrics_port", "metrics_host",
                    "metrics_linger", "cells_per_pass", "cuda_graphs"}
-    _unknown(run, allowed_run, "run")
-    device = _get(run, "device", "run", str, "auto")
+    check_keys(run, allowed_run, "run")
+    device = get_value(run, "device", "run", str, "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"[run] device = {device!r}: allowed: 'auto', 'cpu', 'cuda'")
 
@@ -477,18 +352,18 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
         "experiments": tuple(experiments),
         "output_dir": output_dir,
         "device": device,
-        "workers": _get(run, "workers", "run", int, None),
-        "gpus": _get(run, "gpus", "run", (int, str), None, fix="a number of GPUs, or 'all'"),
-        "placement_timeout": _get(run, "placement_timeout", "run", (int, float), 600.0, fix="seconds, e.g. 600"),
-        "threads": _get(run, "threads", "run", int, None),
-        "amp": _amp(_get(run, "amp", "run", (bool, str), False, fix="true, false, 'bf16' or 'fp16'")),
-        "metrics_port": _get(run, "metrics_port", "run", int, None),
-        "metrics_host": _get(run, "metrics_host", "run", str, "127.0.0.1"),
-        "metrics_linger": _get(run, "metrics_linger", "run", (int, float), 5.0),
+        "workers": get_value(run, "workers", "run", int, None),
+        "gpus": get_value(run, "gpus", "run", (int, str), None, fix="a number of GPUs, or 'all'"),
+        "placement_timeout": get_value(run, "placement_timeout", "run", (int, float), 600.0, fix="seconds, e.g. 600"),
+        "threads": get_value(run, "threads", "run", int, None),
+        "amp": _amp(get_value(run, "amp", "run", (bool, str), False, fix="true, false, 'bf16' or 'fp16'")),
+        "metrics_port": get_value(run, "metrics_port", "run", int, None),
+        "metrics_host": get_value(run, "metrics_host", "run", str, "127.0.0.1"),
+        "metrics_linger": get_value(run, "metrics_linger", "run", (int, float), 5.0),
         "verify": verify,
         "attacks": attacks,
-        "cells_per_pass": _get(run, "cells_per_pass", "run", int, 1),
-        "cuda_graphs": _get(run, "cuda_graphs", "run", bool, False),
+        "cells_per_pass": get_value(run, "cells_per_pass", "run", int, 1),
+        "cuda_graphs": get_value(run, "cuda_graphs", "run", bool, False),
         "save_adversarial": save_adversarial,
     }
     for key, value in (overrides or {}).items():
@@ -527,17 +402,6 @@ def _check_run(fields: dict[str, Any]) -> None:
     if isinstance(linger, bool) or not isinstance(linger, (int, float)) or not 0 <= linger < float("inf"):
         raise ConfigError(f"[run] metrics_linger = {linger!r}: must be a number of seconds >= 0 "
                           "(--metrics-linger)")
-
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """A TOML file's tables; ConfigError naming the file when it is missing or not TOML."""
-    path = Path(path)
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:

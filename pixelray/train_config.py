@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from pixelray.augment import Aug, Augmentation
-from pixelray.config import ConfigError, _get, _unknown, read_toml
 from pixelray.spec import PixelChange
+from pixelray.tomlcheck import ConfigError, check_keys, get_value, read_toml
 
 __all__ = ["FLAG_KEYS", "FineTune", "Head", "Optimizer", "TrainAugmentConfig", "load_train_config",
            "parse_train_config"]
@@ -138,21 +138,21 @@ class TrainAugmentConfig:
 
 
 def _number(table: dict, key: str, where: str, default: Any, check, need: str) -> Any:
-    value = _get(table, key, where, (int, float), default, fix=need)
+    value = get_value(table, key, where, (int, float), default, fix=need)
     if value is not None and (not math.isfinite(value) or not check(value)):
         raise ConfigError(f"[{where}] {key} = {value!r}: {need}")
     return value
 
 
 def _int(table: dict, key: str, where: str, default: Any, low: int, need: str) -> Any:
-    value = _get(table, key, where, int, default, fix=need)
+    value = get_value(table, key, where, int, default, fix=need)
     if value is not None and value < low:
         raise ConfigError(f"[{where}] {key} = {value!r}: {need}")
     return value
 
 
 def _choice(table: dict, key: str, where: str, enum: type[Enum], default: str) -> Any:
-    value = _get(table, key, where, str, default, fix=f"one of {[e.value for e in enum]}")
+    value = get_value(table, key, where, str, default, fix=f"one of {[e.value for e in enum]}")
     try:
         return enum(value)
     except ValueError:
@@ -162,7 +162,7 @@ def _choice(table: dict, key: str, where: str, enum: type[Enum], default: str) -
 def _model(table: dict) -> tuple[str, str | None]:
     from pixelray.models import resolve_models
 
-    name = _get(table, "name", "model", str, fix="pass --model NAME or set [model] name, e.g. 'resnet101'")
+    name = get_value(table, "name", "model", str, fix="pass --model NAME or set [model] name, e.g. 'resnet101'")
     try:
         resolve_models([name])  # the form of the spec, with close matches for a typo; nothing is loaded
     except ValueError as exc:
@@ -172,7 +172,7 @@ def _model(table: dict) -> tuple[str, str | None]:
         raise ConfigError(f"[model] name = {name!r}: train-augment fine-tunes built-in architectures (a torchvision "
                           "name, 'tiny') or a checkpoint of one; a checkpoint's sidecar may name only those")
     own = name == "tiny" or name.startswith("checkpoint:")
-    weights = _get(table, "weights", "model", str, "none" if own else "imagenet",
+    weights = get_value(table, "weights", "model", str, "none" if own else "imagenet",
                    fix="'imagenet', 'default' or 'none'")
     if weights not in ("imagenet", "default", "none"):
         raise ConfigError(f"[model] weights = {weights!r}: allowed: 'imagenet', 'default', 'none'")
@@ -185,7 +185,7 @@ def _model(table: dict) -> tuple[str, str | None]:
 def _augment(table: dict) -> tuple[Aug, list[PixelChange | None], float, float]:
     where = "augment"
     kind = _choice(table, "aug", where, Aug, "pixels")
-    counts = _get(table, "count", where, (int, list), None, fix="an integer >= 1 or a list, e.g. [4, 8, 16]")
+    counts = get_value(table, "count", where, (int, list), None, fix="an integer >= 1 or a list, e.g. [4, 8, 16]")
     many = isinstance(counts, list)
     counts = counts if many else [counts]
     if many and (not counts or len(set(map(str, counts))) != len(counts)):
@@ -195,7 +195,7 @@ def _augment(table: dict) -> tuple[Aug, list[PixelChange | None], float, float]:
     channels = table.get("channels", "all")
     amplitude = table.get("amplitude", "full")
     area = table.get("area")
-    positions = _get(table, "positions", where, str, "per-image", fix="'per-image' or 'shared'")
+    positions = get_value(table, "positions", where, str, "per-image", fix="'per-image' or 'shared'")
     changes: list[PixelChange | None] = []
     for count in counts:
         if count is None:
@@ -226,17 +226,17 @@ def parse_train_config(
             raw.setdefault(table, {})
             if isinstance(raw[table], dict):
                 raw[table][key] = value
-    _unknown(raw, set(_TABLES), source)
+    check_keys(raw, set(_TABLES), source)
     tables = {}
     for name, allowed in _TABLES.items():
-        tables[name] = _get(raw, name, source, dict, {}, fix=f"make [{name}] a table")
-        _unknown(tables[name], allowed, name)
+        tables[name] = get_value(raw, name, source, dict, {}, fix=f"make [{name}] a table")
+        check_keys(tables[name], allowed, name)
     model, weights = _model(tables["model"])
     head = _choice(tables["model"], "head", "model", Head, "keep")
 
     data_t = tables["data"]
-    data = _get(data_t, "path", "data", str, fix="pass --data DIR or set [data] path, a directory of shards")
-    eval_data = _get(data_t, "eval_path", "data", str, None, fix="a directory of held-out shards")
+    data = get_value(data_t, "path", "data", str, fix="pass --data DIR or set [data] path, a directory of shards")
+    eval_data = get_value(data_t, "eval_path", "data", str, None, fix="a directory of held-out shards")
     images = _int(data_t, "images", "data", None, 1, "a positive number of training images, or omit it for all")
     eval_images = _int(data_t, "eval_images", "data", 1000, 1, "a positive number of held-out images")
     holdout = _number(data_t, "holdout", "data", 0.2, lambda v: 0 < v < 1, "a fraction in (0, 1), e.g. 0.2")
@@ -260,13 +260,13 @@ def parse_train_config(
     if batch_size < workers:
         raise ConfigError(f"[train] batch_size = {batch_size}: smaller than workers = {workers}; every worker "
                           "needs at least one image per step")
-    use_gpu = _get(run, "use_gpu", "run", bool, False, fix="true or false")
-    amp = _get(run, "amp", "run", bool, False, fix="true or false (bf16 autocast)")
+    use_gpu = get_value(run, "use_gpu", "run", bool, False, fix="true or false")
+    amp = get_value(run, "amp", "run", bool, False, fix="true or false (bf16 autocast)")
     threads = _int(run, "threads", "run", None, 1, "an integer >= 1 (torch threads per worker)")
     cpus = _number(run, "cpus_per_worker", "run", 1.0, lambda v: v > 0, "a positive number of CPUs")
     max_failures = _int(run, "max_failures", "run", 3, -1, "an integer >= 0, or -1 for no limit")
 
-    out = _get(tables["output"], "dir", "output", str, None, fix="a directory")
+    out = get_value(tables["output"], "dir", "output", str, None, fix="a directory")
     if not out:
         raise ConfigError(f"{source}: no output directory; add [output] dir = 'runs/NAME' or pass --out DIR")
     if "://" in out:

@@ -1,0 +1,102 @@
+"""The ``[attack]`` section of a sweep config (light: the attack's module is imported only to check its parameters)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from pixelray.check import is_int
+
+__all__ = ["AttackConfig", "Keep"]
+
+
+class Keep(str, Enum):
+    """Which adversarial examples go through the grid."""
+
+    SUCCESSFUL = "successful"  # those the attacked model misclassifies after uint8 rounding (the paper)
+    ALL = "all"  # every attacked image, fooled or not
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """The ``[attack]`` section: which attack, at which steps, on which images.
+
+    The attack runs on the images the ``[eval]`` filter admits (not cut to the eval
+    size: the attack has its own ``size``), per model, white-box.
+
+    Args:
+        kind: the attack: a built-in name (``fgsm``, ``pgd``) or ``module.path:SPEC``
+            (see :mod:`pixelray.attacks`).
+        eps: steps in pixel units k, each meaning k/255 in [0, 1] pixel space, e.g. (1, 2, 4, 8).
+        keep: ``successful`` keeps the examples the model misclassifies after rounding to
+            uint8; ``all`` keeps every example.
+        size: keep at most this many examples per (model, eps), lowest image ids first
+            (the paper: 10,000 successful examples); None keeps all.
+        params: the attack's own parameters (e.g. PGD's ``steps``), as ``(key, value)``
+            pairs; every parameter is filled in with its default and checked by the spec.
+        report_float: also judge the unrounded examples (``success_float``,
+            ``n_success_float`` and ``success_rate_float`` in the tables; null without it).
+            It costs one more forward pass per example and eps (about 20% of FGSM).
+    """
+
+    kind: str = "fgsm"
+    eps: tuple[int, ...] = (1, 2, 4, 8)
+    keep: Keep = Keep.SUCCESSFUL
+    size: int | None = None
+    params: tuple[tuple[str, Any], ...] = ()
+    report_float: bool = False
+
+    def __post_init__(self) -> None:
+        from pixelray.attacks import get_attack  # the attack's own module decides its parameters
+
+        spec = get_attack(self.kind)
+        object.__setattr__(self, "params", tuple(sorted(spec.parse(dict(self.params)).items())))
+        try:
+            object.__setattr__(self, "keep", Keep(self.keep))
+        except ValueError:
+            raise ValueError(f"keep = {self.keep!r}: allowed: {[k.value for k in Keep]}") from None
+        eps = tuple(self.eps) if isinstance(self.eps, (list, tuple)) else self.eps
+        if (
+            not isinstance(eps, tuple) or not eps
+            or not all(isinstance(e, int) and not isinstance(e, bool) for e in eps)
+        ):
+            shown = list(eps) if isinstance(eps, tuple) else eps
+            raise ValueError(
+                f"eps = {shown!r}: expected a non-empty list of integers k (pixel units, k/255), e.g. [1, 2, 4, 8]"
+            )
+        bad = [e for e in eps if not 1 <= e <= 255]
+        if bad:
+            raise ValueError(
+                f"eps = {list(eps)!r}: {bad} outside 1..255; eps is in pixel units k meaning k/255, e.g. [1, 2, 4, 8]"
+            )
+        if len(set(eps)) != len(eps):
+            raise ValueError(f"eps = {list(eps)!r}: each value may appear once")
+        object.__setattr__(self, "eps", eps)
+        if self.size is not None and (not is_int(self.size) or self.size < 1):
+            raise ValueError(f"size = {self.size!r}: must be an integer >= 1, or omit it to keep every example")
+        if not isinstance(self.report_float, bool):
+            raise ValueError(f"report_float = {self.report_float!r}: must be true or false")
+
+    @property
+    def name(self) -> str:
+        """The attack's name in result rows (a plug-in's spec name, not its module path)."""
+        from pixelray.attacks import get_attack
+
+        return get_attack(self.kind).name
+
+    @property
+    def params_label(self) -> str:
+        """The parameters as canonical JSON (``attack_params`` in the results), ``{}`` for none."""
+        return json.dumps(dict(self.params), sort_keys=True)
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the attack's results (parameters only when the attack has any, report_float only
+        when true: a config without them keeps its hash)."""
+        out = {"kind": self.kind, "eps": list(self.eps), "keep": self.keep.value, "size": self.size}
+        if self.params:
+            out["params"] = dict(self.params)
+        if self.report_float:
+            out["report_float"] = True
+        return out

@@ -1,0 +1,66 @@
+"""Checking TOML tables: one error type and a few helpers that name the table, the key, the value and the fix.
+
+Both configs (the sweep's :mod:`pixelray.config`, the fine-tune's :mod:`pixelray.train_config`)
+read their files and check their keys through these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+__all__ = ["ConfigError", "check_keys", "get_value", "int_list", "read_toml"]
+
+
+class ConfigError(ValueError):
+    """An invalid sweep config; the message names the key, the value and the fix."""
+
+
+def get_value(table: dict, key: str, where: str, kind: type | tuple[type, ...], default: Any = ...,
+              fix: str = "") -> Any:
+    """``table[key]`` of type ``kind`` (bool is never taken for int), else ``default``; ConfigError naming
+    ``[where] key``, the value and ``fix`` when it is missing without a default or of the wrong type."""
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"[{where}] {key}: missing; {fix or 'add it'}")
+        return default
+    value = table[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise ConfigError(f"[{where}] {key} = {value!r}: expected {_kind_name(kind)}; {fix}".rstrip("; "))
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def check_keys(table: dict, allowed: set[str], where: str) -> None:
+    """ConfigError listing the keys of ``[where]`` that are not ``allowed`` (a typo is never ignored)."""
+    extra = sorted(set(table) - allowed)
+    if extra:
+        raise ConfigError(f"[{where}] unknown key(s) {extra}; allowed: {sorted(allowed)}")
+
+
+def int_list(table: dict, key: str, where: str, default: Any = ...) -> tuple[int, ...]:
+    """A non-empty list of integers at ``[where] key`` as a tuple (``default`` when absent)."""
+    value = get_value(table, key, where, list, default, fix="use a list of integers, e.g. [4, 8, 16]")
+    if value is default:
+        return value
+    if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"[{where}] {key} = {value!r}: expected a non-empty list of integers, e.g. [4, 8, 16]")
+    return tuple(value)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file's tables; ConfigError naming the file when it is missing or not TOML."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
