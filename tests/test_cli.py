@@ -253,14 +253,16 @@ def test_cell_show_reads_a_whole_image_area_as_whole_and_refuses_bad_ids():
 
 
 @pytest.mark.slow
-def test_demo_runs_from_any_directory(tmp_path):
+def test_demo_runs_from_any_directory(tmp_path, monkeypatch):
     # the demo's config ships in the package: no jobs/ where it runs. Small assets are made first
-    # (the demo reuses what it finds), so that the test takes a minute, not five.
+    # (the demo reuses what it finds), so that the test takes a minute, not five; made from the same
+    # directory under the same relative path, so that the fine-tunes' configs are the demo's own.
     from pixelray.demo import DEMO_CONFIG, prepare_demo
 
     assert DEMO_CONFIG.is_file() and (Path(__file__).resolve().parents[1] / "jobs" / "demo.toml").resolve() == \
         DEMO_CONFIG.resolve()
-    prepare_demo(tmp_path / "demo-out", images=500, epochs=1, log=lambda m: None)
+    monkeypatch.chdir(tmp_path)
+    prepare_demo("demo-out", images=500, epochs=1, log=lambda m: None)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     done = subprocess.run([console_script(), "demo", "--no-progress"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=900)
