@@ -1,13 +1,11 @@
 """``pixelray cell show``: the positions and values a cell changes in one image, from a result row's ``cell_id``.
 
-A thin shell over :func:`pixelray.perturb.describe_change`; mounted on the main app by
-:mod:`pixelray.cli`. The Python equivalent::
+A thin shell over :func:`pixelray.corrupt.describe_cell` (:func:`pixelray.perturb.describe_change`
+for a pixel change); mounted on the main app by :mod:`pixelray.cli`. The Python equivalent::
 
     from pixelray.corrupt import describe_cell
-    from pixelray.spec import Cell, Corruption
-    describe_change(Cell.from_id(row.cell_id), image_id, 224, 224)
-
-(``pixelray.corrupt.describe_cell`` does the same for any cell, a corruption's too.)
+    from pixelray.spec import Cell
+    describe_cell(Cell.from_id(row.cell_id), image_id, 224, 224)
 """
 
 from __future__ import annotations

@@ -239,7 +239,7 @@ class Cell:
         """This cell as a sweep keys it on ``height`` x ``width`` images: an area equal to the side of a
         square image is the whole image (``area=None``, label ``whole``), the one key of a whole-image cell."""
         change = self.change
-        if change.area is not None and change.area == height == width:
+        if isinstance(change, PixelChange) and change.area is not None and change.area == height == width:
             change = PixelChange(change.count, change.amplitude, None, change.channels, change.positions)
             return Cell(change, self.seed)
         return self
@@ -259,7 +259,10 @@ class Cell:
         corruption = _CORRUPTION_ID.match(cell_id) if isinstance(cell_id, str) else None
         if corruption is not None and corruption.group(1) in CORRUPTIONS:
             family, severity, seed = corruption.groups()
-            return cls(Corruption(family, int(severity)), int(seed))
+            cell = cls(Corruption(family, int(severity)), int(seed))
+            if cell.cell_id != cell_id:  # e.g. 'seed07'
+                raise ValueError(f"cell_id: {cell_id!r} is not in canonical form; it reads as {cell.cell_id!r}")
+            return cell
         match = _CELL_ID.match(cell_id) if isinstance(cell_id, str) else None
         if match is None:
             raise ValueError(f"cell_id: {cell_id!r} is not a cell id; expected e.g. "

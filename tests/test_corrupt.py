@@ -70,6 +70,9 @@ def test_the_cell_id_names_the_family_and_bad_values_are_refused():
     assert Cell(PixelChange(4)).family == "pixel_change"
     row = {"family": "impulse_noise", "severity": 3, "seed": 7, "count": None, "amplitude": None}
     assert Cell.from_id("impulse_noise-sev3-seed7") == Cell.from_columns(row) == noise(3, 7)
+    assert noise(3, 7).for_image(32, 32) == noise(3, 7)
+    with pytest.raises(ValueError, match="not in canonical form; it reads as 'impulse_noise-sev3-seed7'"):
+        Cell.from_id("impulse_noise-sev3-seed07")
     with pytest.raises(ValueError, match="severity: 6 is invalid; allowed: \\[1, 2, 3, 4, 5\\]"):
         Corruption("impulse_noise", 6)
     with pytest.raises(ValueError, match="family: 'fog' is unknown"):
