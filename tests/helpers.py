@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 import urllib.request
@@ -20,6 +21,18 @@ def wait_for(predicate, timeout: float = 120.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: all bound at once, so no two are the same port."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def unit_files(out: Path, phase: str = "cells") -> list[Path]:

@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import tomli_w
 import tomllib
-from helpers import exported_names, grafana_queries, promql_metric_names, wait_for
+from helpers import exported_names, free_ports, grafana_queries, promql_metric_names, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ PORTS = ("PORT", "DASHBOARD_PORT", "METRICS_PORT", "CLIENT_PORT", "AGENT_PORT")
 
 def test_cluster_local_token_job_metrics_and_stop(synthetic_dataset, tiny_checkpoints, tmp_path):
     state = Path(tempfile.mkdtemp(prefix="pxr", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    *cluster_ports, driver_port = _free_ports(len(PORTS) + 1)
+    *cluster_ports, driver_port = free_ports(len(PORTS) + 1)
     ports = dict(zip(PORTS, cluster_ports, strict=True))
     home = tmp_path / "home"  # no ~/.ray/auth_token of the user's: only the cluster's token counts
     home.mkdir()
@@ -135,17 +135,6 @@ def _demo_config(data: str, checkpoints: list[str], out: Path, path: Path) -> Pa
 
 def _run(cmd, env, timeout):
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _exports(path: Path) -> dict[str, str]:

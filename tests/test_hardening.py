@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from helpers import unit_files, wait_for
+from helpers import free_ports, unit_files, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
@@ -301,12 +301,6 @@ def test_unit_files_of_another_plan_are_not_used(ray_local, synthetic_dataset, t
 # ---------------------------------------------------------------------------- 6. checked before Ray starts
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _before_ray_cases(tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
@@ -336,7 +330,7 @@ def test_output_and_run_problems_are_refused_before_ray_starts(synthetic_dataset
         raw = raw_config(synthetic_dataset, tiny_checkpoints, out, **run)
         path = _write_toml(raw, tmp_path / f"case{i}.toml")
         cmd = [sys.executable, "-m", "pixelray", "sweep", str(path), "--no-progress",
-               "--address", f"127.0.0.1:{_free_port()}", *args]
+               "--address", f"127.0.0.1:{free_ports(1)[0]}", *args]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         for (name, _run, _args, message), proc in zip(cases, procs, strict=True):

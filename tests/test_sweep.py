@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from helpers import unit_files, wait_for
+from helpers import free_ports, unit_files, wait_for
 
 from pixelray.config import ConfigError, parse_config
 from pixelray.models import load_model
@@ -218,14 +218,6 @@ def test_a_cell_that_does_not_fit_the_images_is_refused_before_work(synthetic_da
     assert not (tmp_path / "out").exists()
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ray_job_submit_with_token_auth(synthetic_dataset, tiny_checkpoints, tmp_path):
     """A real Ray head on 127.0.0.1 with token authentication; `ray job submit` of jobs/sweep.py."""
@@ -241,11 +233,11 @@ def test_ray_job_submit_with_token_auth(synthetic_dataset, tiny_checkpoints, tmp
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = _free_port(), _free_port()
-    # every port of its own: the session's local Ray (ray_local) may hold the default ones
-    ports = [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    # every port of its own, all distinct: the session's local Ray (ray_local) may hold the default ones
+    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
+    gcs, dash, *others = free_ports(2 + len(names))
+    ports = [f"--{name}={port}" for name, port in zip(names, others, strict=True)]
     temp_dir = tempfile.mkdtemp(prefix="pxr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     head_log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(
