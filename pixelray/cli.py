@@ -48,6 +48,9 @@ def main(
     ] = False,
 ) -> None:
     """Measure and repair the robustness of image classifiers to a few random pixel changes."""
+    from pixelray.cpu_memory import use_huge_pages
+
+    use_huge_pages()  # this process's CPU work (the demo's base model), and the local Ray it starts
 
 
 def parse_amplitude(value: str) -> int | str:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from pixelray.augment import augment_batch, epoch_seed
+from pixelray.cpu_memory import use_huge_pages
 from pixelray.models import Classifier, LabelMap, load_model
 from pixelray.spec import Cell
 from pixelray.train_config import FineTune, Head, Optimizer
@@ -308,6 +309,7 @@ def _rate(num: float, den: float) -> float | None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function; ``config["loop"]`` is a :class:`LoopConfig`."""
+    use_huge_pages()  # before this worker's first CPU tensor of its own
     import ray.train
     import ray.train.torch
 
