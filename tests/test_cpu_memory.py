@@ -59,7 +59,7 @@ def test_a_worker_asks_for_huge_pages_before_its_first_tensor():
 
 
 @needs_thp
-def test_the_cli_asks_for_huge_pages_for_itself_and_the_ray_it_starts():
+def test_the_cli_asks_for_huge_pages_in_its_process_and_the_environment_it_passes_on():
     setup = ("from typer.testing import CliRunner; from pixelray.cli import app; "
              "assert CliRunner().invoke(app, ['pixel-index', '--wrong', '1', '--images', '2', "
              "'--count', '4']).exit_code == 0; "
