@@ -2,10 +2,10 @@
 
 Two ways to change pixels are measured on the same uint8 batch (NHWC, what shards give):
 
-* the sweep's path: a :class:`~pixelray.perturb.Perturber` over a grid of cells (by default
+* the sweep's path: a :class:`~pixelray.core.perturb.Perturber` over a grid of cells (by default
   the sweep benchmark's 25: counts 4..64 x amplitudes full, 10, 40, 70, 127), every cell
   written into a scratch batch and undone (``passes``), per (cell, batch);
-* one cell alone: :func:`~pixelray.perturb.apply_pixel_changes` (a copy of the batch plus
+* one cell alone: :func:`~pixelray.core.perturb.apply_pixel_changes` (a copy of the batch plus
   the changes).
 
 ``aten_ops_per_cell_batch`` counts the top-level aten operations ``torch.profiler`` records
@@ -32,8 +32,8 @@ import torch
 from timing import device_name, median_seconds
 from torch.profiler import ProfilerActivity, profile
 
-from pixelray.perturb import Perturber, apply_pixel_changes
-from pixelray.spec import Cell, PixelChange
+from pixelray.core.perturb import Perturber, apply_pixel_changes
+from pixelray.core.spec import Cell, PixelChange
 
 COUNTS = [4, 8, 16, 32, 64]
 AMPLITUDES = ["full", 10, 40, 70, 127]

@@ -57,15 +57,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pixelray.core.perturb import apply_pixel_changes  # noqa: E402
+from pixelray.core.spec import Cell, PixelChange  # noqa: E402
 from pixelray.cpu_memory import HUGE_PAGES_ENV, use_huge_pages  # noqa: E402
 from pixelray.datasets.synthetic import make_synthetic  # noqa: E402
-from pixelray.evaluate import pick_device  # noqa: E402
+from pixelray.engine.evaluate import pick_device  # noqa: E402
+from pixelray.engine.units import Unit  # noqa: E402
+from pixelray.engine.worker import ModelWorker  # noqa: E402
 from pixelray.models import load_model  # noqa: E402
-from pixelray.perturb import apply_pixel_changes  # noqa: E402
 from pixelray.shards import load_manifest, read_shard, shard_uris  # noqa: E402
-from pixelray.spec import Cell, PixelChange  # noqa: E402
-from pixelray.units import Unit  # noqa: E402
-from pixelray.worker import ModelWorker  # noqa: E402
 
 COUNTS = [4, 8, 16, 32, 64]
 AMPLITUDES = ["full", 10, 40, 70, 127]
@@ -194,7 +194,7 @@ def ray_data_per_cell(model, uris, cells, manifest, batch, threads) -> tuple[flo
 
 
 def sweep_ray(data, model, out, batch, threads, amp, device, cells_per_pass=1, cuda_graphs=False):
-    from pixelray.config import parse_config
+    from pixelray.config.sweep import parse_config
     from pixelray.sweep import run_sweep
 
     run = {"threads": threads, "amp": amp, "device": device, "cells_per_pass": cells_per_pass}

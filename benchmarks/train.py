@@ -36,12 +36,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pixelray.augment import Aug, Augmentation, augment_batch, epoch_seed  # noqa: E402
+from pixelray.core.spec import PixelChange  # noqa: E402
 from pixelray.cpu_memory import use_huge_pages  # noqa: E402
 from pixelray.datasets.synthetic import make_synthetic  # noqa: E402
 from pixelray.models import load_model  # noqa: E402
-from pixelray.spec import PixelChange  # noqa: E402
-from pixelray.train import load_all  # noqa: E402
+from pixelray.train.augment import Aug, Augmentation, augment_batch, epoch_seed  # noqa: E402
+from pixelray.train.fit import load_all  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -98,9 +98,9 @@ def plain_loop(args, data: str, device: torch.device) -> dict:
 
 
 def train_augment(args, data: str, held: str, out: Path) -> dict:
+    from pixelray.config.train import parse_train_config
     from pixelray.sweep import connect
-    from pixelray.train_augment import run_train_augment
-    from pixelray.train_config import parse_train_config
+    from pixelray.train.driver import run_train_augment
 
     t0 = time.perf_counter()
     connect(None if args.address == "local" else args.address)

@@ -15,9 +15,9 @@ from typing import Annotated
 
 import typer
 
-from pixelray.config import ConfigError, load_config
+from pixelray.config.sweep import ConfigError, load_config
 from pixelray.sweep import SweepError, run_sweep
-from pixelray.train_augment import TrainError
+from pixelray.train.driver import TrainError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -37,7 +37,7 @@ def main(
     in_job = os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID")
     try:
         if smoke_test:
-            from pixelray.demo import DEMO_CONFIG, prepare_demo
+            from pixelray.cli.demo import DEMO_CONFIG, prepare_demo
 
             root = Path(out or "demo-out")
             data_dir, checkpoints = prepare_demo(root, images=600, heldout=300, epochs=3, finetune_epochs=2,

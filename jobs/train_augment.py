@@ -16,9 +16,9 @@ from typing import Annotated
 
 import typer
 
-from pixelray.config import ConfigError
-from pixelray.train_augment import TrainError, run_train_augment
-from pixelray.train_config import load_train_config, parse_train_config
+from pixelray.config.sweep import ConfigError
+from pixelray.config.train import load_train_config, parse_train_config
+from pixelray.train.driver import TrainError, run_train_augment
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -27,7 +27,7 @@ def _smoke_config(root: Path):
     """A tiny CNN trained briefly on synthetic images, then fine-tuned with 384-pixel changes for 2 epochs."""
     from pixelray.datasets.synthetic import make_synthetic
     from pixelray.models import load_model, save_checkpoint
-    from pixelray.train import TrainConfig, fit
+    from pixelray.train.fit import TrainConfig, fit
 
     data, held, base = root / "data", root / "heldout", root / "models" / "tiny.pt"
     if not (data / "manifest.json").exists():

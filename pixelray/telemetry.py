@@ -2,7 +2,7 @@
 
 The driver owns one :class:`SweepTelemetry`. Its metrics live in a private
 registry, served over HTTP only when a port is given (127.0.0.1 by default).
-Workers report through ``ray.util.metrics`` instead (see ``worker.py``).
+Workers report through ``ray.util.metrics`` instead (see ``pixelray.engine.worker``).
 """
 
 from __future__ import annotations

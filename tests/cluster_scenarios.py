@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from pixelray.config import parse_config  # noqa: E402
+from pixelray.config.sweep import parse_config  # noqa: E402
 from pixelray.sweep import SweepError, run_sweep  # noqa: E402
 
 FAST_DEATH = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}

@@ -42,7 +42,7 @@ def tiny_checkpoints(synthetic_dataset, tmp_path_factory):
     """Two tiny CNNs trained briefly on the synthetic data (seeds 0 and 1), as ``checkpoint:PATH`` model specs."""
     from pixelray.models import load_model, save_checkpoint
     from pixelray.shards import load_manifest
-    from pixelray.train import TrainConfig, fit
+    from pixelray.train.fit import TrainConfig, fit
 
     root = tmp_path_factory.mktemp("models")
     n_classes = load_manifest(str(synthetic_dataset)).num_classes

@@ -1,6 +1,6 @@
 """The perturbation code as it was at fbc5ed4 (before the fused engine), kept verbatim as a reference.
 
-Tests compare today's ``pixelray.perturb`` with it on random cells, batches and layouts: every
+Tests compare today's ``pixelray.core.perturb`` with it on random cells, batches and layouts: every
 draw must be bit for bit what this code gave. It is not imported by the package.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pixelray.spec import Cell
+from pixelray.core.spec import Cell
 
 __all__ = ["apply_pixel_changes", "draw_positions", "draw_values", "hash64", "image_layout"]
 

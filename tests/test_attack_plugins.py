@@ -71,7 +71,7 @@ def test_a_toy_attack_runs_in_a_sweep_through_the_interface_alone(synthetic_data
 
 
 def test_an_attack_that_is_not_a_spec_is_refused():
-    from pixelray.config import ConfigError, parse_config
+    from pixelray.config.sweep import ConfigError, parse_config
 
     base = {"data": {"path": "d"}, "models": {"names": ["tiny"], "weights": "none"}, "grid": {"counts": [4]},
             "output": {"dir": "o"}}

@@ -16,15 +16,15 @@ import pytest
 import torch
 from helpers import unit_files, wait_for
 
-from pixelray.adversarial import attack_outcomes
 from pixelray.attacks import fgsm, fgsm_float, pgd
-from pixelray.config import AttackConfig, ConfigError, Keep, parse_config
+from pixelray.config.sweep import AttackConfig, ConfigError, Keep, parse_config
+from pixelray.core.perturb import apply_pixel_changes
+from pixelray.core.spec import Cell, PixelChange
+from pixelray.engine.adversarial import attack_outcomes
+from pixelray.engine.units import model_slug
 from pixelray.models import load_model
-from pixelray.perturb import apply_pixel_changes
 from pixelray.shards import check_dataset, load_manifest, read_shard, shard_uris
-from pixelray.spec import Cell, PixelChange
 from pixelray.sweep import run_sweep
-from pixelray.units import model_slug
 
 GRID = {"counts": [4, 32], "amplitudes": ["full", 60]}
 # eps 4/255 fools the tiny CNNs on a few percent of the images, 32/255 on more than half: with

@@ -180,7 +180,7 @@ def _out_other_run(c: Case):
 
 
 def _out_locked(c: Case):
-    from pixelray.rundir import RunDir
+    from pixelray.store.rundir import RunDir
 
     holder = RunDir(c.out)
     holder.claim("0123456789abcdef")

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from pixelray import __version__
 from pixelray.cli import app
-from pixelray.metrics import pixel_index, pixel_index_interval
+from pixelray.core.metrics import pixel_index, pixel_index_interval
 
 runner = CliRunner()
 
@@ -192,7 +192,7 @@ def test_cell_show_gives_the_entries_the_cell_changes(synthetic_dataset, cell_id
     import reference_perturb
     import torch
 
-    from pixelray.spec import Cell
+    from pixelray.core.spec import Cell
 
     result = invoke("cell", "show", cell_id, "--image-id", "123", "--data", synthetic_dataset, "--json")
     assert result.exit_code == 0, result.output
@@ -215,8 +215,8 @@ def test_cell_show_gives_a_corruption_s_entries_as_the_sweep_applies_them(synthe
 
     import torch
 
-    from pixelray.corrupt import apply_cell
-    from pixelray.spec import Cell
+    from pixelray.core.corrupt import apply_cell
+    from pixelray.core.spec import Cell
 
     result = invoke("cell", "show", "impulse_noise-sev2-seed4", "--image-id", "123", "--data", synthetic_dataset,
                     "--json")
@@ -257,7 +257,7 @@ def test_demo_runs_from_any_directory(tmp_path, monkeypatch):
     # the demo's config ships in the package: no jobs/ where it runs. Small assets are made first
     # (the demo reuses what it finds), so that the test takes a minute, not five; made from the same
     # directory under the same relative path, so that the fine-tunes' configs are the demo's own.
-    from pixelray.demo import DEMO_CONFIG, prepare_demo
+    from pixelray.cli.demo import DEMO_CONFIG, prepare_demo
 
     assert DEMO_CONFIG.is_file() and (Path(__file__).resolve().parents[1] / "jobs" / "demo.toml").resolve() == \
         DEMO_CONFIG.resolve()

@@ -142,7 +142,7 @@ def test_rayjob_runs_the_paper_sweep_on_the_same_cluster():
 
     argv = shlex.split(spec["entrypoint"])
     assert argv[:4] == ["python", "jobs/sweep.py", "--config", "jobs/paper.toml"]
-    from pixelray.config import load_config
+    from pixelray.config.sweep import load_config
 
     load_config(REPO / "jobs" / "paper.toml")  # the config it names is there and valid
     sweep_options = _sweep_entrypoint_options()

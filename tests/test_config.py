@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pixelray.config import ConfigError, Filter, load_config, parse_config
-from pixelray.spec import PixelChange
+from pixelray.config.sweep import ConfigError, Filter, load_config, parse_config
+from pixelray.core.spec import PixelChange
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 

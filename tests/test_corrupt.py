@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from pixelray.config import ConfigError, load_config, parse_config
-from pixelray.corrupt import apply_cell, impulse_noise
-from pixelray.metrics import equivalent_count
-from pixelray.spec import CORRUPTIONS, Cell, Corruption, PixelChange
+from pixelray.config.sweep import ConfigError, load_config, parse_config
+from pixelray.core.corrupt import apply_cell, impulse_noise
+from pixelray.core.metrics import equivalent_count
+from pixelray.core.spec import CORRUPTIONS, Cell, Corruption, PixelChange
 from pixelray.sweep import run_sweep
 
 AMOUNTS = {1: 0.03, 2: 0.06, 3: 0.09, 4: 0.17, 5: 0.27}  # Hendrycks & Dietterich (2019), impulse_noise

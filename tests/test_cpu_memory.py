@@ -49,7 +49,7 @@ def _faults(setup: str, env_value: str | None = None) -> int:
 
 @needs_thp
 def test_a_worker_asks_for_huge_pages_before_its_first_tensor():
-    worker = "from pixelray.worker import ModelWorker; ModelWorker(device='cpu', threads=1)"
+    worker = "from pixelray.engine.worker import ModelWorker; ModelWorker(device='cpu', threads=1)"
     plain = _faults("")
     with_worker = _faults(worker)
     assert plain >= PAGES_4K * 0.9, plain  # torch's default: one fault per 4 KB page

@@ -21,6 +21,6 @@ def test_docstring_examples(name):
 
 
 def test_the_modules_hold_examples():
-    names = ("pixelray.perturb", "pixelray.config", "pixelray.shards", "pixelray.models")
+    names = ("pixelray.core.perturb", "pixelray.config.sweep", "pixelray.shards", "pixelray.models")
     attempted = sum(doctest.testmod(importlib.import_module(n)).attempted for n in names)
     assert attempted >= 8

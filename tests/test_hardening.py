@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from pixelray.cli import app
-from pixelray.config import parse_config
+from pixelray.config.sweep import parse_config
 from pixelray.models import load_model, save_checkpoint, sidecar_path
 from pixelray.shards import ShardWriter, check_dataset, load_manifest, read_shard
 from pixelray.sweep import SweepError, run_sweep
@@ -161,7 +161,7 @@ def _load_toml(path):
 
 def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(synthetic_dataset, tiny_checkpoints, tmp_path):
     """A lock held by a live process refuses the sweep; one left by a dead process is taken over with a message."""
-    from pixelray.rundir import RunDir
+    from pixelray.store.rundir import RunDir
 
     out = tmp_path / "out"
     cfg = config(synthetic_dataset, tiny_checkpoints, out)
@@ -175,7 +175,7 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(synthetic_dataset, ti
     assert not out.exists(), "a refused sweep writes nothing"
     # a lock file from a process that died without releasing it (SIGKILL)
     child = subprocess.run(
-        [sys.executable, "-c", "import os, sys; from pixelray.rundir import RunDir; "
+        [sys.executable, "-c", "import os, sys; from pixelray.store.rundir import RunDir; "
          f"RunDir({str(out)!r}).claim('fedcba9876543210'); os.kill(os.getpid(), 9)"], timeout=120)
     assert child.returncode == -signal.SIGKILL and (out / "run.lock").exists()
     messages = []

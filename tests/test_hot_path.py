@@ -10,12 +10,12 @@ import pytest
 import reference_perturb as ref
 import torch
 
-from pixelray.evaluate import correct_under_cells
+from pixelray.core.spec import Cell, PixelChange
+from pixelray.engine.evaluate import correct_under_cells
+from pixelray.engine.units import Unit
+from pixelray.engine.worker import ModelWorker
 from pixelray.models import load_model
 from pixelray.shards import read_shard, shard_uris
-from pixelray.spec import Cell, PixelChange
-from pixelray.units import Unit
-from pixelray.worker import ModelWorker
 
 CELLS = [Cell(PixelChange(n, a, s), seed) for n in (8, 200) for a in ("full", 60) for s in (None, 16) for seed in (0,)]
 CELLS += [Cell(PixelChange(30, area=12, channels=(1,)), 2), Cell(PixelChange(5, positions="shared"), 4)]
@@ -86,8 +86,8 @@ def test_cuda_worker_with_pinned_copies_and_graphs_gives_the_cpu_counts(syntheti
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_predictions_equal_the_eager_ones(tiny_checkpoints, shard):
-    from pixelray.evaluate import CellGraphs
-    from pixelray.perturb import Perturber
+    from pixelray.core.perturb import Perturber
+    from pixelray.engine.evaluate import CellGraphs
 
     model = load_model(tiny_checkpoints[0], None).cuda().to(memory_format=torch.channels_last)
     images, labels, ids = shard.images.cuda(), shard.labels.cuda(), shard.image_ids.cuda()

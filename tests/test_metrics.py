@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pixelray.metrics import (
+from pixelray.core.metrics import (
     CELL_KEYS,
     Z95,
     aggregate,

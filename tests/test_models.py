@@ -18,7 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pixelray.cli_models import weights_app
+from pixelray.cli.models import weights_app
 from pixelray.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -17,9 +17,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pixelray import draws, perturber
-from pixelray.perturb import apply_pixel_changes, draw_positions, draw_values, hash64, image_layout
-from pixelray.spec import Cell, PixelChange
+from pixelray.core import draws, perturber
+from pixelray.core.perturb import apply_pixel_changes, draw_positions, draw_values, hash64, image_layout
+from pixelray.core.spec import Cell, PixelChange
 
 PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -13,9 +13,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pixelray import perturber
-from pixelray.perturb import Perturber, apply_pixel_changes, draw_positions
-from pixelray.spec import Cell, PixelChange
+from pixelray.core import perturber
+from pixelray.core.perturb import Perturber, apply_pixel_changes, draw_positions
+from pixelray.core.spec import Cell, PixelChange
 
 PROPERTY = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -30,8 +30,8 @@ import tomllib
 import torch
 from exact_models import make_data
 
+from pixelray.core.spec import Cell
 from pixelray.models import load_model
-from pixelray.spec import Cell
 
 TESTS = Path(__file__).resolve().parent
 GOLDEN = TESTS / "data" / "demo_golden_cells.csv"

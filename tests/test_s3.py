@@ -27,11 +27,11 @@ import pytest
 import tomli_w
 from helpers import wait_for
 
-from pixelray.atomic import TMP_GLOB
-from pixelray.config import parse_config
+from pixelray.config.sweep import parse_config
+from pixelray.engine.units import model_slug
 from pixelray.shards import check_dataset, load_manifest
+from pixelray.store.atomic import TMP_GLOB
 from pixelray.sweep import run_sweep
-from pixelray.units import model_slug
 
 ENV = {"AWS_ACCESS_KEY_ID": "pixelray-test", "AWS_SECRET_ACCESS_KEY": "pixelray-test",
        "AWS_EC2_METADATA_DISABLED": "true", "RAY_USAGE_STATS_ENABLED": "0"}

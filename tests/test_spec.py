@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from pixelray.spec import Cell, PixelChange, Positions, parse_channels
+from pixelray.core.spec import Cell, PixelChange, Positions, parse_channels
 
 
 def _raises(match_parts: list[str], func, *args, **kwargs) -> str:

@@ -17,11 +17,11 @@ import pytest
 import torch
 from helpers import free_ports, unit_files, wait_for
 
-from pixelray.config import ConfigError, parse_config
+from pixelray.config.sweep import ConfigError, parse_config
+from pixelray.core.perturb import apply_pixel_changes
+from pixelray.core.spec import Cell, PixelChange
 from pixelray.models import load_model
-from pixelray.perturb import apply_pixel_changes
 from pixelray.shards import load_manifest, read_shard, shard_uris
-from pixelray.spec import Cell, PixelChange
 from pixelray.sweep import SweepError, run_sweep
 
 GRID = {"counts": [8, 64, 200], "amplitudes": ["full", 60], "areas": [32, 16]}

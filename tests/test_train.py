@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pixelray.core.spec import PixelChange
 from pixelray.datasets.synthetic import make_synthetic
 from pixelray.models import load_model
-from pixelray.spec import PixelChange
-from pixelray.train import TrainConfig, fit, load_all
+from pixelray.train.fit import TrainConfig, fit, load_all
 
 
 @pytest.fixture(scope="module")

@@ -23,17 +23,17 @@ import torch
 from helpers import Scraper, wait_for
 from typer.testing import CliRunner
 
-from pixelray.augment import epoch_seed
 from pixelray.cli import app
-from pixelray.config import parse_config
+from pixelray.config.sweep import parse_config
+from pixelray.config.train import parse_train_config
+from pixelray.core.perturb import apply_pixel_changes
+from pixelray.core.spec import Cell, PixelChange
 from pixelray.models import load_model, save_checkpoint
-from pixelray.perturb import apply_pixel_changes
 from pixelray.shards import read_shard, shard_uris
-from pixelray.spec import Cell, PixelChange
 from pixelray.sweep import run_sweep
-from pixelray.train_augment import run_train_augment
-from pixelray.train_config import parse_train_config
-from pixelray.train_loop import TrainHooks
+from pixelray.train.augment import epoch_seed
+from pixelray.train.driver import run_train_augment
+from pixelray.train.loop import TrainHooks
 
 REPO = Path(__file__).resolve().parents[1]
 COUNT = 512  # of 32 x 32 = 1,024 pixels: the tiny CNN on the synthetic images shrugs off fewer
@@ -378,7 +378,7 @@ def test_the_console_script_prints_one_line_and_no_traceback(tmp_path):
 @pytest.mark.parametrize("arch", ["tiny", "resnet18", "squeezenet1_1"])
 def test_a_replaced_head_is_new_and_everything_else_is_the_models_own(arch, tmp_path):
     from pixelray.models import LabelMap
-    from pixelray.train_loop import replace_head
+    from pixelray.train.loop import replace_head
 
     model = load_model(arch, None, num_classes=10 if arch == "tiny" else None, init_seed=1)  # stands in for weights
     new = replace_head(model, arch, [1, 3, 5], 10, seed=0)
@@ -394,8 +394,8 @@ def test_a_replaced_head_is_new_and_everything_else_is_the_models_own(arch, tmp_
 
 
 def test_resuming_over_data_that_changed_is_refused(synthetic_dataset, tmp_path):
-    from pixelray.train_augment import TrainError, prepare_run
-    from pixelray.train_config import load_train_config
+    from pixelray.config.train import load_train_config
+    from pixelray.train.driver import TrainError, prepare_run
 
     out = tmp_path / "out"
     flags = ["--model", "tiny", "--weights", "none", "--data", synthetic_dataset, "--count", 4, "--out", out]

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from pixelray.augment import Aug
-from pixelray.config import ConfigError, load_config
+from pixelray.config.sweep import ConfigError, load_config
+from pixelray.config.train import Head, Optimizer, load_train_config, parse_train_config
+from pixelray.core.spec import PixelChange
 from pixelray.shards import read_shard, shard_uris
-from pixelray.spec import PixelChange
-from pixelray.train_config import Head, Optimizer, load_train_config, parse_train_config
-from pixelray.train_data import plan_data
+from pixelray.train.augment import Aug
+from pixelray.train.data import plan_data
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from pixelray.perturb import image_layout
+from pixelray.core.perturb import image_layout
 
 __all__ = ["AttackOutcome", "AttackSpec", "Param", "check_labels", "eval_mode", "predict", "to_uint8", "to_unit"]
 

@@ -51,7 +51,7 @@ from pixelray.attacks.base import (
     to_uint8,
     to_unit,
 )
-from pixelray.perturb import image_layout
+from pixelray.core.perturb import image_layout
 
 __all__ = ["FGSM", "FGSMOutcome", "fgsm", "fgsm_float", "fgsm_with_success"]
 

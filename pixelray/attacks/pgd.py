@@ -40,8 +40,8 @@ from pixelray.attacks.base import (
     to_uint8,
     to_unit,
 )
-from pixelray.check import check_int
-from pixelray.perturb import hash64, image_layout
+from pixelray.core.check import check_int
+from pixelray.core.perturb import hash64, image_layout
 
 __all__ = ["PGD", "pgd", "pgd_float", "start_offsets"]
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pixelray.check import check_int, is_int
+from pixelray.core.check import check_int, is_int
 from pixelray.shards import Manifest, ShardWriter
 
 __all__ = [

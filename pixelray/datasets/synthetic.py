@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pixelray.check import check_int
+from pixelray.core.check import check_int
 from pixelray.shards import Manifest, ShardWriter
 
 __all__ = ["SHAPES", "TEXTURES", "SyntheticClass", "make_synthetic", "render_synthetic", "synthetic_classes"]

@@ -14,10 +14,10 @@ import torch
 import torchvision
 from torch import nn
 
-from pixelray.atomic import write_atomic
 from pixelray.models.build import _BUILTIN_HINT, _build_net, _first_line, _is_builtin
 from pixelray.models.registry import _CHECKPOINT_PREFIX, _kind, _known_names
 from pixelray.models.wrapper import Classifier, LabelMap, _triple
+from pixelray.store.atomic import write_atomic
 
 _SIDECAR_FORMAT = "pixelray.checkpoint"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.")  # DDP, torch.compile, a saved Classifier
@@ -173,7 +173,7 @@ def _load_checkpoint(spec: str, num_classes: int | None, init_seed: int) -> Clas
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> str:
-    """Write a file atomically (:func:`pixelray.atomic.write_atomic`); returns the sha256 of the file as written
+    """Write a file atomically (:func:`pixelray.store.atomic.write_atomic`); returns the sha256 of the file as written
     (read back: torch.save's zip writer may seek)."""
     write_atomic(path, write)
     return _sha256(path)

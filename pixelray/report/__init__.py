@@ -20,13 +20,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pixelray.atomic import write_bytes_atomic, write_text_atomic
 from pixelray.report.load import ModelInfo, ReportError, Run, load_runs
 from pixelray.report.paper import citation, header_notes
 from pixelray.report.plots import Plot, build_plots
 from pixelray.report.provenance import provenance
 from pixelray.report.render import Document, render_html, render_markdown
 from pixelray.report.tables import Table, build_tables, prepare_cells
+from pixelray.store.atomic import write_bytes_atomic, write_text_atomic
 
 __all__ = [
     "FORMATS",

@@ -1,7 +1,7 @@
 """Read sweep output directories into DataFrames, refusing anything that is not one.
 
 A run directory is untrusted input: every table is checked against its schema
-(``pixelray.results``) and its counts against each other before the report uses
+(``pixelray.store.schemas``) and its counts against each other before the report uses
 it, and a wrong directory gets one sentence that names the path and the fix.
 Nothing here writes a file, joins Ray or loads a model; checkpoint sidecars are
 read as plain JSON for their name, base architecture and augmentation.
@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pixelray.results import ATTACK_SCHEMA, CELLS_SCHEMA, TRANSFER_SCHEMA
+from pixelray.store.schemas import ATTACK_SCHEMA, CELLS_SCHEMA, TRANSFER_SCHEMA
 
 __all__ = ["ModelInfo", "ReportError", "Run", "load_runs"]
 

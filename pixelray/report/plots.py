@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, ScalarFormatter
 
-from pixelray.metrics import wilson_interval
+from pixelray.core.metrics import wilson_interval
 from pixelray.report.load import Run
 from pixelray.report.tables import Table
 

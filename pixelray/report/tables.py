@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pixelray.metrics import pixel_index, pixel_index_interval, wilson_interval
+from pixelray.core.metrics import pixel_index, pixel_index_interval, wilson_interval
 from pixelray.report.load import Run
 from pixelray.report.paper import PAPER_IMAGE_SIZE, PaperCell, lookup, paper_name
 

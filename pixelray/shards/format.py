@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pixelray.check import check_int, is_int
+from pixelray.core.check import check_int, is_int
 
 MANIFEST_NAME = "manifest.json"
 #: ``format`` field of every manifest.

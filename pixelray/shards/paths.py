@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pixelray.shards.format import MANIFEST_NAME, Manifest, ShardError
-from pixelray.storage import join_uri
+from pixelray.store.storage import join_uri
 
 
 def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -14,9 +14,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from pixelray.atomic import TMP_GLOB, write_bytes_atomic
-from pixelray.check import check_int
+from pixelray.core.check import check_int
 from pixelray.shards.format import _HASH_BLOCK, _SHAPE_KEY, MANIFEST_NAME, Manifest, ShardInfo
+from pixelray.store.atomic import TMP_GLOB, write_bytes_atomic
 
 
 def _as_numpy(value: Any, name: str) -> np.ndarray:

@@ -22,13 +22,13 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 
-from pixelray.adversarial import AttackPlan
-from pixelray.config import AttackConfig, Keep
-from pixelray.spec import Cell
-from pixelray.storage import is_remote, join_uri
+from pixelray.config.sweep import AttackConfig, Keep
+from pixelray.core.spec import Cell
+from pixelray.engine.adversarial import AttackPlan
+from pixelray.engine.units import Phase, Unit
+from pixelray.store.storage import is_remote, join_uri
 from pixelray.sweep.clean import CleanPass, select_eval_set
 from pixelray.sweep.context import RunContext
-from pixelray.units import Phase, Unit
 
 __all__ = ["META_CELLS", "META_JUDGES", "META_SAVED", "AttackPass", "attack_unit_table", "run_attack", "select_kept"]
 

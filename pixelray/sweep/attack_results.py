@@ -39,14 +39,14 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from pixelray.config import Keep, SweepConfig
+from pixelray.config.sweep import Keep, SweepConfig
+from pixelray.core.metrics import wilson_interval
+from pixelray.engine.units import model_slug
 from pixelray.errors import SweepError
-from pixelray.metrics import wilson_interval
 from pixelray.shards import MANIFEST_NAME, Manifest, ShardInfo
-from pixelray.storage import Location, join_uri
+from pixelray.store.storage import Location, join_uri
 from pixelray.sweep.attack import META_SAVED, AttackPass, select_kept
 from pixelray.sweep.results import cell_columns, experiments_of
-from pixelray.units import model_slug
 
 __all__ = ["attack_results", "write_adversarial_manifests"]
 

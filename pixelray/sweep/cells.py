@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pixelray.spec import Cell
+from pixelray.core.spec import Cell
+from pixelray.engine.units import Phase, Unit
 from pixelray.sweep.clean import CleanPass
 from pixelray.sweep.context import RunContext
-from pixelray.units import Phase, Unit
 
 __all__ = ["run_cells"]
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pixelray.config import Filter
+from pixelray.config.sweep import Filter
+from pixelray.engine.units import Phase, Unit, model_slug
 from pixelray.sweep.context import RunContext
-from pixelray.units import Phase, Unit, model_slug
 
 __all__ = ["CleanPass", "run_clean", "select_eval_set", "write_eval_ids"]
 

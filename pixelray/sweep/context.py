@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pixelray.config import SweepConfig, Verify
-from pixelray.rundir import RunDir, fingerprint
+from pixelray.config.sweep import SweepConfig, Verify
+from pixelray.core.spec import Cell
+from pixelray.engine.units import Phase, Unit
 from pixelray.shards import Manifest, ShardExpectation, ShardInfo
-from pixelray.spec import Cell
+from pixelray.store.rundir import RunDir, fingerprint
 from pixelray.sweep.pool import WorkerPool, schedule
 from pixelray.telemetry import SweepTelemetry
-from pixelray.units import Phase, Unit
 
 __all__ = ["RunContext"]
 

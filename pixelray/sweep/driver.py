@@ -25,11 +25,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from pixelray.config import SweepConfig
+from pixelray.config.sweep import SweepConfig
+from pixelray.core.metrics import aggregate
 from pixelray.errors import SweepError
-from pixelray.metrics import aggregate
-from pixelray.rundir import RunDir
 from pixelray.shards import Manifest, ShardError, check_shards, load_manifest, shard_uris
+from pixelray.store.rundir import RunDir
 from pixelray.sweep.attack import run_attack
 from pixelray.sweep.attack_results import attack_results, write_adversarial_manifests
 from pixelray.sweep.cells import run_cells

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pixelray.config import SweepConfig
+from pixelray.config.sweep import SweepConfig
+from pixelray.engine.units import Unit
+from pixelray.engine.worker import ModelWorker
 from pixelray.errors import SweepError
 from pixelray.telemetry import SweepTelemetry
-from pixelray.units import Unit
-from pixelray.worker import ModelWorker
 
 __all__ = ["DEVICE_OVERRIDE", "MAX_UNIT_FAILURES", "WorkerPool", "cause", "connect", "reserved_cpus", "schedule"]
 

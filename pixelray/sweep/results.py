@@ -1,6 +1,6 @@
 """Rows of the results tables, built from unit tables (summed by ``metrics.aggregate``).
 
-The schemas live in :mod:`pixelray.results`, which the report reads without the sweep's imports.
+The schemas live in :mod:`pixelray.store.schemas`, which the report reads without the sweep's imports.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any
 import pyarrow as pa
 
 from pixelray import __version__
-from pixelray.config import ConfigError, SweepConfig
-from pixelray.metrics import equivalent_count
-from pixelray.results import ATTACK_SCHEMA, CELLS_SCHEMA, IDS_SCHEMA, TRANSFER_SCHEMA
-from pixelray.spec import PIXEL_CHANGE, Cell, Corruption
+from pixelray.config.sweep import ConfigError, SweepConfig
+from pixelray.core.metrics import equivalent_count
+from pixelray.core.spec import PIXEL_CHANGE, Cell, Corruption
+from pixelray.store.schemas import ATTACK_SCHEMA, CELLS_SCHEMA, IDS_SCHEMA, TRANSFER_SCHEMA
 
 __all__ = [
     "ATTACK_SCHEMA", "CELLS_SCHEMA", "IDS_SCHEMA", "TRANSFER_SCHEMA", "add_equivalent_pixels", "cell_columns",
@@ -72,7 +72,7 @@ def add_equivalent_pixels(rows: list[dict[str, Any]], size: tuple[int, int]) -> 
 
     The reference curve is the same model's pixel-change rows of full amplitude, over the
     whole image and every channel, drawn per image, with the same seed: wrong rate against
-    count (see :func:`pixelray.metrics.equivalent_count`). Other rows get nulls.
+    count (see :func:`pixelray.core.metrics.equivalent_count`). Other rows get nulls.
     """
     curves: dict[tuple, dict[int, float]] = defaultdict(dict)
     whole = {None, size[0]} if size[0] == size[1] else {None}

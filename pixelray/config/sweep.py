@@ -22,10 +22,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pixelray.attack_config import AttackConfig, Keep
-from pixelray.check import is_int
-from pixelray.spec import CORRUPTIONS, PIXEL_CHANGE, Cell, Corruption, PixelChange, parse_channels
-from pixelray.tomlcheck import ConfigError, check_keys, get_value, int_list, read_toml
+from pixelray.config.attack import AttackConfig, Keep
+from pixelray.config.tomlcheck import ConfigError, check_keys, get_value, int_list, read_toml
+from pixelray.core.check import is_int
+from pixelray.core.spec import CORRUPTIONS, PIXEL_CHANGE, Cell, Corruption, PixelChange, parse_channels
 
 __all__ = [
     "AttackConfig",

@@ -1,10 +1,10 @@
 """The fine-tune on one Ray Train worker: ``train_loop_per_worker`` and the model it trains.
 
-Each worker reads its share of the training and held-out images (see ``train_data.py``)
+Each worker reads its share of the training and held-out images (see ``pixelray.train.data``)
 onto its device, builds the starting model with its head (:func:`build_model`), wraps it
 with ``ray.train.torch.prepare_model`` (DDP when there are several workers) and trains:
 per step, the augmentation runs on the device on the step's batch
-(:func:`pixelray.augment.augment_batch`), then forward, loss, backward, optimiser step;
+(:func:`pixelray.train.augment.augment_batch`), then forward, loss, backward, optimiser step;
 nothing waits for the host inside an epoch. After each epoch the held-out images are
 scored clean and under the run's pixel change (each worker its share, the counts summed
 over the workers), and rank 0 saves a checkpoint (model, optimiser, epoch, the table of
@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from pixelray.augment import augment_batch, epoch_seed
+from pixelray.config.train import FineTune, Head, Optimizer
+from pixelray.core.spec import Cell
 from pixelray.cpu_memory import use_huge_pages
 from pixelray.models import Classifier, LabelMap, load_model
-from pixelray.spec import Cell
-from pixelray.train_config import FineTune, Head, Optimizer
-from pixelray.train_data import DataPlan, read_share
+from pixelray.train.augment import augment_batch, epoch_seed
+from pixelray.train.data import DataPlan, read_share
 
 __all__ = ["CHECKPOINT_HISTORY", "CHECKPOINT_STATE", "LoopConfig", "ModelShape", "build_model",
            "TrainHooks", "replace_head", "shape_of", "skeleton", "train_loop_per_worker"]
@@ -231,7 +231,7 @@ def _all_reduce(values: torch.Tensor, world: int) -> torch.Tensor:
 
 def _evaluate(model: Classifier, data, run: FineTune, world: int, device: torch.device) -> torch.Tensor:
     """[held-out images, correct clean, correct clean but wrong under the change], summed over the workers."""
-    from pixelray.evaluate import correct_under_cells, predict
+    from pixelray.engine.evaluate import correct_under_cells, predict
 
     ids, labels, images = data
     counts = torch.zeros(3, dtype=torch.float64, device=device)

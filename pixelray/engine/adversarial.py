@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from pixelray.attacks import get_attack
-from pixelray.evaluate import correct_under_cells, predict
-from pixelray.spec import Cell
-from pixelray.units import model_slug
+from pixelray.core.spec import Cell
+from pixelray.engine.evaluate import correct_under_cells, predict
+from pixelray.engine.units import model_slug
 
 __all__ = ["AttackPlan", "attack_outcomes", "save_examples"]
 
@@ -54,7 +54,7 @@ class AttackPlan:
 @contextlib.contextmanager
 def _exact_fp32(device: torch.device):
     """cuDNN without TF32 for the attack: with TF32 a few gradient signs change from run to run
-    (see ``attacks.py``); without it the examples repeat exactly."""
+    (see ``pixelray.attacks``); without it the examples repeat exactly."""
     if device.type != "cuda":
         yield
         return
@@ -92,7 +92,7 @@ def attack_outcomes(
     examples, and only the *eligible* ones: those the model misclassifies after
     rounding, or all with ``keep_all``. On CPU the bits of an image do not depend on
     the batch size for the tiny CNN; big torchvision models can differ in a few
-    near-zero gradient signs across batch sizes (oneDNN, see ``attacks.py``).
+    near-zero gradient signs across batch sizes (oneDNN, see ``pixelray.attacks``).
 
     Host syncs: the labels' range is checked once, before the attack; the attack runs at
     every eps with its verdicts kept as masks on the device; then one copy of the (eps,
@@ -182,7 +182,7 @@ def save_examples(
     the driver writes the manifest over all of them at the end.
     """
     from pixelray.shards import ShardWriter
-    from pixelray.storage import Location, join_uri
+    from pixelray.store.storage import Location, join_uri
 
     name = shard_name.rsplit(".", 1)[0] + ".parquet"
     with tempfile.TemporaryDirectory(prefix="pixelray-adv-") as tmp:

@@ -2,7 +2,7 @@
 
 A :class:`Location` reads and writes whole files, atomically on both:
 
-- on a local disk, through :mod:`pixelray.atomic` (temp file, fsync, rename);
+- on a local disk, through :mod:`pixelray.store.atomic` (temp file, fsync, rename);
 - on an object store, where a rename is a copy and a failed upload can still publish what
   it sent (pyarrow completes a multipart upload when its stream closes, even on an
   error): the bytes go to a temporary key ``.NAME.tmp-XXXX`` first, then a server-side
@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pixelray.atomic import TMP_GLOB, write_bytes_atomic
+from pixelray.store.atomic import TMP_GLOB, write_bytes_atomic
 
 __all__ = ["Location", "is_remote", "join_uri"]
 

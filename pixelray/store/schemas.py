@@ -15,7 +15,7 @@ __all__ = ["ATTACK_SCHEMA", "CELLS_SCHEMA", "IDS_SCHEMA", "TRANSFER_SCHEMA"]
 #: ``pixel_change`` (count, amplitude, area, channels, positions set) or a corruption such as
 #: ``impulse_noise`` (severity set; pixel_index null; equivalent_pixels: the pixel-change count with
 #: the same wrong rate, and its interval). ``cell_id`` is the string that keys the cell's draws;
-#: ``pixelray.spec.Cell.from_id`` (or ``Cell.from_columns`` on the count .. seed and image_size
+#: ``pixelray.core.spec.Cell.from_id`` (or ``Cell.from_columns`` on the count .. seed and image_size
 #: columns) rebuilds the exact cell.
 CELLS_SCHEMA = pa.schema([
     ("experiment", pa.string()), ("model", pa.string()), ("weights", pa.string()),

@@ -1,4 +1,4 @@
-"""The fused engine: every cell of a plan applied to batches in a few launches (see :mod:`pixelray.perturb`)."""
+"""The fused engine: every cell of a plan applied to batches in a few launches (see :mod:`pixelray.core.perturb`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pixelray.draws import (
+from pixelray.core.draws import (
     _GOLDEN,
     _MASK63,
     _SHARED_IMAGE_ID,
@@ -22,7 +22,7 @@ from pixelray.draws import (
     _value_index,
     image_layout,
 )
-from pixelray.spec import Cell
+from pixelray.core.spec import Cell
 
 __all__ = ["Perturber"]
 

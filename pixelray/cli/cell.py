@@ -1,10 +1,10 @@
 """``pixelray cell show``: the positions and values a cell changes in one image, from a result row's ``cell_id``.
 
-A thin shell over :func:`pixelray.corrupt.describe_cell` (:func:`pixelray.perturb.describe_change`
+A thin shell over :func:`pixelray.core.corrupt.describe_cell` (:func:`pixelray.core.perturb.describe_change`
 for a pixel change); mounted on the main app by :mod:`pixelray.cli`. The Python equivalent::
 
-    from pixelray.corrupt import describe_cell
-    from pixelray.spec import Cell
+    from pixelray.core.corrupt import describe_cell
+    from pixelray.core.spec import Cell
     describe_cell(Cell.from_id(row.cell_id), image_id, 224, 224)
 """
 
@@ -64,8 +64,8 @@ def show_cmd(
 
     Example: pixelray cell show n64-full-whole-all-per-image-seed0 --image-id 17 --size 224
     """
-    from pixelray.corrupt import describe_cell
-    from pixelray.spec import Cell, Corruption
+    from pixelray.core.corrupt import describe_cell
+    from pixelray.core.spec import Cell, Corruption
 
     image = None
     if data is not None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pixelray.perturb import hash64
+from pixelray.core.perturb import hash64
 
 __all__ = ["DataPlan", "Share", "plan_data", "read_share"]
 

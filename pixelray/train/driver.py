@@ -4,7 +4,7 @@ The driver checks everything it can before anything is written (the config, the 
 model and its head, the output directory), then runs one Ray Train ``TorchTrainer`` per
 fine-tune: ``ScalingConfig(num_workers, use_gpu)``, ``RunConfig(storage_path=RUN_DIR,
 name="train", failure_config=FailureConfig(max_failures))``, the per-worker loop of
-``train_loop.py``. Ray Train V2 resumes a run rebuilt with the same storage path and name from
+``pixelray.train.loop``. Ray Train V2 resumes a run rebuilt with the same storage path and name from
 its latest checkpoint, so rerunning the same command after a crash (of a worker, or of this
 driver) goes on from the last finished epoch; a worker lost mid-run is replaced and the group
 resumes the same way, up to ``max_failures`` times.
@@ -37,12 +37,12 @@ from typing import Any
 import pyarrow as pa
 
 from pixelray import __version__
-from pixelray.atomic import write_table_atomic, write_text_atomic
+from pixelray.config.train import FineTune, TrainAugmentConfig
 from pixelray.errors import SweepError
-from pixelray.rundir import RunDir
-from pixelray.train_config import FineTune, TrainAugmentConfig
-from pixelray.train_data import DataPlan, plan_data
-from pixelray.train_loop import (
+from pixelray.store.atomic import write_table_atomic, write_text_atomic
+from pixelray.store.rundir import RunDir
+from pixelray.train.data import DataPlan, plan_data
+from pixelray.train.loop import (
     CHECKPOINT_HISTORY,
     CHECKPOINT_STATE,
     LoopConfig,

@@ -8,12 +8,12 @@ from typing import Annotated
 import typer
 
 from pixelray import __version__
-from pixelray.cli_cell import cell_app
-from pixelray.cli_data import data_app, prepare_app
-from pixelray.cli_models import weights_app
-from pixelray.cli_train import train_augment_cmd
-from pixelray.metrics import pixel_index, pixel_index_interval, wilson_interval
-from pixelray.spec import PixelChange
+from pixelray.cli.cell import cell_app
+from pixelray.cli.data import data_app, prepare_app
+from pixelray.cli.models import weights_app
+from pixelray.cli.train import train_augment_cmd
+from pixelray.core.metrics import pixel_index, pixel_index_interval, wilson_interval
+from pixelray.core.spec import PixelChange
 
 app = typer.Typer(
     name="pixelray",
@@ -121,7 +121,7 @@ def sweep_cmd(
     ] = None,
 ) -> None:
     """Run (or resume) a grid sweep; results land as Parquet under the output directory."""
-    from pixelray.config import ConfigError, load_config
+    from pixelray.config.sweep import ConfigError, load_config
     from pixelray.sweep import SweepError, run_sweep
 
     try:
@@ -141,7 +141,7 @@ def _summary(out_dir) -> None:
 
     import pandas as pd
 
-    from pixelray.storage import Location
+    from pixelray.store.storage import Location
 
     run = Location(out_dir)
     df = run.child("cells.parquet").read_table().to_pandas()
@@ -216,10 +216,10 @@ def demo_cmd(
     """
     from pathlib import Path
 
-    from pixelray.config import ConfigError, load_config
-    from pixelray.demo import DEMO_CONFIG, prepare_demo
+    from pixelray.cli.demo import DEMO_CONFIG, prepare_demo
+    from pixelray.config.sweep import ConfigError, load_config
     from pixelray.sweep import SweepError, run_sweep
-    from pixelray.train_augment import TrainError
+    from pixelray.train.driver import TrainError
 
     try:
         data, checkpoints = prepare_demo(out, log=lambda m: typer.echo(m, err=True))

@@ -1,8 +1,8 @@
 """Training-time augmentation on the device: a pure function of (seed, epoch, image id).
 
 The fine-tune of ``pixelray train-augment`` changes its training images with the very
-code the sweep measures with: :func:`pixelray.perturb.apply_pixel_changes`, under a
-:class:`~pixelray.spec.Cell` whose seed is derived from (seed, epoch). The baselines go
+code the sweep measures with: :func:`pixelray.core.perturb.apply_pixel_changes`, under a
+:class:`~pixelray.core.spec.Cell` whose seed is derived from (seed, epoch). The baselines go
 through the same entry point (:func:`augment_batch`), so that a fine-tune and its control
 differ only in what happens to the pixels:
 
@@ -23,7 +23,7 @@ the same way in the same epoch, and every epoch draws afresh.
 
 Example:
     >>> import torch
-    >>> from pixelray.spec import PixelChange
+    >>> from pixelray.core.spec import PixelChange
     >>> aug = Augmentation(Aug.PIXELS, PixelChange(4, channels=(0,), positions="shared"))
     >>> images = torch.zeros(2, 8, 8, 3, dtype=torch.uint8)
     >>> out, mask = augment_batch(images, torch.tensor([7, 9]), aug, seed=0, epoch=1)
@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pixelray.perturb import apply_pixel_changes, hash64
-from pixelray.spec import Cell, PixelChange
+from pixelray.core.perturb import apply_pixel_changes, hash64
+from pixelray.core.spec import Cell, PixelChange
 
 __all__ = ["Aug", "Augmentation", "augment_batch", "epoch_seed", "gaussian_noise", "standard_augment"]
 

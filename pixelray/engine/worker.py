@@ -7,8 +7,8 @@ images). Two units may be in flight per worker: the second one's shard is read
 the first one computes (the actor has two threads; compute is serialised by a
 lock).
 
-The compute is plain torch, usable without Ray: :mod:`pixelray.evaluate` (clean and
-cells units; the hot path) and :mod:`pixelray.adversarial` (attack units). The number of
+The compute is plain torch, usable without Ray: :mod:`pixelray.engine.evaluate` (clean and
+cells units; the hot path) and :mod:`pixelray.engine.adversarial` (attack units). The number of
 reads is counted in the reader (``read_count``), not assumed. To judge attack examples,
 the worker loads the sweep's other models beside its own and keeps them (a small LRU cache,
 at most one entry per model of the sweep): on a GPU that is the sum of the models' weights
@@ -27,14 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pixelray.adversarial import AttackPlan, attack_outcomes, save_examples
 from pixelray.attacks import get_attack
+from pixelray.core.perturb import Perturber
+from pixelray.core.spec import Cell
 from pixelray.cpu_memory import use_huge_pages
-from pixelray.evaluate import CellGraphs, count_wrong, image_size, pick_device, pixel_change_cells, predict
-from pixelray.perturb import Perturber
+from pixelray.engine.adversarial import AttackPlan, attack_outcomes, save_examples
+from pixelray.engine.evaluate import CellGraphs, count_wrong, image_size, pick_device, pixel_change_cells, predict
+from pixelray.engine.units import Phase, Unit
 from pixelray.shards import read_count
-from pixelray.spec import Cell
-from pixelray.units import Phase, Unit
 
 __all__ = ["ModelWorker"]
 

@@ -12,7 +12,7 @@ are numbered in (H, W, C) order, so the layout does not change the draws either.
 
 Example:
     >>> import torch
-    >>> from pixelray.spec import Cell, Corruption
+    >>> from pixelray.core.spec import Cell, Corruption
     >>> images = torch.full((1, 8, 8, 3), 100, dtype=torch.uint8)
     >>> out = apply_cell(images, Cell(Corruption("impulse_noise", 5)), [3])
     >>> set(out.unique().tolist()) <= {0, 100, 255}
@@ -25,9 +25,9 @@ from collections.abc import Sequence
 
 import torch
 
-from pixelray.draws import _shr
-from pixelray.perturb import ChangeRecord, apply_pixel_changes, describe_change, hash64, image_layout
-from pixelray.spec import Cell, Corruption
+from pixelray.core.draws import _shr
+from pixelray.core.perturb import ChangeRecord, apply_pixel_changes, describe_change, hash64, image_layout
+from pixelray.core.spec import Cell, Corruption
 
 __all__ = ["apply_cell", "describe_cell", "impulse_noise"]
 
@@ -67,7 +67,7 @@ def apply_cell(images: torch.Tensor, cell: Cell, image_ids: torch.Tensor | Seque
 
 def describe_cell(cell: Cell, image_id: int, height: int, width: int,
                   image: torch.Tensor | None = None) -> ChangeRecord:
-    """The entries a cell changes in image ``image_id``: :func:`pixelray.perturb.describe_change` for a
+    """The entries a cell changes in image ``image_id``: :func:`pixelray.core.perturb.describe_change` for a
     pixel change; for a corruption, every (y, x, channel) it replaces, in (H, W, C) order, with the new value
     (its draws do not depend on the image; ``old`` is filled when ``image`` (H, W, 3) is given)."""
     if not isinstance(cell.change, Corruption):

@@ -41,12 +41,12 @@ def prepare_demo(
 
     The base and fine-tunes are ``checkpoint:`` targets: a state_dict file and two run directories.
     """
+    from pixelray.config.train import parse_train_config
     from pixelray.datasets.synthetic import make_synthetic
     from pixelray.models import load_model, save_checkpoint
     from pixelray.shards import load_manifest
-    from pixelray.train import TrainConfig, fit
-    from pixelray.train_augment import run_train_augment
-    from pixelray.train_config import parse_train_config
+    from pixelray.train.driver import run_train_augment
+    from pixelray.train.fit import TrainConfig, fit
 
     root = Path(root)
     data, held = root / "data", root / "heldout"

@@ -16,7 +16,7 @@ unit's table only when the file reads whole and its fingerprint matches; anythin
 and the unit counts as not done, so it is recomputed.
 
 **Object stores.** The directory may be a URI (``s3://bucket/run?endpoint_override=...``):
-files go through :class:`pixelray.storage.Location` (atomic there too), and the claim is a
+files go through :class:`pixelray.store.storage.Location` (atomic there too), and the claim is a
 lease instead of a ``flock``: ``run.lock`` holds the holder and a token, renewed every
 ``LEASE_RENEW`` seconds; a lease not renewed for ``LEASE_TTL`` seconds is stale and taken
 over. After writing its lease a run waits ``LEASE_SETTLE`` seconds and reads it back: of two
@@ -41,7 +41,7 @@ from typing import Any
 import pyarrow as pa
 
 from pixelray.errors import SweepError
-from pixelray.storage import Location
+from pixelray.store.storage import Location
 
 __all__ = ["LEASE_TTL", "LOCK_NAME", "RUN_NAME", "RunDir", "fingerprint"]
 

@@ -1,6 +1,6 @@
 """``pixelray train-augment``: the few-pixel-change fine-tune on Ray Train, from flags or a TOML config.
 
-A thin shell over :mod:`pixelray.train_augment`: it parses, calls the library, prints.
+A thin shell over :mod:`pixelray.train.driver`: it parses, calls the library, prints.
 Exit codes: 0 done; 2 bad input or a failed run (one line on stderr, no traceback).
 """
 
@@ -56,9 +56,9 @@ def train_augment_cmd(
 
     Example: pixelray train-augment --model tiny --weights none --data D --count 4 --epochs 2 --out R
     """
-    from pixelray.config import ConfigError
-    from pixelray.train_augment import TrainError, run_train_augment
-    from pixelray.train_config import load_train_config
+    from pixelray.config.sweep import ConfigError
+    from pixelray.config.train import load_train_config
+    from pixelray.train.driver import TrainError, run_train_augment
 
     flags = {
         "model": model, "weights": weights, "data": data, "eval_data": eval_data, "images": images,

@@ -2,8 +2,8 @@
 
 A draw is a function of (cell key, image id, stream, index) alone: SplitMix64's finaliser over
 int64 tensors with wrapping arithmetic, on the batch's device, so an image's draws do not depend
-on its batch, its place in it, the device or a retry. :mod:`pixelray.perturb` (pixel changes),
-:mod:`pixelray.corrupt` (impulse noise), PGD's random start and the fine-tune's augmentation all
+on its batch, its place in it, the device or a retry. :mod:`pixelray.core.perturb` (pixel changes),
+:mod:`pixelray.core.corrupt` (impulse noise), PGD's random start and the fine-tune's augmentation all
 draw from here.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from pixelray.spec import Cell
+from pixelray.core.spec import Cell
 
 __all__ = ["hash64", "image_layout"]
 

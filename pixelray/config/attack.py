@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from pixelray.check import is_int
+from pixelray.core.check import is_int
 
 __all__ = ["AttackConfig", "Keep"]
 

@@ -4,7 +4,7 @@
 augmentation uses the very perturbation code the sweep measures with, applied on
 the device inside the loop. It is what the demo and the tests use to train a base
 model in-process; the fine-tune on Ray Train (``pixelray train-augment``) is
-``train_augment.py`` (its driver) and ``train_loop.py`` (its per-worker loop).
+``pixelray.train.driver`` (its driver) and ``pixelray.train.loop`` (its per-worker loop).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pixelray.perturb import apply_pixel_changes
-from pixelray.spec import Cell, PixelChange
+from pixelray.core.perturb import apply_pixel_changes
+from pixelray.core.spec import Cell, PixelChange
 
 __all__ = ["TrainConfig", "fit", "load_all"]
 

@@ -1,6 +1,6 @@
 """Checking TOML tables: one error type and a few helpers that name the table, the key, the value and the fix.
 
-Both configs (the sweep's :mod:`pixelray.config`, the fine-tune's :mod:`pixelray.train_config`)
+Both configs (the sweep's :mod:`pixelray.config.sweep`, the fine-tune's :mod:`pixelray.config.train`)
 read their files and check their keys through these.
 """
 

@@ -24,9 +24,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pixelray.augment import Aug, Augmentation
-from pixelray.spec import PixelChange
-from pixelray.tomlcheck import ConfigError, check_keys, get_value, read_toml
+from pixelray.config.tomlcheck import ConfigError, check_keys, get_value, read_toml
+from pixelray.core.spec import PixelChange
+from pixelray.train.augment import Aug, Augmentation
 
 __all__ = ["FLAG_KEYS", "FineTune", "Head", "Optimizer", "TrainAugmentConfig", "load_train_config",
            "parse_train_config"]

@@ -1,6 +1,6 @@
 """The compute of clean and cells units: plain torch, usable without Ray.
 
-Per batch, the plan's :class:`~pixelray.perturb.Perturber` draws every pixel-change cell's
+Per batch, the plan's :class:`~pixelray.core.perturb.Perturber` draws every pixel-change cell's
 changes in a few fused passes and writes them into a scratch copy of the batch, one cell (or
 ``cells_per_pass`` cells) at a time, undoing them after each forward pass; corruptions run one
 at a time beside them. Nothing waits for the device until the unit's counts are read back.
@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pixelray.corrupt import apply_cell
-from pixelray.perturb import Perturber, image_layout
-from pixelray.spec import Cell, PixelChange
+from pixelray.core.corrupt import apply_cell
+from pixelray.core.perturb import Perturber, image_layout
+from pixelray.core.spec import Cell, PixelChange
 
 __all__ = [
     "CellGraphs", "correct_under_cells", "count_wrong", "image_size", "pick_device", "pixel_change_cells", "predict",
@@ -81,7 +81,7 @@ def correct_under_cells(
     (:meth:`Perturber.passes`: one fused draw per group of cells, changes written into a
     scratch batch and undone), ``cells_per_pass`` cells per forward pass (the batch holds
     cells x images; 1 gives the forward passes of one cell at a time, the numerics of
-    earlier versions). Corruption cells (``pixelray.corrupt``) run one at a time beside them.
+    earlier versions). Corruption cells (``pixelray.core.corrupt``) run one at a time beside them.
     Nothing is synchronised with the host.
 
     Args:
