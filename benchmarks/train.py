@@ -36,11 +36,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pixelray.core.augment import Aug, Augmentation, augment_batch, epoch_seed  # noqa: E402
 from pixelray.core.spec import PixelChange  # noqa: E402
 from pixelray.cpu_memory import use_huge_pages  # noqa: E402
 from pixelray.datasets.synthetic import make_synthetic  # noqa: E402
 from pixelray.models import load_model  # noqa: E402
-from pixelray.train.augment import Aug, Augmentation, augment_batch, epoch_seed  # noqa: E402
 from pixelray.train.fit import load_all  # noqa: E402
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from pixelray.core.augment import Aug, Augmentation, augment_batch, epoch_seed
 from pixelray.core.spec import PixelChange
-from pixelray.train.augment import Aug, Augmentation, augment_batch, epoch_seed
 
 FAMILIES = [
     Augmentation(Aug.PIXELS, PixelChange(6)),

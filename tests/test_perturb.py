@@ -316,8 +316,8 @@ def test_big_batch_matches_small_batches_when_candidates_run_short(monkeypatch):
     monkeypatch.setattr(perturber, "_TOPK_FACTOR", 0)
     cell = Cell(PixelChange(20, area=5), 4)  # 25 positions, 72 candidates in round one
     ids = torch.arange(1000)
-    keys = draws._image_keys(cell, ids).unsqueeze(1)
-    first_round = draws._uniform(draws._stream(keys, draws._STREAM_POSITION, torch.arange(72)), 25)
+    keys = draws.image_keys(cell, ids).unsqueeze(1)
+    first_round = draws.uniform(draws.stream_bits(keys, draws.STREAM_POSITION, torch.arange(72)), 25)
     _, enough = draws._first_distinct(first_round, 20)
     assert 0 < int((~enough).sum()) < 1000, "the case should mix images with and without a second round"
     _check_big_batch(cell)

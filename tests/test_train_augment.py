@@ -26,12 +26,12 @@ from typer.testing import CliRunner
 from pixelray.cli import app
 from pixelray.config.sweep import parse_config
 from pixelray.config.train import parse_train_config
+from pixelray.core.augment import epoch_seed
 from pixelray.core.perturb import apply_pixel_changes
 from pixelray.core.spec import Cell, PixelChange
 from pixelray.models import load_model, save_checkpoint
 from pixelray.shards import read_shard, shard_uris
 from pixelray.sweep import run_sweep
-from pixelray.train.augment import epoch_seed
 from pixelray.train.driver import run_train_augment
 from pixelray.train.loop import TrainHooks
 

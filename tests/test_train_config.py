@@ -8,9 +8,9 @@ import pytest
 
 from pixelray.config.sweep import ConfigError, load_config
 from pixelray.config.train import Head, Optimizer, load_train_config, parse_train_config
+from pixelray.core.augment import Aug
 from pixelray.core.spec import PixelChange
 from pixelray.shards import read_shard, shard_uris
-from pixelray.train.augment import Aug
 from pixelray.train.data import plan_data
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"

@@ -117,7 +117,7 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             module.training = training
 
 
-def _check_model(model: object) -> None:
+def check_model(model: object) -> None:
     if not isinstance(model, torch.nn.Module):
         raise ValueError(
             f"model: {type(model).__name__} is not a torch.nn.Module; pass the classifier module "
@@ -125,7 +125,7 @@ def _check_model(model: object) -> None:
         )
 
 
-def _check_eps(eps: object) -> float:
+def check_eps(eps: object) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
         raise ValueError(f"eps: {eps!r} is not a finite number; give a step in [0, 1] pixel units, e.g. 2/255")
     if not 0 <= eps <= 1:
@@ -179,7 +179,7 @@ def to_uint8(unit: torch.Tensor, layout: str = "NCHW") -> torch.Tensor:
     return pixels.permute(0, 2, 3, 1) if layout == "NHWC" else pixels
 
 
-def _as_labels(
+def as_labels(
     labels: torch.Tensor | Sequence[int], n: int, device: torch.device, span: bool = True
 ) -> tuple[torch.Tensor, tuple[int, int] | None]:
     """Labels as int64 (N,) on ``device``, and their (min, max) for the check against the logits.
@@ -223,7 +223,7 @@ def check_labels(labels: torch.Tensor, num_classes: int | None) -> None:
                          "check the label mapping")
 
 
-def _check_logits(logits: torch.Tensor, n: int, span: tuple[int, int] | None) -> None:
+def check_logits(logits: torch.Tensor, n: int, span: tuple[int, int] | None) -> None:
     if logits.ndim != 2 or logits.shape[0] != n:
         raise ValueError(
             f"model: output shape {tuple(logits.shape)} is not (N={n}, classes); the model must return logits"
@@ -239,7 +239,7 @@ def _check_logits(logits: torch.Tensor, n: int, span: tuple[int, int] | None) ->
 
 
 
-def _like(pixels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+def like(pixels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """``pixels`` copied into a uint8 tensor with ``images``' shape and strides."""
     return torch.empty_like(images, dtype=torch.uint8).copy_(pixels)
 
@@ -249,7 +249,7 @@ def predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
     ``images`` as in :func:`to_unit`; the model's train/eval flags are restored afterwards.
     """
-    _check_model(model)
+    check_model(model)
     unit = to_unit(images)
     with eval_mode(model), torch.inference_mode():
         logits = model(unit)

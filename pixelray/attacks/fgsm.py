@@ -42,12 +42,12 @@ import torch.nn.functional as F
 from pixelray.attacks.base import (
     AttackOutcome,
     AttackSpec,
-    _as_labels,
-    _check_eps,
-    _check_logits,
-    _check_model,
-    _like,
+    as_labels,
+    check_eps,
+    check_logits,
+    check_model,
     eval_mode,
+    like,
     to_uint8,
     to_unit,
 )
@@ -92,10 +92,10 @@ def _fgsm(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(adv_float NCHW, labels int64, clean logits); validates everything (the labels' range only
     unless ``labels_checked``: reading it synchronises with the device)."""
-    _check_model(model)
-    eps = _check_eps(eps)
+    check_model(model)
+    eps = check_eps(eps)
     unit = to_unit(images)
-    labels, span = _as_labels(labels, unit.shape[0], unit.device, span=not labels_checked)
+    labels, span = as_labels(labels, unit.shape[0], unit.device, span=not labels_checked)
     if unit.shape[0] == 0:
         return unit.detach().clone(), labels, torch.zeros(0, 1, device=unit.device)
     # Grad must be on even inside a caller's no_grad or inference_mode; an inference
@@ -103,7 +103,7 @@ def _fgsm(
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         x = unit.detach().clone().requires_grad_(True)
         logits = model(x)
-        _check_logits(logits, len(labels), span)
+        check_logits(logits, len(labels), span)
         loss = F.cross_entropy(logits, labels, reduction="sum")
         (grad,) = torch.autograd.grad(loss, x)
     adv = (x.detach() + eps * grad.sign()).clamp_(0, 1)
@@ -141,7 +141,7 @@ def fgsm(
     and its label, up to float non-associativity in the model's kernels across batch sizes.
     """
     adv = _fgsm(model, images, labels, eps)[0]
-    return _like(to_uint8(adv, image_layout(images)), images)
+    return like(to_uint8(adv, image_layout(images)), images)
 
 
 def fgsm_with_success(
@@ -162,7 +162,7 @@ def fgsm_with_success(
             pred_float = model(adv_float).argmax(dim=1)
             pred_adv = model(pixels.float().div_(255).to(adv_float.dtype)).argmax(dim=1)
     return FGSMOutcome(
-        adv=_like(pixels.permute(0, 2, 3, 1) if image_layout(images) == "NHWC" else pixels, images),
+        adv=like(pixels.permute(0, 2, 3, 1) if image_layout(images) == "NHWC" else pixels, images),
         adv_float=adv_float,
         labels=labels,
         pred_clean=pred_clean,
@@ -177,7 +177,7 @@ def _run(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, ima
     and the unrounded examples judged only with ``report_float`` (one forward pass fewer without)."""
     adv_float, labels, _ = _fgsm(model, images, labels, eps, labels_checked=True)
     pixels = to_uint8(adv_float)
-    adv = _like(pixels.permute(0, 2, 3, 1) if image_layout(images) == "NHWC" else pixels, images)
+    adv = like(pixels.permute(0, 2, 3, 1) if image_layout(images) == "NHWC" else pixels, images)
     if not len(labels):
         none = torch.zeros(0, dtype=torch.bool, device=adv.device)
         return AttackOutcome(adv, none if report_float else None, none)

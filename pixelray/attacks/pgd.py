@@ -31,12 +31,12 @@ from pixelray.attacks.base import (
     AttackOutcome,
     AttackSpec,
     Param,
-    _as_labels,
-    _check_eps,
-    _check_logits,
-    _check_model,
-    _like,
+    as_labels,
+    check_eps,
+    check_logits,
+    check_model,
     eval_mode,
+    like,
     to_uint8,
     to_unit,
 )
@@ -77,10 +77,10 @@ def _pgd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(adv_float NCHW in [0, 1], labels int64); validates everything (the labels' range only unless
     ``labels_checked``)."""
-    _check_model(model)
-    eps, step_size, steps = _check_eps(eps), _check_eps(step_size), check_int(steps, "steps")
+    check_model(model)
+    eps, step_size, steps = check_eps(eps), check_eps(step_size), check_int(steps, "steps")
     x0 = to_unit(images)
-    labels, span = _as_labels(labels, x0.shape[0], x0.device, span=not labels_checked)
+    labels, span = as_labels(labels, x0.shape[0], x0.device, span=not labels_checked)
     if x0.shape[0] == 0:
         return x0.detach().clone(), labels
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
@@ -96,7 +96,7 @@ def _pgd(
             adv.requires_grad_(True)
             logits = model(adv)
             if step == 0:
-                _check_logits(logits, len(labels), span)
+                check_logits(logits, len(labels), span)
             loss = F.cross_entropy(logits, labels, reduction="sum")
             (grad,) = torch.autograd.grad(loss, adv)
             adv = adv.detach() + step_size * grad.sign()
@@ -132,7 +132,7 @@ def pgd(
         image_ids: int64 (N,), key the random start; without them the position in the batch does.
     """
     adv = _pgd(model, images, labels, eps, step_size, steps, random_start, seed, image_ids)[0]
-    return _like(to_uint8(adv, image_layout(images)), images)
+    return like(to_uint8(adv, image_layout(images)), images)
 
 
 def _run(model, images, labels, image_ids, eps, *, steps, step, random_start, seed,
@@ -146,7 +146,7 @@ def _run(model, images, labels, image_ids, eps, *, steps, step, random_start, se
         if report_float:
             success_float = model(adv_float).argmax(dim=1) != labels
         success = model(pixels.float().div_(255)).argmax(dim=1) != labels
-    adv = _like(pixels.permute(0, 2, 3, 1) if image_layout(images) == "NHWC" else pixels, images)
+    adv = like(pixels.permute(0, 2, 3, 1) if image_layout(images) == "NHWC" else pixels, images)
     return AttackOutcome(adv, success_float, success)
 
 

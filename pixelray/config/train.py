@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from pixelray.config.tomlcheck import ConfigError, check_keys, get_value, read_toml
+from pixelray.core.augment import Aug, Augmentation
 from pixelray.core.spec import PixelChange
-from pixelray.train.augment import Aug, Augmentation
 
 __all__ = ["FLAG_KEYS", "FineTune", "Head", "Optimizer", "TrainAugmentConfig", "load_train_config",
            "parse_train_config"]

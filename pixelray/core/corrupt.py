@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pixelray.core.draws import _shr
+from pixelray.core.draws import shr
 from pixelray.core.perturb import ChangeRecord, apply_pixel_changes, describe_change, hash64, image_layout
 from pixelray.core.spec import Cell, Corruption
 
@@ -51,7 +51,7 @@ def impulse_noise(images: torch.Tensor, cell: Cell, image_ids: torch.Tensor | Se
     keys = hash64(hash64(ids * _KEY_MUL + cell.key))
     index = torch.arange(h * w * c, device=images.device, dtype=torch.int64).view(1, -1)
     bits = hash64(keys + hash64(index + (_STREAM_NOISE << 40)))
-    flipped = _shr(bits, 11).to(torch.float64) < corruption.amount * 2.0**53  # P = amount, 53-bit uniform
+    flipped = shr(bits, 11).to(torch.float64) < corruption.amount * 2.0**53  # P = amount, 53-bit uniform
     salt = (bits & 1).bool()
     values = torch.where(salt, 255, 0).to(torch.uint8)
     noisy = torch.where(flipped, values, nhwc.reshape(n, -1)).view(n, h, w, c)

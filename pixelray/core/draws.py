@@ -20,57 +20,57 @@ from pixelray.core.spec import Cell
 __all__ = ["hash64", "image_layout"]
 
 _MASK64 = (1 << 64) - 1
-_MASK63 = (1 << 63) - 1
-_STREAM_POSITION = 1
-_STREAM_VALUE = 2
-_SHARED_IMAGE_ID = -1  # the image id that keys the one position list of positions="shared"
+MASK63 = (1 << 63) - 1
+STREAM_POSITION = 1
+STREAM_VALUE = 2
+SHARED_IMAGE_ID = -1  # the image id that keys the one position list of positions="shared"
 
 
-def _i64(value: int) -> int:
+def i64(value: int) -> int:
     """A 64-bit pattern as the signed int64 torch stores."""
     value &= _MASK64
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-_GOLDEN = _i64(0x9E3779B97F4A7C15)
-_MUL1 = _i64(0xBF58476D1CE4E5B9)
-_MUL2 = _i64(0x94D049BB133111EB)
-_STREAM_MUL = _i64(0xD6E8FEB86659FD93)
+GOLDEN = i64(0x9E3779B97F4A7C15)
+_MUL1 = i64(0xBF58476D1CE4E5B9)
+_MUL2 = i64(0x94D049BB133111EB)
+STREAM_MUL = i64(0xD6E8FEB86659FD93)
 
 
-def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+def shr(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
     return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def _mix_(z: torch.Tensor) -> torch.Tensor:
+def mix(z: torch.Tensor) -> torch.Tensor:
     """SplitMix64's finaliser after its first add, in place on an int64 tensor the caller owns."""
-    z.bitwise_xor_(_shr(z, 30)).mul_(_MUL1)
-    z.bitwise_xor_(_shr(z, 27)).mul_(_MUL2)
-    return z.bitwise_xor_(_shr(z, 31))
+    z.bitwise_xor_(shr(z, 30)).mul_(_MUL1)
+    z.bitwise_xor_(shr(z, 27)).mul_(_MUL2)
+    return z.bitwise_xor_(shr(z, 31))
 
 
 def hash64(x: torch.Tensor) -> torch.Tensor:
     """SplitMix64 finaliser on an int64 tensor (wrapping arithmetic); returns int64 bits."""
-    return _mix_(x + _GOLDEN)
+    return mix(x + GOLDEN)
 
 
-def _image_keys(cell: Cell, image_ids: torch.Tensor) -> torch.Tensor:
+def image_keys(cell: Cell, image_ids: torch.Tensor) -> torch.Tensor:
     """One int64 key per image: a hash of (cell key, image_id)."""
-    return hash64(hash64(image_ids * _STREAM_MUL + _i64(cell.key)))
+    return hash64(hash64(image_ids * STREAM_MUL + i64(cell.key)))
 
 
-def _uniform(bits: torch.Tensor, n: int) -> torch.Tensor:
+def uniform(bits: torch.Tensor, n: int) -> torch.Tensor:
     """Integers in [0, n) from hash bits (63 bits mod n: bias below n / 2**63)."""
-    return (bits & _MASK63) % n
+    return (bits & MASK63) % n
 
 
-def _stream(keys: torch.Tensor, stream: int, index: torch.Tensor) -> torch.Tensor:
+def stream_bits(keys: torch.Tensor, stream: int, index: torch.Tensor) -> torch.Tensor:
     """Hash bits for (image key, stream, index); keys (N, 1), index broadcastable."""
     return hash64(keys + hash64(index + (stream << 40)))
 
 
-def _as_ids(image_ids: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
+def as_ids(image_ids: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
     ids = torch.as_tensor(image_ids, dtype=torch.int64, device=device)
     if ids.ndim != 1:
         raise ValueError(f"image_ids: expected one id per image (1-D), got shape {tuple(ids.shape)}")
@@ -79,13 +79,13 @@ def _as_ids(image_ids: torch.Tensor | Sequence[int], device: torch.device) -> to
 
 def _first_distinct(candidates: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``count`` distinct values per row, in row order, and whether each row had enough."""
-    first = _first_occurrence(candidates)
+    first = first_occurrence(candidates)
     enough = first.sum(dim=-1) >= count
     keep = first & (first.cumsum(dim=-1) <= count)
     return keep, enough
 
 
-def _first_occurrence(candidates: torch.Tensor) -> torch.Tensor:
+def first_occurrence(candidates: torch.Tensor) -> torch.Tensor:
     """bool, same shape: True where a value appears for the first time in its row (last dim)."""
     ordered, order = torch.sort(candidates, dim=-1, stable=True)
     new = F.pad(ordered[..., 1:] != ordered[..., :-1], (1, 0), value=True)
@@ -93,19 +93,19 @@ def _first_occurrence(candidates: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _index_hashes(stream: int, index: tuple[int, ...] | int, device: torch.device) -> torch.Tensor:
+def index_hashes(stream: int, index: tuple[int, ...] | int, device: torch.device) -> torch.Tensor:
     """``hash64(index + (stream << 40)) + GOLDEN`` (int64) on ``device``: the image-independent half
     of a stream's draws, with the next hash's first add folded in. ``index`` an int means ``range(index)``."""
     idx = torch.arange(index, dtype=torch.int64) if isinstance(index, int) else torch.tensor(index, dtype=torch.int64)
-    return (hash64(idx + (stream << 40)) + _GOLDEN).to(device)
+    return (hash64(idx + (stream << 40)) + GOLDEN).to(device)
 
 
-def _value_index(count: int, channels: tuple[int, ...]) -> tuple[int, ...]:
+def value_index(count: int, channels: tuple[int, ...]) -> tuple[int, ...]:
     """The value stream's indices ``k * 4 + channel``, k-major, as :func:`draw_values` numbers them."""
     return tuple(k * 4 + c for k in range(count) for c in channels)
 
 
-def _channels(channels: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def channel_tensor(channels: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """Channel indices as a tensor on ``device`` (no host-to-device copy for all three)."""
     if channels == (0, 1, 2):
         return torch.arange(3, device=device)

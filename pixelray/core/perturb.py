@@ -42,7 +42,16 @@ from dataclasses import dataclass
 import torch
 
 from pixelray.core import perturber as _engine
-from pixelray.core.draws import _STREAM_VALUE, _as_ids, _channels, _image_keys, _stream, _uniform, hash64, image_layout
+from pixelray.core.draws import (
+    STREAM_VALUE,
+    as_ids,
+    channel_tensor,
+    hash64,
+    image_keys,
+    image_layout,
+    stream_bits,
+    uniform,
+)
 from pixelray.core.perturber import Perturber
 from pixelray.core.spec import Cell
 
@@ -73,7 +82,7 @@ def draw_positions(
     """
     cell.change.check_image(height, width)
     device = image_ids.device if isinstance(image_ids, torch.Tensor) else torch.device("cpu")
-    ids = _as_ids(image_ids, device)
+    ids = as_ids(image_ids, device)
     if len(ids) == 0:
         return torch.empty((0, cell.change.count), dtype=torch.int64, device=device)
     return _plan(cell, height, width, device).positions(ids)[0]
@@ -91,15 +100,15 @@ def draw_values(
             for the C changed channels.
     """
     change = cell.change
-    keys = _image_keys(cell, _as_ids(image_ids, original.device)).view(-1, 1, 1)
+    keys = image_keys(cell, as_ids(image_ids, original.device)).view(-1, 1, 1)
     n, count, n_ch = original.shape
     k = torch.arange(count, device=original.device).view(1, -1, 1)
-    ch = _channels(change.channel_indices, original.device).view(1, 1, -1)
-    bits = _stream(keys, _STREAM_VALUE, k * 4 + ch)
+    ch = channel_tensor(change.channel_indices, original.device).view(1, 1, -1)
+    bits = stream_bits(keys, STREAM_VALUE, k * 4 + ch)
     if change.amplitude == "full":
-        return _uniform(bits, 256).to(torch.uint8)
+        return uniform(bits, 256).to(torch.uint8)
     a = int(change.amplitude)
-    shift = _uniform(bits, 2 * a + 1) - a
+    shift = uniform(bits, 2 * a + 1) - a
     return (original.to(torch.int64) + shift).clamp_(0, 255).to(torch.uint8)
 
 
@@ -121,7 +130,7 @@ def apply_pixel_changes(
     if images.dtype != torch.uint8:
         raise ValueError(f"images: expected dtype uint8, got {images.dtype}; convert pixel values to uint8 first")
     layout = image_layout(images)
-    ids = _as_ids(image_ids, images.device)
+    ids = as_ids(image_ids, images.device)
     if len(ids) != images.shape[0]:
         raise ValueError(f"image_ids: {len(ids)} ids for a batch of {images.shape[0]} images")
     height, width = images.shape[1:3] if layout == "NHWC" else images.shape[2:4]
@@ -185,10 +194,10 @@ def describe_change(cell: Cell, image_id: int, height: int, width: int,
     shift = None
     if cell.change.amplitude != "full":
         a = int(cell.change.amplitude)
-        keys = _image_keys(cell, torch.tensor([int(image_id)])).view(-1, 1, 1)
+        keys = image_keys(cell, torch.tensor([int(image_id)])).view(-1, 1, 1)
         k = torch.arange(len(pos)).view(1, -1, 1)
-        bits = _stream(keys, _STREAM_VALUE, k * 4 + _channels(channels, torch.device("cpu")).view(1, 1, -1))
-        shift = tuple((_uniform(bits, 2 * a + 1) - a).flatten().tolist())
+        bits = stream_bits(keys, STREAM_VALUE, k * 4 + channel_tensor(channels, torch.device("cpu")).view(1, 1, -1))
+        shift = tuple((uniform(bits, 2 * a + 1) - a).flatten().tolist())
     value = None if cell.change.amplitude != "full" and old is None else tuple(
         draw_values(cell, [int(image_id)], probe).flatten().tolist())
     return ChangeRecord(cell.cell_id, int(image_id), tuple(ys), tuple(xs), tuple(chs), value, shift,

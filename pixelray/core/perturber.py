@@ -8,19 +8,19 @@ from dataclasses import dataclass
 import torch
 
 from pixelray.core.draws import (
-    _GOLDEN,
-    _MASK63,
-    _SHARED_IMAGE_ID,
-    _STREAM_MUL,
-    _STREAM_POSITION,
-    _STREAM_VALUE,
-    _as_ids,
-    _first_occurrence,
-    _i64,
-    _index_hashes,
-    _mix_,
-    _value_index,
+    GOLDEN,
+    MASK63,
+    SHARED_IMAGE_ID,
+    STREAM_MUL,
+    STREAM_POSITION,
+    STREAM_VALUE,
+    as_ids,
+    first_occurrence,
+    i64,
     image_layout,
+    index_hashes,
+    mix,
+    value_index,
 )
 from pixelray.core.spec import Cell
 
@@ -93,7 +93,7 @@ class Perturber:
         self.groups = [self._group(key[0], tuple(index)) for key, index in by_kind.items()]
         order = [i for group in self.groups for i in group.index]
         # cell keys with the first hash's add folded in, in group order (the keys pass runs once per batch)
-        self._cell_keys = torch.tensor([_i64(self.cells[i].key + _GOLDEN) for i in order],
+        self._cell_keys = torch.tensor([i64(self.cells[i].key + GOLDEN) for i in order],
                                        dtype=torch.int64, device=self.device).view(-1, 1)
         self._offsets: dict[tuple, torch.Tensor] = {}
 
@@ -143,11 +143,11 @@ class Perturber:
             shared=None,
         )
         if kind == "shared":  # one position list per cell, drawn once for the image id -1
-            ids = torch.full((1,), _SHARED_IMAGE_ID, dtype=torch.int64, device=dev)
+            ids = torch.full((1,), SHARED_IMAGE_ID, dtype=torch.int64, device=dev)
             lists = []
             for i, cell in zip(index, cells, strict=True):
                 solo = self._group(self._kind(cell, shared=False)[0], (i,))
-                keys = _mix_(_mix_(ids * _STREAM_MUL + _i64(cell.key + _GOLDEN)) + _GOLDEN).view(1, 1)
+                keys = mix(mix(ids * STREAM_MUL + i64(cell.key + GOLDEN)) + GOLDEN).view(1, 1)
                 pos = self._draw(solo, keys, values=False)[0]  # (1, 1, count)
                 spare = count - cell.change.count  # spare slots repeat slot 0, like the others
                 lists.append(torch.cat([pos, pos[..., :1].expand(-1, -1, spare)], dim=-1) if spare else pos)
@@ -161,11 +161,11 @@ class Perturber:
         if key not in self._table_cache:
             parts, mods = [], []
             if draws:
-                parts.append(_index_hashes(_STREAM_POSITION, draws, self.device))
+                parts.append(index_hashes(STREAM_POSITION, draws, self.device))
                 mods.append(group.pmod.expand(-1, -1, draws))
             if values:
-                index = _value_index(group.count, group.channels)
-                parts.append(_index_hashes(_STREAM_VALUE, index, self.device))
+                index = value_index(group.count, group.channels)
+                parts.append(index_hashes(STREAM_VALUE, index, self.device))
                 mods.append(group.vmod.expand(-1, -1, len(index)))
             self._table_cache[key] = (torch.cat(parts), torch.cat(mods, dim=-1))
         return self._table_cache[key]
@@ -174,7 +174,7 @@ class Perturber:
 
     def _keys(self, ids: torch.Tensor) -> torch.Tensor:
         """(cells, N) int64: the image keys of every (cell, image), in group order, in one pass."""
-        return _mix_(_mix_(ids * _STREAM_MUL + self._cell_keys) + _GOLDEN)
+        return mix(mix(ids * STREAM_MUL + self._cell_keys) + GOLDEN)
 
     def _draw(self, group: _Group, keys: torch.Tensor, values: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Area positions (G, N, count) and raw value draws (G, N, count, C) of a group, from one hash pass.
@@ -186,20 +186,20 @@ class Perturber:
         keys3 = keys.unsqueeze(-1)
         if group.kind == "shared":
             table, mod = self._tables(group, 0)
-            bits = _mix_(keys3 + table).bitwise_and_(_MASK63).remainder_(mod)
+            bits = mix(keys3 + table).bitwise_and_(MASK63).remainder_(mod)
             return group.shared.expand(-1, keys.shape[1], -1), bits.view(shape)
         if group.kind == "topk":
             table = self._tables(group, group.area, values)[0]
-            bits = _mix_(keys3 + table).bitwise_and_(_MASK63)
+            bits = mix(keys3 + table).bitwise_and_(MASK63)
             pos = torch.topk(bits[..., : group.area], group.count, dim=-1, largest=False, sorted=True).indices
             raw = bits[..., group.area:].remainder_(group.vmod).view(shape) if values else None
             return pos, raw
         draws = 2 * group.count + 32
         while True:  # rarely more than one round; each round extends the same streams
             table, mod = self._tables(group, draws, values)
-            bits = _mix_(keys3 + table).bitwise_and_(_MASK63).remainder_(mod)
+            bits = mix(keys3 + table).bitwise_and_(MASK63).remainder_(mod)
             cand = bits[..., :draws]
-            first = _first_occurrence(cand)
+            first = first_occurrence(cand)
             seen = first.cumsum(dim=-1)
             if keys.device.type != "cpu":
                 # A host sync here would stall the device. With area > 8 x count, fewer than `count`
@@ -274,7 +274,7 @@ class Perturber:
         if size != (self.height, self.width):
             raise ValueError(f"images: {size[0]}x{size[1]} images, but the plan is for "
                              f"{self.height}x{self.width}")
-        ids = _as_ids(ids, images.device)
+        ids = as_ids(ids, images.device)
         if len(ids) != images.shape[0]:
             raise ValueError(f"image_ids: {len(ids)} ids for a batch of {images.shape[0]} images")
         return layout, ids
@@ -348,7 +348,7 @@ class Perturber:
 
     def positions(self, image_ids: torch.Tensor | Sequence[int]) -> list[torch.Tensor]:
         """Flat pixel indices (N, count) of each cell, in plan order (no values drawn)."""
-        ids = _as_ids(image_ids, self.device)
+        ids = as_ids(image_ids, self.device)
         keys = self._keys(ids)
         out: list[torch.Tensor | None] = [None] * len(self.cells)
         start = 0

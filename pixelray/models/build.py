@@ -17,13 +17,13 @@ from torch import nn
 from pixelray.models.registry import (
     Weights,
     WeightsMissingError,
-    _entry,
-    _entry_file,
-    _missing_message,
-    _weights_label,
+    entry_file,
+    missing_message,
     torchvision_models,
+    weights_entry,
+    weights_label,
 )
-from pixelray.models.wrapper import IMAGENET_MEAN, IMAGENET_STD, Classifier, _triple, tiny
+from pixelray.models.wrapper import IMAGENET_MEAN, IMAGENET_STD, Classifier, tiny, triple
 
 
 @contextmanager
@@ -41,13 +41,13 @@ def _check_loadable(name: str, label: str, path: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - unpickling, truncation, wrong format
         raise WeightsMissingError(
             f"{name} weights '{label}' in {path} cannot be read as a weights-only state_dict "
-            f"({_first_line(exc)}); delete it and run `pixelray weights download {name}`"
+            f"({first_line(exc)}); delete it and run `pixelray weights download {name}`"
         ) from exc
 
 
-def _load_torchvision(name: str, kind: Weights | str, num_classes: int | None, init_seed: int) -> Classifier:
-    entry = _entry(name, kind)
-    label = _weights_label(kind)
+def load_torchvision(name: str, kind: Weights | str, num_classes: int | None, init_seed: int) -> Classifier:
+    entry = weights_entry(name, kind)
+    label = weights_label(kind)
     meta_entry = entry if entry is not None else torchvision.models.get_model_weights(name).DEFAULT
     transform = meta_entry.transforms()
     builder = torchvision.models.get_model_builder(name)
@@ -64,9 +64,9 @@ def _load_torchvision(name: str, kind: Weights | str, num_classes: int | None, i
                 f"num_classes: {num_classes} does not match the {classes} classes of {name} "
                 f"weights '{label}'; leave num_classes unset, or use weights='none' for a new head"
             )
-        path = _entry_file(entry)
+        path = entry_file(entry)
         if not path.is_file():
-            raise WeightsMissingError(_missing_message(name, label, path))
+            raise WeightsMissingError(missing_message(name, label, path))
         _check_loadable(name, label, path)
         # The file is present, so torchvision's loader reads it from the cache (no network),
         # and applies its own key fixes (e.g. DenseNet's old-style names).
@@ -108,7 +108,7 @@ def _head_size(net: nn.Module) -> int | None:
     return linears[-1].out_features if linears else None
 
 
-def _load_factory(spec: str, num_classes: int | None, init_seed: int) -> Classifier:
+def load_factory(spec: str, num_classes: int | None, init_seed: int) -> Classifier:
     factory = _import_factory(spec)
     pass_classes = num_classes is not None and _accepts_num_classes(factory)
     with _seeded(init_seed):
@@ -127,11 +127,11 @@ def _load_factory(spec: str, num_classes: int | None, init_seed: int) -> Classif
     if not isinstance(classes, int) or isinstance(classes, bool):
         raise ValueError(f"num_classes: cannot tell how many classes {spec} predicts; pass num_classes "
                          "or give the module a num_classes attribute")
-    return Classifier(net, name=spec.rsplit(":", 1)[1], num_classes=classes, mean=_triple("mean", mean),
-                      std=_triple("std", std, positive=True), weights="factory", source=f"factory:{spec}")
+    return Classifier(net, name=spec.rsplit(":", 1)[1], num_classes=classes, mean=triple("mean", mean),
+                      std=triple("std", std, positive=True), weights="factory", source=f"factory:{spec}")
 
 
-def _build_net(base: str, num_classes: int, init_seed: int) -> nn.Module:
+def build_net(base: str, num_classes: int, init_seed: int) -> nn.Module:
     """A randomly initialised network of built-in architecture ``base`` (a checkpoint's skeleton).
 
     Only torchvision names and ``tiny``: a checkpoint never makes pixelray import or call code.
@@ -139,20 +139,20 @@ def _build_net(base: str, num_classes: int, init_seed: int) -> nn.Module:
     if base == "tiny":
         with _seeded(init_seed):
             return tiny(num_classes)
-    if _is_builtin(base):
-        return _load_torchvision(base, Weights.NONE, num_classes, init_seed).net
-    raise ValueError(f"base: {base!r} is not a built-in architecture ({_BUILTIN_HINT})")
+    if is_builtin(base):
+        return load_torchvision(base, Weights.NONE, num_classes, init_seed).net
+    raise ValueError(f"base: {base!r} is not a built-in architecture ({BUILTIN_HINT})")
 
 
-_BUILTIN_HINT = "a torchvision classification model name or 'tiny'"
+BUILTIN_HINT = "a torchvision classification model name or 'tiny'"
 
 
-def _is_builtin(base: str) -> bool:
+def is_builtin(base: str) -> bool:
     """True for an architecture pixelray builds itself (torchvision names, tiny); never imports anything."""
     return base == "tiny" or base in torchvision_models()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """An exception's message on one line (torch's unpickling errors run to a page)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]

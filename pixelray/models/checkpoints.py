@@ -14,9 +14,9 @@ import torch
 import torchvision
 from torch import nn
 
-from pixelray.models.build import _BUILTIN_HINT, _build_net, _first_line, _is_builtin
-from pixelray.models.registry import _CHECKPOINT_PREFIX, _kind, _known_names
-from pixelray.models.wrapper import Classifier, LabelMap, _triple
+from pixelray.models.build import BUILTIN_HINT, build_net, first_line, is_builtin
+from pixelray.models.registry import CHECKPOINT_PREFIX, known_names, spec_kind
+from pixelray.models.wrapper import Classifier, LabelMap, triple
 from pixelray.store.atomic import write_atomic
 
 _SIDECAR_FORMAT = "pixelray.checkpoint"
@@ -74,11 +74,11 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
         if key not in meta:
             raise ValueError(f"checkpoint: sidecar {side} lacks {key!r}; it needs base, num_classes, "
                              "mean and std")
-    if not isinstance(meta["base"], str) or not _is_builtin(meta["base"]):
-        close = difflib.get_close_matches(str(meta["base"]).lower(), _known_names(), n=3, cutoff=0.6)
+    if not isinstance(meta["base"], str) or not is_builtin(meta["base"]):
+        close = difflib.get_close_matches(str(meta["base"]).lower(), known_names(), n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(f"checkpoint: sidecar {side}: base {meta['base']!r} is not a built-in architecture{hint} "
-                         f"({_BUILTIN_HINT}); a file never names code to run: for an architecture of your own, "
+                         f"({BUILTIN_HINT}); a file never names code to run: for an architecture of your own, "
                          "load the weights in your own 'module.path:factory' named in the config")
     classes = meta["num_classes"]
     if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
@@ -88,8 +88,8 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
     if meta.get("label_map") is not None:
         _check_label_map(meta["label_map"], classes, side)
     try:
-        meta["mean"] = _triple("mean", meta["mean"])
-        meta["std"] = _triple("std", meta["std"], positive=True)
+        meta["mean"] = triple("mean", meta["mean"])
+        meta["std"] = triple("std", meta["std"], positive=True)
     except ValueError as exc:
         raise ValueError(f"checkpoint: sidecar {side}: {exc}") from None
     meta["_sidecar"] = str(side)
@@ -137,8 +137,8 @@ def _strip_wrappers(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _load_checkpoint(spec: str, num_classes: int | None, init_seed: int) -> Classifier:
-    path = checkpoint_file(spec[len(_CHECKPOINT_PREFIX):])
+def load_checkpoint(spec: str, num_classes: int | None, init_seed: int) -> Classifier:
+    path = checkpoint_file(spec[len(CHECKPOINT_PREFIX):])
     if not path.is_file():
         raise ValueError(f"checkpoint: {path} does not exist or is not a file; check the path in {spec!r}")
     meta = _read_sidecar(path)
@@ -153,11 +153,11 @@ def _load_checkpoint(spec: str, num_classes: int | None, init_seed: int) -> Clas
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
-        raise ValueError(f"checkpoint: {path} is not a weights-only state_dict ({_first_line(exc)}); save it "
+        raise ValueError(f"checkpoint: {path} is not a weights-only state_dict ({first_line(exc)}); save it "
                          "with save_checkpoint (torch.save of a state_dict)") from exc
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint: {path} holds {type(state).__name__}, not a state_dict of tensors")
-    net = _build_net(meta["base"], meta["num_classes"], init_seed)
+    net = build_net(meta["base"], meta["num_classes"], init_seed)
     try:
         net.load_state_dict(_strip_wrappers(dict(state)))
     except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
@@ -210,10 +210,10 @@ def save_checkpoint(
     """
     if not isinstance(model, Classifier):
         raise ValueError(f"model: {type(model).__name__} is not a Classifier; wrap it or use load_model")
-    if _kind(base) == "checkpoint":
+    if spec_kind(base) == "checkpoint":
         raise ValueError(f"base: {base!r} is a checkpoint; name the architecture (e.g. {model.name!r})")
-    if not _is_builtin(base):
-        raise ValueError(f"base: {base!r} is not a built-in architecture ({_BUILTIN_HINT}); a checkpoint may "
+    if not is_builtin(base):
+        raise ValueError(f"base: {base!r} is not a built-in architecture ({BUILTIN_HINT}); a checkpoint may "
                          "not name code to run, so save user architectures' state_dicts yourself")
     path = Path(path).expanduser()
     if path.suffix == ".json":

@@ -15,11 +15,11 @@ import torch
 from pixelray.models.registry import (
     Weights,
     WeightsDownloadError,
-    _entry,
-    _entry_file,
-    _parse_weights,
-    _torchvision_name,
-    _weights_label,
+    entry_file,
+    parse_weights,
+    torchvision_name,
+    weights_entry,
+    weights_label,
 )
 
 
@@ -78,11 +78,11 @@ def download_weights(
     Raises:
         WeightsDownloadError: the host is unreachable or the download failed.
     """
-    kind = _parse_weights(weights)
-    entry = _entry(_torchvision_name(name), kind)
+    kind = parse_weights(weights)
+    entry = weights_entry(torchvision_name(name), kind)
     if entry is None:
         raise ValueError(f"weights: 'none' has no file to download; use 'imagenet' or 'default' for {name}")
-    path = _entry_file(entry)
+    path = entry_file(entry)
     if path.is_file():
         return path
     host, port = _endpoint(entry.url)
@@ -90,7 +90,7 @@ def download_weights(
     if reason is not None:
         raise WeightsDownloadError(
             f"cannot reach {host}:{port} to download {path.name} ({reason}); no internet here? "
-            f"Run `pixelray weights download {name} --weights {_weights_label(kind).lower()}` on a "
+            f"Run `pixelray weights download {name} --weights {weights_label(kind).lower()}` on a "
             f"machine with internet and copy {path.name} into $TORCH_HOME/hub/checkpoints ({path.parent})"
         )
     path.parent.mkdir(parents=True, exist_ok=True)

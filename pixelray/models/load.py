@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pixelray.models.build import _build_net, _load_factory, _load_torchvision
-from pixelray.models.checkpoints import _load_checkpoint
-from pixelray.models.registry import Weights, _kind, _parse_weights, _weights_label
+from pixelray.models.build import build_net, load_factory, load_torchvision
+from pixelray.models.checkpoints import load_checkpoint
+from pixelray.models.registry import Weights, parse_weights, spec_kind, weights_label
 from pixelray.models.wrapper import Classifier
 
 
@@ -33,26 +33,26 @@ def load_model(
         ValueError: a bad spec, weights name, num_classes, or a missing or malformed checkpoint.
         WeightsMissingError: pretrained weights are not in the torch hub cache (no download is tried).
     """
-    kind = _kind(spec)
-    parsed = _parse_weights(weights)
+    kind = spec_kind(spec)
+    parsed = parse_weights(weights)
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or num_classes < 1):
         raise ValueError(f"num_classes: {num_classes!r} is invalid; it must be an integer >= 1 or None")
     if isinstance(init_seed, bool) or not isinstance(init_seed, int) or not 0 <= init_seed < 2**63:
         raise ValueError(f"init_seed: {init_seed!r} is invalid; it must be an integer in 0..2**63-1")
     if kind == "torchvision":
-        model = _load_torchvision(spec, parsed, num_classes, init_seed)
+        model = load_torchvision(spec, parsed, num_classes, init_seed)
     elif kind == "tiny":
         if parsed is not Weights.NONE:
-            raise ValueError(f"weights: tiny has no pretrained {_weights_label(parsed)!r} weights; use "
+            raise ValueError(f"weights: tiny has no pretrained {weights_label(parsed)!r} weights; use "
                              "weights='none' (random init) or a trained 'checkpoint:PATH'")
         classes = 10 if num_classes is None else num_classes
-        model = Classifier(_build_net("tiny", classes, init_seed), name="tiny", num_classes=classes,
+        model = Classifier(build_net("tiny", classes, init_seed), name="tiny", num_classes=classes,
                            weights="none", source=f"tiny random init (seed {init_seed})")
     elif kind == "checkpoint":
-        model = _load_checkpoint(spec, num_classes, init_seed)
+        model = load_checkpoint(spec, num_classes, init_seed)
     else:
-        model = _load_factory(spec, num_classes, init_seed)
+        model = load_factory(spec, num_classes, init_seed)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -20,7 +20,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "paper": ("resnet101", "densenet121", "vgg16", "alexnet", "squeezenet1_1"),
 }
 
-_CHECKPOINT_PREFIX = "checkpoint:"
+CHECKPOINT_PREFIX = "checkpoint:"
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _ENTRY_RE = re.compile(r"^[A-Z][A-Z0-9]*(_[A-Z0-9]+)*_V[0-9]+$")  # torchvision entry names: IMAGENET1K_V2
 
@@ -49,7 +49,7 @@ def torchvision_models() -> tuple[str, ...]:
     return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
 
 
-def _known_names() -> list[str]:
+def known_names() -> list[str]:
     return [*torchvision_models(), "tiny"]
 
 
@@ -57,7 +57,7 @@ def _unknown_model(spec: str) -> ValueError:
     if spec in PRESETS:
         return ValueError(f"model: {spec!r} is a preset, not a model; expand it with resolve_models "
                           f"({', '.join(PRESETS[spec])})")
-    close = difflib.get_close_matches(spec.lower(), _known_names(), n=5, cutoff=0.6)
+    close = difflib.get_close_matches(spec.lower(), known_names(), n=5, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     return ValueError(
         f"model: {spec!r} is unknown; {hint}use a torchvision classification model name "
@@ -65,13 +65,13 @@ def _unknown_model(spec: str) -> ValueError:
     )
 
 
-def _kind(spec: str) -> str:
+def spec_kind(spec: str) -> str:
     """Which form a model spec has: torchvision, tiny, checkpoint or factory."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"model: {spec!r} is not a model spec; use a model name, "
                          "'checkpoint:PATH' or 'module.path:factory'")
-    if spec.startswith(_CHECKPOINT_PREFIX):
-        if not spec[len(_CHECKPOINT_PREFIX):].strip():
+    if spec.startswith(CHECKPOINT_PREFIX):
+        if not spec[len(CHECKPOINT_PREFIX):].strip():
             raise ValueError(f"model: {spec!r} names no file; use 'checkpoint:PATH'")
         return "checkpoint"
     if spec == "tiny":
@@ -95,7 +95,7 @@ def resolve_models(names_or_preset: Sequence[str] | str) -> list[str]:
     out: list[str] = []
     for item in items:
         for spec in PRESETS.get(item, (item,)) if isinstance(item, str) else (item,):
-            _kind(spec)
+            spec_kind(spec)
             if spec not in out:
                 out.append(spec)
     if not out:
@@ -107,7 +107,7 @@ def resolve_models(names_or_preset: Sequence[str] | str) -> list[str]:
 # ---------------------------------------------------------------------------- weights
 
 
-def _parse_weights(weights: str | Weights | None) -> Weights | str:
+def parse_weights(weights: str | Weights | None) -> Weights | str:
     """A :class:`Weights` member, or an explicit torchvision entry name (checked per model)."""
     if weights is None:
         return Weights.NONE
@@ -125,7 +125,7 @@ def _parse_weights(weights: str | Weights | None) -> Weights | str:
     )
 
 
-def _weights_label(weights: Weights | str) -> str:
+def weights_label(weights: Weights | str) -> str:
     return weights.value if isinstance(weights, Weights) else weights
 
 
@@ -136,15 +136,15 @@ def check_weights_entry(weights: str | Weights | None, names: Sequence[str]) -> 
     Nothing is loaded or read. Raises ValueError for a malformed name, or naming the model
     and the entries it has.
     """
-    kind = _parse_weights(weights)
+    kind = parse_weights(weights)
     if not isinstance(kind, Weights):
         for name in names:
-            if _kind(name) == "torchvision":
-                _entry(name, kind)
-    return _weights_label(kind)
+            if spec_kind(name) == "torchvision":
+                weights_entry(name, kind)
+    return weights_label(kind)
 
 
-def _entry(name: str, weights: Weights | str) -> Any:
+def weights_entry(name: str, weights: Weights | str) -> Any:
     """The torchvision weights enum entry for a model, or None for random init."""
     if weights is Weights.NONE:
         return None
@@ -161,8 +161,8 @@ def _entry(name: str, weights: Weights | str) -> Any:
     )
 
 
-def _torchvision_name(name: str) -> str:
-    if _kind(name) != "torchvision":
+def torchvision_name(name: str) -> str:
+    if spec_kind(name) != "torchvision":
         raise ValueError(f"model: {name!r} is not a torchvision model; pretrained weights exist only "
                          "for torchvision classification models")
     return name
@@ -172,7 +172,7 @@ def _cache_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _entry_file(entry: Any) -> Path:
+def entry_file(entry: Any) -> Path:
     return _cache_dir() / os.path.basename(urlparse(entry.url).path)
 
 
@@ -181,10 +181,10 @@ def weights_file(name: str, weights: str | Weights = "imagenet") -> Path:
 
     The file name is the one in torchvision's enum URL (e.g. ``resnet101-63fe2227.pth``).
     """
-    entry = _entry(_torchvision_name(name), _parse_weights(weights))
+    entry = weights_entry(torchvision_name(name), parse_weights(weights))
     if entry is None:
         raise ValueError(f"weights: 'none' has no file; use 'imagenet' or 'default' for {name}")
-    return _entry_file(entry)
+    return entry_file(entry)
 
 
 def cached_weights(
@@ -200,23 +200,23 @@ def cached_weights(
             is skipped.
     """
     models = torchvision_models() if names is None else resolve_models(names)
-    kinds = [_parse_weights(w) for w in weights]
+    kinds = [parse_weights(w) for w in weights]
     rows = []
     for name in models:
-        if _kind(name) != "torchvision":
+        if spec_kind(name) != "torchvision":
             continue
         for kind in kinds:
             if kind is Weights.NONE:
                 continue
             try:
-                path = _entry_file(_entry(name, kind))
+                path = entry_file(weights_entry(name, kind))
             except ValueError:
                 continue
-            rows.append((name, _weights_label(kind), path, path.is_file()))
+            rows.append((name, weights_label(kind), path, path.is_file()))
     return rows
 
 
-def _missing_message(name: str, label: str, path: Path) -> str:
+def missing_message(name: str, label: str, path: Path) -> str:
     return (
         f"{name} weights '{label}' are not in the torch hub cache: expected {path}. "
         f"Fix: run `pixelray weights download {name} --weights {label.lower()}` on a machine with "
@@ -230,22 +230,22 @@ def require_weights(names: Sequence[str] | str, weights: str | Weights = "imagen
 
     A cheap preflight for a sweep: it only looks at files. Non-torchvision specs are skipped.
     """
-    kind = _parse_weights(weights)
+    kind = parse_weights(weights)
     if kind is Weights.NONE:
         return
     missing = [
         (name, path)
         for name in resolve_models(names)
-        if _kind(name) == "torchvision"
-        for path in [_entry_file(_entry(name, kind))]
+        if spec_kind(name) == "torchvision"
+        for path in [entry_file(weights_entry(name, kind))]
         if not path.is_file()
     ]
     if len(missing) == 1:
-        raise WeightsMissingError(_missing_message(missing[0][0], _weights_label(kind), missing[0][1]))
+        raise WeightsMissingError(missing_message(missing[0][0], weights_label(kind), missing[0][1]))
     if missing:
         raise WeightsMissingError(
             f"{len(missing)} weights files are not in the torch hub cache ({missing[0][1].parent}): "
             f"{', '.join(p.name for _, p in missing)}. Fix: run `pixelray weights download "
-            f"{' '.join(n for n, _ in missing)} --weights {_weights_label(kind).lower()}` on a machine "
+            f"{' '.join(n for n, _ in missing)} --weights {weights_label(kind).lower()}` on a machine "
             "with internet and copy the files into $TORCH_HOME/hub/checkpoints here"
         )

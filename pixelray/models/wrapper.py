@@ -15,7 +15,7 @@ _RANGE_TOL = 1e-6
 
 
 
-def _triple(field: str, value: Any, *, positive: bool = False) -> tuple[float, float, float]:
+def triple(field: str, value: Any, *, positive: bool = False) -> tuple[float, float, float]:
     """Three floats (one per RGB channel) from a tuple, list or tensor, checked."""
     try:
         items = value.tolist() if isinstance(value, torch.Tensor) else list(value)
@@ -69,8 +69,8 @@ class Classifier(nn.Module):
         self.net = net
         self.name = str(name)
         self.num_classes = num_classes
-        self.mean = _triple("mean", mean)
-        self.std = _triple("std", std, positive=True)
+        self.mean = triple("mean", mean)
+        self.std = triple("std", std, positive=True)
         self.weights = str(weights)
         self.source = str(source)
         self.metadata = dict(metadata or {})

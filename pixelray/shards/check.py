@@ -11,17 +11,17 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pixelray.shards.format import (
-    _COLUMNS,
-    _MAX_ROWS_LISTED,
+    COLUMNS,
     MANIFEST_NAME,
+    MAX_ROWS_LISTED,
     Manifest,
     ShardError,
     ShardExpectation,
     ShardInfo,
 )
-from pixelray.shards.paths import _resolve, load_manifest, shard_uri
-from pixelray.shards.read import _image_shape, _int_column, _one_line
-from pixelray.shards.write import _is_temp, _sha256_file
+from pixelray.shards.paths import load_manifest, resolve, shard_uri
+from pixelray.shards.read import image_shape, int_column, one_line
+from pixelray.shards.write import is_temp, sha256_file
 
 
 def _inspect(root: str, info: ShardInfo, manifest: Manifest) -> tuple[str | None, np.ndarray | None]:
@@ -30,27 +30,27 @@ def _inspect(root: str, info: ShardInfo, manifest: Manifest) -> tuple[str | None
         uri = shard_uri(root, info.file)
     except ShardError as exc:
         return str(exc), None
-    fs, path = _resolve(uri)
+    fs, path = resolve(uri)
     expect = ShardExpectation.of(manifest, info)
     try:
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             schema = pf.schema_arrow
-            missing = [c for c in _COLUMNS[:3] if c not in schema.names]
+            missing = [c for c in COLUMNS[:3] if c not in schema.names]
             if missing:
                 return f"{uri}: missing column(s) {', '.join(missing)} (columns: {', '.join(schema.names)})", None
-            shape = _image_shape(schema, uri)
+            shape = image_shape(schema, uri)
             table = pf.read(columns=["image_id", "label"])
     except ShardError as exc:
         return str(exc), None
     except FileNotFoundError:
         return f"{uri}: shard not found", None
     except (OSError, pa.ArrowException) as exc:
-        return (f"{uri}: unreadable Parquet ({_one_line(exc)}); the file is truncated or corrupt, re-run the "
+        return (f"{uri}: unreadable Parquet ({one_line(exc)}); the file is truncated or corrupt, re-run the "
                 "conversion or check the copy"), None
     try:
-        ids = _int_column(table, "image_id", uri)
-        labels = _int_column(table, "label", uri)
+        ids = int_column(table, "image_id", uri)
+        labels = int_column(table, "label", uri)
     except ShardError as exc:
         return str(exc), None
     problems = expect.mismatches(uri, rows=table.num_rows, shape=shape, ids=ids, labels=labels)
@@ -91,8 +91,8 @@ def check_shards(root: str, manifest: Manifest | None = None, threads: int = 8) 
 
 
 def _rows_text(rows: np.ndarray) -> str:
-    shown = ", ".join(str(int(r)) for r in rows[:_MAX_ROWS_LISTED])
-    more = f" and {len(rows) - _MAX_ROWS_LISTED} more" if len(rows) > _MAX_ROWS_LISTED else ""
+    shown = ", ".join(str(int(r)) for r in rows[:MAX_ROWS_LISTED])
+    more = f" and {len(rows) - MAX_ROWS_LISTED} more" if len(rows) > MAX_ROWS_LISTED else ""
     return f"row{'s' if len(rows) > 1 else ''} {shown}{more}"
 
 
@@ -103,12 +103,12 @@ def _check_shard(root: str, info: ShardInfo, manifest: Manifest, fs: pafs.FileSy
         uri = shard_uri(root, info.file)
     except ShardError as exc:
         return [str(exc)], None
-    path = _resolve(uri)[1]
+    path = resolve(uri)[1]
     name = info.file
     problems: list[str] = []
     if fs.get_file_info(path).type != pafs.FileType.File:
         return [f"{name}: listed in {MANIFEST_NAME} but missing"], None
-    digest = _sha256_file(fs, path)
+    digest = sha256_file(fs, path)
     if digest != info.sha256:
         problems.append(f"{name}: checksum mismatch (sha256 {digest[:12]}... differs from the manifest's "
                         f"{info.sha256[:12]}...); the file changed after conversion or is corrupt")
@@ -121,7 +121,7 @@ def _check_shard(root: str, info: ShardInfo, manifest: Manifest, fs: pafs.FileSy
         problems.append(f"{name}: unreadable Parquet ({exc}); the file is truncated or corrupt, "
                         "re-run the conversion")
         return problems, None
-    missing = [c for c in _COLUMNS if c not in schema.names]
+    missing = [c for c in COLUMNS if c not in schema.names]
     if missing:
         problems.append(f"{name}: missing column(s) {', '.join(missing)} (columns: {', '.join(schema.names)})")
     expected = {"image_id": pa.int64(), "label": pa.int16(), "source": pa.string()}
@@ -130,7 +130,7 @@ def _check_shard(root: str, info: ShardInfo, manifest: Manifest, fs: pafs.FileSy
             problems.append(f"{name}: column '{col}' is {schema.field(col).type}; expected {typ}")
     if "image" in schema.names:
         try:
-            shape = _image_shape(schema, name)
+            shape = image_shape(schema, name)
             if shape != manifest.image_shape:
                 problems.append(f"{name}: image shape {'x'.join(map(str, shape))} differs from the "
                                 f"manifest's {'x'.join(map(str, manifest.image_shape))}")
@@ -173,7 +173,7 @@ def check_dataset(root: str) -> list[str]:
         manifest = load_manifest(root)
     except ShardError as exc:
         return [str(exc)]
-    fs, root_path = _resolve(root)
+    fs, root_path = resolve(root)
     problems: list[str] = []
     id_arrays: list[tuple[str, np.ndarray]] = []
     for info in manifest.shards:
@@ -190,7 +190,7 @@ def check_dataset(root: str) -> list[str]:
         dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1]) + 1
         reported = 0
         for pos in dup:
-            if reported == _MAX_ROWS_LISTED:
+            if reported == MAX_ROWS_LISTED:
                 problems.append(f"... and {len(dup) - reported} more duplicate image_ids")
                 break
             first, other = order[pos - 1], order[pos]
@@ -205,7 +205,7 @@ def check_dataset(root: str) -> list[str]:
             base = posixpath.basename(entry.path.replace("\\", "/"))
             if base.endswith(".parquet") and base not in listed:
                 problems.append(f"{base}: not listed in {MANIFEST_NAME}; remove it or re-run the conversion")
-            elif _is_temp(base):
+            elif is_temp(base):
                 problems.append(f"{base}: leftover temporary file from an interrupted run; delete it")
     except OSError:
         pass  # listing is optional (some object stores forbid it)

@@ -18,10 +18,10 @@ FORMAT = "pixelray-shards"
 #: Version of the layout written here; readers accept this version.
 FORMAT_VERSION = 1
 #: Parquet key-value metadata key holding the image shape (``"H,W,3"``).
-_SHAPE_KEY = b"pixelray.image_shape"
-_COLUMNS = ("image_id", "label", "image", "source")
-_MAX_ROWS_LISTED = 5  # row-level problems listed per file and kind before "... and N more"
-_HASH_BLOCK = 8 << 20
+SHAPE_KEY = b"pixelray.image_shape"
+COLUMNS = ("image_id", "label", "image", "source")
+MAX_ROWS_LISTED = 5  # row-level problems listed per file and kind before "... and N more"
+HASH_BLOCK = 8 << 20
 
 class ShardError(ValueError):
     """A shard or manifest that cannot be read or is invalid; the message names the file."""

@@ -13,7 +13,7 @@ from pixelray.shards.format import MANIFEST_NAME, Manifest, ShardError
 from pixelray.store.storage import join_uri
 
 
-def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or a pyarrow filesystem URI."""
     uri = os.fspath(uri)
     if "://" in uri:
@@ -31,7 +31,7 @@ def _join(root: str, name: str) -> str:
 def load_manifest(root: str) -> Manifest:
     """Read and validate ``manifest.json`` of the data set at ``root`` (local dir or URI)."""
     where = _join(root, MANIFEST_NAME)
-    fs, path = _resolve(where)
+    fs, path = resolve(where)
     try:
         with fs.open_input_stream(path) as f:
             text = f.read().decode("utf-8")
@@ -44,13 +44,13 @@ def load_manifest(root: str) -> Manifest:
 
 
 def _resolve_root(root: str) -> tuple[pafs.FileSystem, str]:
-    """:func:`_resolve` of a data set root; a URI's once per process (an object store's client is not free)."""
-    return _resolve_uri_root(root) if "://" in root else _resolve(root)
+    """:func:`resolve` of a data set root; a URI's once per process (an object store's client is not free)."""
+    return _resolve_uri_root(root) if "://" in root else resolve(root)
 
 
 @functools.lru_cache(maxsize=64)
 def _resolve_uri_root(root: str) -> tuple[pafs.FileSystem, str]:
-    return _resolve(root)
+    return resolve(root)
 
 
 def _normal(path: str) -> str:
@@ -65,7 +65,7 @@ def shard_uri(root: str, file: str) -> str:
     """
     uri = _join(root, file)
     fs_root, root_path = _resolve_root(os.fspath(root))
-    fs, path = _resolve(uri)
+    fs, path = resolve(uri)
     inside = _normal(root_path).rstrip("/") + "/"
     if type(fs) is not type(fs_root) or not _normal(path).startswith(inside):
         raise ShardError(f"{file}: resolves to {_normal(path)}, outside the data set root {_normal(root_path)}; "

@@ -12,8 +12,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from pixelray.shards.format import _SHAPE_KEY, ShardBatch, ShardError, ShardExpectation
-from pixelray.shards.paths import _resolve
+from pixelray.shards.format import SHAPE_KEY, ShardBatch, ShardError, ShardExpectation
+from pixelray.shards.paths import resolve
 
 _reads = threading.local()  # read_shard calls per thread (see read_count)
 
@@ -29,7 +29,7 @@ def read_count() -> int:
 
 
 
-def _image_shape(schema: pa.Schema, where: str) -> tuple[int, int, int]:
+def image_shape(schema: pa.Schema, where: str) -> tuple[int, int, int]:
     """(H, W, 3) of the ``image`` column, from its type or the file's metadata."""
     idx = schema.get_field_index("image")
     if idx < 0:
@@ -45,13 +45,13 @@ def _image_shape(schema: pa.Schema, where: str) -> tuple[int, int, int]:
         return shape  # type: ignore[return-value]
     if pa.types.is_fixed_size_binary(typ):
         meta = schema.metadata or {}
-        if _SHAPE_KEY in meta:
+        if SHAPE_KEY in meta:
             try:
-                shape = tuple(int(x) for x in meta[_SHAPE_KEY].decode().split(","))
+                shape = tuple(int(x) for x in meta[SHAPE_KEY].decode().split(","))
             except ValueError:
                 shape = ()
             if len(shape) != 3 or shape[2] != 3 or shape[0] * shape[1] * 3 != typ.byte_width:
-                raise ShardError(f"{where}: image shape metadata {meta[_SHAPE_KEY]!r} does not match "
+                raise ShardError(f"{where}: image shape metadata {meta[SHAPE_KEY]!r} does not match "
                                  f"{typ.byte_width} bytes per image")
             return shape  # type: ignore[return-value]
         side = int(round((typ.byte_width / 3) ** 0.5))
@@ -105,7 +105,7 @@ def _gather(views: list[torch.Tensor], keep: np.ndarray | None, shape: tuple[int
     return out
 
 
-def _int_column(table: pa.Table, name: str, where: str) -> np.ndarray:
+def int_column(table: pa.Table, name: str, where: str) -> np.ndarray:
     col = table.column(name)
     if not pa.types.is_integer(col.type):
         raise ShardError(f"{where}: column '{name}' is {col.type}; expected an integer type")
@@ -120,7 +120,7 @@ def read_labels(uri: str) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         ShardError: the file is missing, unreadable or lacks the columns.
     """
-    fs, path = _resolve(uri)
+    fs, path = resolve(uri)
     try:
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
@@ -133,11 +133,11 @@ def read_labels(uri: str) -> tuple[np.ndarray, np.ndarray]:
     except FileNotFoundError:
         raise ShardError(f"{uri}: shard not found") from None
     except (OSError, pa.ArrowException) as exc:
-        raise ShardError(f"{uri}: unreadable Parquet ({_one_line(exc)}); the file is truncated or corrupt") from None
-    return _int_column(table, "image_id", uri), _int_column(table, "label", uri)
+        raise ShardError(f"{uri}: unreadable Parquet ({one_line(exc)}); the file is truncated or corrupt") from None
+    return int_column(table, "image_id", uri), int_column(table, "label", uri)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
@@ -178,7 +178,7 @@ def read_shard(
             ``.to("cuda", non_blocking=True)`` copy is asynchronous.
     """
     _reads.n = read_count() + 1
-    fs, path = _resolve(uri)
+    fs, path = resolve(uri)
     columns = ["image_id", "label", "image"]
     try:
         with _open_for_read(fs, path, uri, expect.sha256 if expect else None) as f:
@@ -188,8 +188,8 @@ def read_shard(
             if missing:
                 raise ShardError(f"{uri}: missing column(s) {', '.join(missing)} "
                                  f"(columns: {', '.join(schema.names)})")
-            shape = _image_shape(schema, uri)
-            all_ids = _int_column(pf.read(columns=["image_id"]), "image_id", uri)
+            shape = image_shape(schema, uri)
+            all_ids = int_column(pf.read(columns=["image_id"]), "image_id", uri)
             if expect is not None:
                 problems = expect.mismatches(uri, rows=pf.metadata.num_rows, shape=shape, ids=all_ids)
                 if problems:
@@ -215,10 +215,10 @@ def read_shard(
     except FileNotFoundError:
         raise ShardError(f"{uri}: shard not found") from None
     except (OSError, pa.ArrowException) as exc:
-        raise ShardError(f"{uri}: unreadable Parquet ({_one_line(exc)}); the file is truncated or corrupt, "
+        raise ShardError(f"{uri}: unreadable Parquet ({one_line(exc)}); the file is truncated or corrupt, "
                          "re-run the conversion or check the copy") from None
-    ids = _int_column(table, "image_id", uri)
-    labels = _int_column(table, "label", uri)
+    ids = int_column(table, "image_id", uri)
+    labels = int_column(table, "label", uri)
     if expect is not None:
         problems = expect.mismatches(uri, labels=labels)
         if problems:

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pixelray.core.check import check_int
-from pixelray.shards.format import _HASH_BLOCK, _SHAPE_KEY, MANIFEST_NAME, Manifest, ShardInfo
+from pixelray.shards.format import HASH_BLOCK, MANIFEST_NAME, SHAPE_KEY, Manifest, ShardInfo
 from pixelray.store.atomic import TMP_GLOB, write_bytes_atomic
 
 
@@ -25,15 +25,15 @@ def _as_numpy(value: Any, name: str) -> np.ndarray:
     return np.asarray(value)
 
 
-def _is_temp(name: str) -> bool:
+def is_temp(name: str) -> bool:
     """A temporary file of an atomic write (this version's ``.NAME.tmp-XXXX`` or the older ``.NAME.PID.tmp``)."""
     return fnmatch.fnmatch(name, TMP_GLOB) or (name.startswith(".") and name.endswith(".tmp"))
 
 
-def _sha256_file(fs: pafs.FileSystem, path: str) -> str:
+def sha256_file(fs: pafs.FileSystem, path: str) -> str:
     digest = hashlib.sha256()
     with fs.open_input_stream(path) as f:
-        while block := f.read(_HASH_BLOCK):
+        while block := f.read(HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()
 
@@ -207,7 +207,7 @@ class ShardWriter:
             if os.path.exists(path):
                 os.remove(path)
         for name in os.listdir(self.out_dir) if os.path.isdir(self.out_dir) else ():
-            if _is_temp(name):
+            if is_temp(name):
                 os.remove(os.path.join(self.out_dir, name))
         self._written, self._shards, self._manifest = [], [], None
         if self._created_dir and os.path.isdir(self.out_dir) and not os.listdir(self.out_dir):
@@ -239,7 +239,7 @@ class ShardWriter:
                 "image": pa.FixedSizeBinaryArray.from_buffers(pa.binary(row_bytes), n, [None, pixels]),
                 "source": pa.array(self._buf_sources, pa.string()),
             }
-        ).replace_schema_metadata({_SHAPE_KEY: f"{self.height},{self.width},3".encode()})
+        ).replace_schema_metadata({SHAPE_KEY: f"{self.height},{self.width},3".encode()})
         sink = pa.BufferOutputStream()
         pq.write_table(
             table,

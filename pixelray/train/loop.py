@@ -4,7 +4,7 @@ Each worker reads its share of the training and held-out images (see ``pixelray.
 onto its device, builds the starting model with its head (:func:`build_model`), wraps it
 with ``ray.train.torch.prepare_model`` (DDP when there are several workers) and trains:
 per step, the augmentation runs on the device on the step's batch
-(:func:`pixelray.train.augment.augment_batch`), then forward, loss, backward, optimiser step;
+(:func:`pixelray.core.augment.augment_batch`), then forward, loss, backward, optimiser step;
 nothing waits for the host inside an epoch. After each epoch the held-out images are
 scored clean and under the run's pixel change (each worker its share, the counts summed
 over the workers), and rank 0 saves a checkpoint (model, optimiser, epoch, the table of
@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from pixelray.config.train import FineTune, Head, Optimizer
+from pixelray.core.augment import augment_batch, epoch_seed
 from pixelray.core.spec import Cell
 from pixelray.cpu_memory import use_huge_pages
 from pixelray.models import Classifier, LabelMap, load_model
-from pixelray.train.augment import augment_batch, epoch_seed
 from pixelray.train.data import DataPlan, read_share
 
 __all__ = ["CHECKPOINT_HISTORY", "CHECKPOINT_STATE", "LoopConfig", "ModelShape", "build_model",
