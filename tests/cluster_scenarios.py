@@ -5,8 +5,9 @@ Ray), as ``python tests/cluster_scenarios.py SCENARIO DATA OUT MODEL...``; print
 GPUs are logical (``num_gpus`` of a node); the workers compute on CPU
 (``PIXELRAY_DEVICE_OVERRIDE=cpu``), so the scheduling is the real one without a GPU.
 
-- ``grow``: the cluster starts with no GPU; two 1-GPU nodes join while the sweep waits.
-- ``stuck``: ``gpus = 4`` on two 1-GPU nodes that cannot grow: the sweep must stop in time.
+- ``grow-then-stuck``: the cluster starts with no GPU; two 1-GPU nodes join while the sweep waits
+  (grow); then, on the same cluster, ``gpus = 4`` on those two nodes that cannot grow: the sweep
+  must stop in time (stuck).
 - ``node-loss``: the node holding the only worker is removed mid-sweep.
 """
 
@@ -67,31 +68,26 @@ def cells(out) -> list[dict]:
     return json.loads(df.to_json(orient="records"))
 
 
-def grow(data, out, models):
+def grow_then_stuck(data, out, models):
+    """``grow``, then ``stuck`` on the same cluster (one cluster start for both)."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     ray.init(address=cluster.address, log_to_driver=False)
-    thread, box = in_thread(config(data, models, out, device="cuda", gpus="all", placement_timeout=120))
+    thread, box = in_thread(config(data, models, out + "-grow", device="cuda", gpus="all", placement_timeout=120))
     time.sleep(4)  # the sweep has started and waits for a GPU
     started_waiting = "result" not in box and "error" not in box
     gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1).node_id for _ in range(2)]
     thread.join(600)
-    return {"started_waiting": started_waiting, "gpu_nodes": gpu_nodes, "error": box.get("error"),
-            "stats": box["result"].stats if "result" in box else None}
-
-
-def stuck(data, out, models):
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, num_gpus=1)
-    ray.init(address=cluster.address, log_to_driver=False)
+    grown = {"started_waiting": started_waiting, "gpu_nodes": gpu_nodes, "error": box.get("error"),
+             "stats": box["result"].stats if "result" in box else None}
+    # the same two 1-GPU nodes, which cannot grow, asked for four GPUs
     start = time.monotonic()
     try:
-        run_sweep(config(data, models, out, LONG_GRID, 600, device="cuda", gpus=4, placement_timeout=5),
+        run_sweep(config(data, models, out + "-stuck", LONG_GRID, 600, device="cuda", gpus=4, placement_timeout=5),
                   progress=False)
         error = None
     except SweepError as exc:
         error = str(exc)
-    return {"error": error, "seconds": time.monotonic() - start}
+    return {"grow": grown, "stuck": {"error": error, "seconds": time.monotonic() - start}}
 
 
 def node_loss(data, out, models):
@@ -120,6 +116,6 @@ def node_loss(data, out, models):
 
 if __name__ == "__main__":
     scenario, data, out, *models = sys.argv[1:]
-    run = {"grow": grow, "stuck": stuck, "node-loss": node_loss}[scenario]
+    run = {"grow-then-stuck": grow_then_stuck, "node-loss": node_loss}[scenario]
     print("RESULT " + json.dumps(run(data, out, models), default=str), flush=True)
     ray.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,15 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # as pixelray's CLI does for itself: huge pages for this process's large CPU tensors (faster, same bits);
 # tests/test_cpu_memory.py checks the workers and the CLI in processes without it
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+TESTS = Path(__file__).resolve().parent
+# The session's Ray workers (and every driver a test points at it) import what the tests define (toy
+# attacks, exact models) from tests/: Ray's processes inherit this environment when ray_local starts it.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(TESTS.parent), str(TESTS), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+# fake credentials for the tests' S3 server on 127.0.0.1 (tests/test_s3.py), for every Ray worker too
+os.environ.update({"AWS_ACCESS_KEY_ID": "pixelray-test", "AWS_SECRET_ACCESS_KEY": "pixelray-test",
+                   "AWS_EC2_METADATA_DISABLED": "true"})
 
 
 @pytest.fixture(scope="session")

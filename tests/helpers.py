@@ -23,6 +23,20 @@ def wait_for(predicate, timeout: float = 120.0) -> bool:
     return False
 
 
+def session_address(ray) -> str:
+    """The GCS address of the session's Ray (``ray_local``), for a driver in a subprocess to join it
+    (``pixelray sweep --address``) instead of starting a Ray of its own."""
+    return ray.get_runtime_context().gcs_address
+
+
+def sweep_command(config, ray=None, *args: str) -> list[str]:
+    """``python -m pixelray sweep CONFIG --no-progress``, joining the session's Ray when ``ray`` is given."""
+    import sys
+
+    cmd = [sys.executable, "-m", "pixelray", "sweep", str(config), "--no-progress", *args]
+    return cmd + (["--address", session_address(ray)] if ray is not None else [])
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct free loopback ports: all bound at once, so no two are the same port."""
     socks = [socket.socket() for _ in range(n)]

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import tomli_w
 import torch
 
+from pixelray.config.sweep import parse_config
 from pixelray.models import load_model
 from pixelray.shards import read_shard, shard_uris
+from pixelray.sweep import run_sweep
 
 TESTS = Path(__file__).resolve().parent
 
@@ -42,7 +40,10 @@ def expected_success(data, models, eps_k, shift):
 
 
 @pytest.mark.slow
-def test_a_toy_attack_runs_in_a_sweep_through_the_interface_alone(synthetic_dataset, tiny_checkpoints, tmp_path):
+def test_a_toy_attack_runs_in_a_sweep_through_the_interface_alone(ray_local, synthetic_dataset, tiny_checkpoints,
+                                                                   tmp_path):
+    """The attack is named by ``module:SPEC`` and imported by the driver and by the session's Ray workers
+    (tests/ is on their path: tests/conftest.py), never known to pixelray."""
     out = tmp_path / "out"
     raw = {
         "data": {"path": str(synthetic_dataset)},
@@ -53,12 +54,7 @@ def test_a_toy_attack_runs_in_a_sweep_through_the_interface_alone(synthetic_data
         "output": {"dir": str(out)},
         "run": {"threads": 2},
     }
-    config = tmp_path / "sweep.toml"
-    config.write_text(tomli_w.dumps(raw))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]), "RAY_USAGE_STATS_ENABLED": "0"}
-    done = subprocess.run([sys.executable, "-m", "pixelray", "sweep", str(config), "--no-progress"], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_sweep(parse_config(raw), progress=False)
     attack = pd.read_parquet(out / "attack.parquet")
     assert (attack.attack == "toy").all() and set(attack.attack_params) == {json.dumps({"shift": 2})}
     got = {(r.model, round(r.eps * 255)): (r.n_attacked, r.n_success) for r in attack.itertuples()}

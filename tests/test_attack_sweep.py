@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import unit_files, wait_for
+from helpers import sweep_command, unit_files, wait_for
 
 from pixelray.attacks import fgsm, fgsm_float, pgd
 from pixelray.config.sweep import AttackConfig, ConfigError, Keep, parse_config
@@ -305,19 +304,20 @@ def test_same_counts_across_runs_batch_sizes_workers_and_report_float(attack_run
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_only_missing_attack_units(attack_run, synthetic_dataset, tiny_checkpoints, tmp_path):
+def test_killed_driver_resumes_only_missing_attack_units(ray_local, attack_run, synthetic_dataset, tiny_checkpoints,
+                                                          tmp_path):
     import tomli_w
 
     out = tmp_path / "out"
     config = tmp_path / "sweep.toml"
     config.write_text(tomli_w.dumps(raw_config(synthetic_dataset, tiny_checkpoints, out, threads=1)))
-    cmd = [sys.executable, "-m", "pixelray", "sweep", str(config), "--no-progress"]
+    cmd = sweep_command(config, ray_local)  # a driver of its own on the session's Ray (the cluster outlives it)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         assert wait_for(lambda: len(unit_files(out, "attack")) >= 1, timeout=240), proc.stdout.read().decode()[-3000:]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver; Ray ends its workers
         proc.wait()
     assert not (out / "attack.parquet").exists(), "the sweep finished before the kill; make it longer"
     phases = ("clean", "cells", "attack")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -253,20 +254,23 @@ def test_cell_show_reads_a_whole_image_area_as_whole_and_refuses_bad_ids():
 
 
 @pytest.mark.slow
-def test_demo_runs_from_any_directory(tmp_path, monkeypatch):
-    # the demo's config ships in the package: no jobs/ where it runs. Small assets are made first
-    # (the demo reuses what it finds), so that the test takes a minute, not five; made from the same
-    # directory under the same relative path, so that the fine-tunes' configs are the demo's own.
-    from pixelray.cli.demo import DEMO_CONFIG, prepare_demo
+def test_demo_runs_from_any_directory(tmp_path):
+    # the demo's config ships in the package: no jobs/ where it runs. The size and epoch options make
+    # small assets, so that the test takes a minute, not five, running the command once, as users do.
+    from pixelray.cli.demo import DEMO_CONFIG
+    from pixelray.shards import load_manifest
 
     assert DEMO_CONFIG.is_file() and (Path(__file__).resolve().parents[1] / "jobs" / "demo.toml").resolve() == \
         DEMO_CONFIG.resolve()
-    monkeypatch.chdir(tmp_path)
-    prepare_demo("demo-out", images=500, epochs=1, log=lambda m: None)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    done = subprocess.run([console_script(), "demo", "--no-progress"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=900)
+    small = ["--images", "500", "--heldout", "200", "--epochs", "1", "--finetune-epochs", "1"]
+    done = subprocess.run([console_script(), "demo", "--no-progress", *small], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    demo = tmp_path / "demo-out"
+    assert [load_manifest(str(demo / d)).num_images for d in ("data", "heldout")] == [500, 200]
+    epochs = [len(pq.read_table(demo / "models" / m / "epochs.parquet")) for m in ("tiny-none", "tiny-aug384")]
+    assert epochs == [1, 1]  # the fine-tunes: train-augment runs of one epoch each
     assert not (tmp_path / "jobs").exists()
     assert (tmp_path / "demo-out" / "results" / "cells.parquet").is_file()
     assert "report: " in done.stdout and (tmp_path / "demo-out" / "results" / "report" / "report.html").is_file()

@@ -24,9 +24,15 @@ def scenario(name, data, models, out) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+@pytest.fixture(scope="module")
+def grow_then_stuck(synthetic_dataset, tiny_checkpoints, tmp_path_factory):
+    """One cluster for both: the GPUs appear (grow), then more are asked for than it can give (stuck)."""
+    return scenario("grow-then-stuck", synthetic_dataset, tiny_checkpoints, tmp_path_factory.mktemp("cluster") / "out")
+
+
 @pytest.mark.slow
-def test_gpu_workers_follow_the_cluster_as_gpus_appear(synthetic_dataset, tiny_checkpoints, tmp_path):
-    got = scenario("grow", synthetic_dataset, tiny_checkpoints, tmp_path / "out")
+def test_gpu_workers_follow_the_cluster_as_gpus_appear(grow_then_stuck):
+    got = grow_then_stuck["grow"]
     assert got["error"] is None and got["started_waiting"], got
     used = got["stats"]["workers"]["used"]
     assert len(used) == 2, used  # one worker per GPU, as the GPUs appeared
@@ -35,8 +41,8 @@ def test_gpu_workers_follow_the_cluster_as_gpus_appear(synthetic_dataset, tiny_c
 
 
 @pytest.mark.slow
-def test_more_gpus_than_the_cluster_can_give_stop_with_a_clear_message(synthetic_dataset, tiny_checkpoints, tmp_path):
-    got = scenario("stuck", synthetic_dataset, tiny_checkpoints, tmp_path / "out")
+def test_more_gpus_than_the_cluster_can_give_stop_with_a_clear_message(grow_then_stuck):
+    got = grow_then_stuck["stuck"]
     error = got["error"] or ""
     # two of the four can never be placed; under load a placed worker may also be lost and replaced, and its
     # replacement (placed or not) is younger than the timeout, so one or two are counted late

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from helpers import free_ports, unit_files, wait_for
+from helpers import free_ports, sweep_command, unit_files, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
@@ -133,8 +133,8 @@ def test_two_configs_racing_into_one_directory_one_runs_the_other_is_refused(
     ]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     procs = [
-        subprocess.Popen([sys.executable, "-m", "pixelray", "sweep", str(c), "--no-progress"], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(sweep_command(c, ray_local), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
         for c in configs
     ]
     results = [(p.wait(600), *p.communicate()) for p in procs]

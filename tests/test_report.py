@@ -300,7 +300,8 @@ def test_the_report_imports_neither_ray_nor_torch(runs_dir, tmp_path):
     code = (
         "import sys; from pixelray.report import write_report; "
         f"write_report({[str(p) for p in runs_dir]!r}, {str(tmp_path / 'r')!r}); "
-        "bad = [m for m in ('ray', 'torch', 'torchvision', 'pixelray.sweep', 'pixelray.engine.worker') if m in sys.modules]; "
+        "bad = [m for m in ('ray', 'torch', 'torchvision', 'pixelray.sweep', 'pixelray.engine.worker') "
+        "if m in sys.modules]; "
         "print(bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -14,9 +14,6 @@ of fbc5ed4 (``reference_perturb``), the misclassified ones counted.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,20 +22,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import reference_perturb
-import tomli_w
 import tomllib
 import torch
 from exact_models import make_data
 
+from pixelray.config.sweep import parse_config
 from pixelray.core.spec import Cell
 from pixelray.models import load_model
+from pixelray.sweep import run_sweep
 
 TESTS = Path(__file__).resolve().parent
 GOLDEN = TESTS / "data" / "demo_golden_cells.csv"
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
+def demo_run(ray_local, tmp_path_factory) -> Path:
     """A sweep of jobs/demo.toml over the exact models and data; returns its directory (data/, out/)."""
     tmp_path = tmp_path_factory.mktemp("demo")
     make_data(tmp_path / "data")
@@ -46,13 +44,8 @@ def demo_run(tmp_path_factory) -> Path:
     raw["data"]["path"] = str(tmp_path / "data")
     raw["models"]["names"] = ["exact_models:make0", "exact_models:make1"]
     raw["output"]["dir"] = str(tmp_path / "out")
-    config = tmp_path / "sweep.toml"
-    config.write_text(tomli_w.dumps(raw))
-    # a sweep of its own, so that its Ray workers import exact_models from tests/ too
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]), "RAY_USAGE_STATS_ENABLED": "0"}
-    done = subprocess.run([sys.executable, "-m", "pixelray", "sweep", str(config), "--no-progress"], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # on the session's Ray, whose workers import exact_models from tests/ (tests/conftest.py)
+    run_sweep(parse_config(raw), progress=False)
     return tmp_path
 
 

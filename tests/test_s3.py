@@ -14,7 +14,6 @@ import os
 import posixpath
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import tomli_w
-from helpers import wait_for
+from helpers import sweep_command, wait_for
 
 from pixelray.config.sweep import parse_config
 from pixelray.engine.units import model_slug
@@ -104,7 +103,8 @@ class Reader(threading.Thread):
 
 
 @pytest.mark.slow
-def test_a_sweep_from_and_to_s3_survives_a_killed_driver(s3_server, synthetic_dataset, tiny_checkpoints, tmp_path):
+def test_a_sweep_from_and_to_s3_survives_a_killed_driver(ray_local, s3_server, synthetic_dataset, tiny_checkpoints,
+                                                         tmp_path):
     fs = s3(s3_server)
     upload(fs, synthetic_dataset, "pxr-data/synthetic")
     fs.create_dir("pxr-results")
@@ -122,7 +122,7 @@ def test_a_sweep_from_and_to_s3_survives_a_killed_driver(s3_server, synthetic_da
     config.write_text(tomli_w.dumps(raw))
     env = {**os.environ, **ENV}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "pixelray", "sweep", str(config), "--no-progress"]
+    cmd = sweep_command(config, ray_local)  # a driver of its own on the session's Ray (the cluster outlives it)
     reader = Reader(s3_server, "pxr-results", "run/")
     reader.start()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -135,7 +135,7 @@ def test_a_sweep_from_and_to_s3_survives_a_killed_driver(s3_server, synthetic_da
     try:
         assert wait_for(lambda: len(cells_units()) >= 2, timeout=300), proc.stdout.read().decode()[-3000:]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver; Ray ends its workers
         proc.wait()
     killed_at = len(cells_units())
     assert fs.get_file_info("pxr-results/run/cells.parquet").type == pafs.FileType.NotFound, "finished too soon"

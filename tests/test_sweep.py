@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from helpers import free_ports, unit_files, wait_for
+from helpers import free_ports, sweep_command, unit_files, wait_for
 
 from pixelray.config.sweep import ConfigError, parse_config
 from pixelray.core.perturb import apply_pixel_changes
@@ -167,7 +167,7 @@ def _write_toml(cfg_dict, path):
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_only_missing_units(synthetic_dataset, tiny_checkpoints, reference, tmp_path):
+def test_killed_driver_resumes_only_missing_units(ray_local, synthetic_dataset, tiny_checkpoints, reference, tmp_path):
     out = tmp_path / "out"
     raw = {
         "data": {"path": str(synthetic_dataset)},
@@ -178,13 +178,13 @@ def test_killed_driver_resumes_only_missing_units(synthetic_dataset, tiny_checkp
         "run": {"threads": 1},
     }
     config = _write_toml(raw, tmp_path / "sweep.toml")
-    cmd = [sys.executable, "-m", "pixelray", "sweep", str(config), "--no-progress"]
+    cmd = sweep_command(config, ray_local)  # a driver of its own on the session's Ray (the cluster outlives it)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         assert wait_for(lambda: len(unit_files(out)) >= 3, timeout=240), proc.stdout.read().decode()[-3000:]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver; Ray ends its workers
         proc.wait()
     assert not (out / "cells.parquet").exists(), "the sweep finished before the kill; make it longer"
     before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in unit_files(out) + unit_files(out, "clean")}

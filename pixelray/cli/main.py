@@ -207,12 +207,19 @@ def demo_cmd(
         str | None, typer.Option("--config", help="The demo sweep config (default: the one in the package).")
     ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    images: Annotated[int, typer.Option("--images", min=10, help="Synthetic training images.")] = 2000,
+    heldout: Annotated[int, typer.Option("--heldout", min=10, help="Synthetic held-out images (the sweep's).")] = 500,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs of the base model's training.")] = 6,
+    finetune_epochs: Annotated[
+        int, typer.Option("--finetune-epochs", min=1, help="Epochs of each train-augment fine-tune.")
+    ] = 3,
 ) -> None:
     """Run the whole pipeline on an embedded local Ray: synthetic data, a tiny CNN, its fine-tunes, a sweep.
 
     The base model is trained in-process; `train-augment` (Ray Train, one worker) fine-tunes it twice,
     without augmentation (the control) and with pixel-change augmentation; the sweep measures all
-    three on held-out images, side by side.
+    three on held-out images, side by side. Data and models already under --out are reused (the
+    size and epoch options then change nothing): remove the folder to make them anew.
     """
     from pathlib import Path
 
@@ -222,7 +229,8 @@ def demo_cmd(
     from pixelray.train.driver import TrainError
 
     try:
-        data, checkpoints = prepare_demo(out, log=lambda m: typer.echo(m, err=True))
+        data, checkpoints = prepare_demo(out, images=images, heldout=heldout, epochs=epochs,
+                                         finetune_epochs=finetune_epochs, log=lambda m: typer.echo(m, err=True))
     except (ConfigError, TrainError) as exc:
         fail(str(exc))
     overrides = {
