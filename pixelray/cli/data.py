@@ -51,11 +51,13 @@ def check_cmd(
     """Validate a data set: schema, image shapes, labels, duplicate ids, checksums, unreadable Parquet.
 
     Prints each problem (naming the file and rows) and exits 1 when there is any;
-    prints "ok: N images in K shards" otherwise.
+    prints "ok: N images in K shards" otherwise, then the images per class (fewest and
+    most; the ImageNet validation set has 50 in each of 1000 classes).
 
     Example: pixelray data check data/imagenet-val
     """
     from pixelray.shards import check_dataset, load_manifest
+    from pixelray.shards.check import class_counts, class_counts_line
 
     problems = check_dataset(root)
     if problems:
@@ -65,6 +67,7 @@ def check_cmd(
         raise typer.Exit(1)
     manifest = load_manifest(root)
     typer.echo(f"ok: {manifest.num_images} images in {len(manifest.shards)} shards")  # fixed format: scripts parse it
+    typer.echo(class_counts_line(manifest, class_counts(root, manifest)))
 
 
 @data_app.command("info")
