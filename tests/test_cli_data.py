@@ -125,7 +125,7 @@ def test_prepare_imagenet_devkit_via_cli(ray_local, tmp_path):
     assert "skipped: ILSVRC2012_val_00000007.JPEG" in result.stderr
     assert "skipped: ILSVRC2012_val_00000008.JPEG" in result.stderr
     assert "wrote 6 images in 2 shards" in result.stdout
-    assert load_manifest(str(tmp_path / "o2")).class_ids[0] == "n01000001"
+    assert load_manifest(str(tmp_path / "o2")).class_ids[0] == "n01751748"
     assert not (tmp_path / "o1").exists()
 
 
