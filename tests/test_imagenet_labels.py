@@ -143,3 +143,30 @@ def test_first_validation_image_must_be_a_sea_snake(tmp_path):
                                          r"the class folders are mismatched"):
         convert_imagenet(tree, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case", ["missing-src", "empty-src", "missing-labels", "sorted-meta", "short-gt"])
+def test_prepare_checks_inputs_before_starting_ray(tmp_path, monkeypatch, case):
+    import ray
+
+    src, gt, clsloc, loc = make_devkit_set(tmp_path)
+    meta = loc if case == "sorted-meta" else clsloc
+    if case == "missing-src":
+        src = tmp_path / "nonexist"
+    elif case == "empty-src":
+        src = tmp_path / "empty"
+        src.mkdir()
+    elif case == "missing-labels":
+        gt = tmp_path / "none.txt"
+    elif case == "short-gt":
+        gt.write_text("6\n1\n")
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process: the CLI would start one
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append(k) or pytest.fail("Ray was started"))
+    result = invoke("prepare", "imagenet", "--src", src, "--labels", gt, "--meta", meta, "--out", tmp_path / "o")
+    line = one_error_line(result)
+    assert started == [] and not (tmp_path / "o").exists()
+    expected = {"missing-src": "nonexist is not a directory", "empty-src": "src: no image files",
+                "missing-labels": "labels: cannot read", "sorted-meta": "sorted order",
+                "short-gt": "has 2 lines, none for ILSVRC2012_val_00000003"}[case]
+    assert expected in line, line
