@@ -31,7 +31,8 @@ def test_prepare_synthetic_then_check_ok(tmp_path):
     assert result.exit_code == 0, result.output
     assert "wrote 120 images (4 classes, 16x16) in 3 shards" in result.stdout
     check = invoke("data", "check", tmp_path / "a")
-    assert check.exit_code == 0 and check.stdout.strip() == "ok: 120 images in 3 shards"
+    assert check.exit_code == 0
+    assert check.stdout.splitlines() == ["ok: 120 images in 3 shards", "per class: 30 images in each of 4 classes"]
     again = invoke("prepare", "synthetic", "--out", tmp_path / "b", "--classes", 4, "--images", 120,
                    "--size", 16, "--seed", 7, "--rows-per-shard", 50)
     assert again.exit_code == 0
@@ -41,6 +42,17 @@ def test_prepare_synthetic_then_check_ok(tmp_path):
     bad = invoke("prepare", "synthetic", "--out", tmp_path / "c", "--classes", 1)
     assert bad.exit_code == 2 and "error: classes: 1 is invalid" in bad.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_data_check_counts_images_per_class(tmp_path):
+    assert invoke("prepare", "synthetic", "--out", tmp_path / "s", "--classes", 4, "--images", 3,
+                  "--size", 8).exit_code == 0
+    check = invoke("data", "check", tmp_path / "s")
+    assert check.exit_code == 0 and check.stdout.splitlines() == [
+        "ok: 3 images in 1 shards",
+        "per class: 0 to 1 images in 4 classes (fewest: syn0003 ring-solid-hue270; most: syn0000 "
+        "circle-solid-hue000); 1 class has no images",
+    ]
 
 
 @pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
@@ -79,7 +91,8 @@ def test_prepare_folder_skips_broken_jpeg_reports_it_and_exits_1(ray_local, tmp_
     report = json.load(open(out / "report.json"))
     assert [s["file"] for s in report["skipped"]] == ["dog/2.jpg"]
     assert report["transform"] == {"resize": 55, "crop": 48}
-    assert invoke("data", "check", out).stdout.strip() == "ok: 2 images in 1 shards"
+    assert invoke("data", "check", out).stdout.splitlines() == ["ok: 2 images in 1 shards",
+                                                                "per class: 1 image in each of 2 classes"]
     ok = invoke("prepare", "folder", "--src", tmp_path / "src", "--out", tmp_path / "out2", "--size", 48,
                 "--resize", 60, "--allow-skipped", "--no-progress")
     assert ok.exit_code == 0, ok.output
@@ -112,14 +125,14 @@ def test_prepare_imagenet_devkit_via_cli(ray_local, tmp_path):
     assert "skipped: ILSVRC2012_val_00000007.JPEG" in result.stderr
     assert "skipped: ILSVRC2012_val_00000008.JPEG" in result.stderr
     assert "wrote 6 images in 2 shards" in result.stdout
-    assert load_manifest(str(tmp_path / "o2")).class_ids[0] == "n01000001"
+    assert load_manifest(str(tmp_path / "o2")).class_ids[0] == "n01751748"
     assert not (tmp_path / "o1").exists()
 
 
 def test_console_script_check(synthetic_dataset, tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "pixelray")
     ok = subprocess.run([exe, "data", "check", synthetic_dataset], capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0 and ok.stdout.strip() == "ok: 600 images in 6 shards", ok.stderr
+    assert ok.returncode == 0 and ok.stdout.splitlines()[0] == "ok: 600 images in 6 shards", ok.stderr
     root = tmp_path / "copy"
     shutil.copytree(synthetic_dataset, root)
     corrupt(str(root), "truncated")

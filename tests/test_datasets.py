@@ -21,8 +21,11 @@ from pixelray.shards import check_dataset, load_manifest, read_shard, shard_uris
 
 EVAL = Compose([Resize(256), CenterCrop(224)])
 
-#: Synsets in ILSVRC2012_ID order, deliberately not sorted by WordNet id (as in the devkit).
-SYNSETS = [("n03000003", "gamma, third"), ("n01000001", "alpha"), ("n04000004", "delta"), ("n02000002", "beta")]
+#: Synsets in ILSVRC2012_ID order, deliberately not sorted by WordNet id (as in the devkit); the sea snake
+#: is real (ILSVRC2012_val_00000001's label), the others are made up.
+SYNSETS = [("n03000003", "gamma, third"), ("n01751748", "sea snake"), ("n04000004", "delta"),
+           ("n02000002", "beta")]
+SEA_SNAKE_ID = 2
 SORTED_WNIDS = sorted(w for w, _ in SYNSETS)
 
 
@@ -64,7 +67,8 @@ def save_odd_images(folder: str, names: dict[str, str], rng: np.random.Generator
 def make_val_folder(root: str, n: int = 10, seed: int = 0) -> tuple[str, str, str, list[int]]:
     """A flat ILSVRC2012-style validation folder with the devkit ground truth and a synset mapping.
 
-    Files 3..8 are the odd ones (grey, CMYK, RGBA, palette, truncated, garbage).
+    Files 3..8 are the odd ones (grey, CMYK, RGBA, palette, truncated, garbage); file 1 is the
+    sea snake, as in ImageNet.
     Returns (src, ground truth path, synset mapping path, ILSVRC2012_ID per file).
     """
     rng = np.random.default_rng(seed)
@@ -72,6 +76,7 @@ def make_val_folder(root: str, n: int = 10, seed: int = 0) -> tuple[str, str, st
     os.makedirs(src)
     odd = {"grey": 3, "cmyk": 4, "rgba": 5, "palette": 6, "truncated": 7, "garbage": 8}
     gt = [int(x) for x in rng.integers(1, len(SYNSETS) + 1, n)]
+    gt[0] = SEA_SNAKE_ID
     for i in range(1, n + 1):
         ext = "png" if i in (odd["rgba"], odd["palette"]) else "JPEG"
         name = f"ILSVRC2012_val_{i:08d}.{ext}"
@@ -113,7 +118,7 @@ def test_imagenet_devkit_layout_matches_torchvision_and_skips_broken(ray_local, 
     assert report["files"] == 10 and report["written"] == 8
     assert {s["file"] for s in report["skipped"]} == {s.file for s in result.skipped}
     m = load_manifest(out)
-    assert m.class_ids == tuple(SORTED_WNIDS) and m.class_names == ("alpha", "beta", "gamma, third", "delta")
+    assert m.class_ids == tuple(SORTED_WNIDS) and m.class_names == ("sea snake", "beta", "gamma, third", "delta")
     assert (m.num_images, m.height, m.width, m.source, [s.rows for s in m.shards]) == (8, 224, 224,
                                                                                        "imagenet", [3, 3, 2])
     ids, labels, images = read_all(out)
@@ -129,7 +134,7 @@ def test_imagenet_devkit_layout_matches_torchvision_and_skips_broken(ray_local, 
 def test_imagenet_class_folder_layout_with_meta(ray_local, tmp_path):
     rng = np.random.default_rng(1)
     src = tmp_path / "train"
-    for k, wnid in enumerate(["n04000004", "n01000001"]):
+    for k, wnid in enumerate(["n04000004", "n01751748"]):
         (src / wnid).mkdir(parents=True)
         for j in range(2):
             photo(rng, 300, 260).save(src / wnid / f"{wnid}_{j}.JPEG")
@@ -142,7 +147,7 @@ def test_imagenet_class_folder_layout_with_meta(ray_local, tmp_path):
     assert m.num_classes == 4 and m.class_ids == tuple(SORTED_WNIDS)  # the full class list from meta
     ids, labels, images = read_all(str(tmp_path / "out"))
     assert ids.tolist() == [0, 1, 2, 3, 4] and labels.tolist() == [0, 0, 0, 3, 3]
-    names = ["n01000001/n01000001_0.JPEG", "n01000001/n01000001_1.JPEG", "n01000001/n01000001_odd.JPEG",
+    names = ["n01751748/n01751748_0.JPEG", "n01751748/n01751748_1.JPEG", "n01751748/n01751748_odd.JPEG",
              "n04000004/n04000004_0.JPEG", "n04000004/n04000004_1.JPEG"]
     for row, rel in enumerate(names):
         assert np.array_equal(images[row].numpy(), reference(str(src / rel))), rel

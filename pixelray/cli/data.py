@@ -51,11 +51,13 @@ def check_cmd(
     """Validate a data set: schema, image shapes, labels, duplicate ids, checksums, unreadable Parquet.
 
     Prints each problem (naming the file and rows) and exits 1 when there is any;
-    prints "ok: N images in K shards" otherwise.
+    prints "ok: N images in K shards" otherwise, then the images per class (fewest and
+    most; the ImageNet validation set has 50 in each of 1000 classes).
 
     Example: pixelray data check data/imagenet-val
     """
     from pixelray.shards import check_dataset, load_manifest
+    from pixelray.shards.check import class_counts, class_counts_line
 
     problems = check_dataset(root)
     if problems:
@@ -65,6 +67,7 @@ def check_cmd(
         raise typer.Exit(1)
     manifest = load_manifest(root)
     typer.echo(f"ok: {manifest.num_images} images in {len(manifest.shards)} shards")  # fixed format: scripts parse it
+    typer.echo(class_counts_line(manifest, class_counts(root, manifest)))
 
 
 @data_app.command("info")
@@ -150,9 +153,10 @@ def imagenet_cmd(
     ] = None,
     meta: Annotated[
         str | None,
-        typer.Option("--meta", help="Synsets: the devkit's meta.mat (needs scipy) or a text file of "
-                     "'n01440764 tench, Tinca tinca' lines in ILSVRC2012_ID order. Required with the devkit "
-                     "ground truth; otherwise gives readable names and the full class list."),
+        typer.Option("--meta", help="Synsets. With the devkit ground truth (required): the devkit's "
+                     "data/meta.mat (needs scipy) or data/map_clsloc.txt, which map its ILSVRC2012_IDs; a "
+                     "sorted list such as LOC_synset_mapping.txt is refused there. Otherwise any synset list "
+                     "('n01440764 tench, Tinca tinca' lines): readable names and the full class list."),
     ] = None,
     name: Annotated[str, typer.Option("--name", help="Data set name in the manifest.")] = "imagenet-val",
     rows_per_shard: RowsOpt = 1000,
@@ -165,17 +169,22 @@ def imagenet_cmd(
 ) -> None:
     """Convert ImageNet validation images with torchvision's eval transform (resize 256, centre crop 224).
 
-    Decodes in parallel Ray tasks; unreadable files are skipped and listed in OUT/report.json.
-    Labels index the sorted WordNet ids (torchvision's class order).
+    Every input is read and checked before Ray starts; decodes in parallel Ray tasks; unreadable
+    files are skipped and listed in OUT/report.json. Labels index the sorted WordNet ids
+    (torchvision's class order).
 
-    Example: pixelray prepare imagenet --src ILSVRC2012_img_val --labels
-    ILSVRC2012_validation_ground_truth.txt --meta LOC_synset_mapping.txt --out data/imagenet-val
+    Example (devkit): pixelray prepare imagenet --src ILSVRC2012_img_val --labels
+    ILSVRC2012_validation_ground_truth.txt --meta map_clsloc.txt --out data/imagenet-val
+
+    Example (Kaggle): pixelray prepare imagenet --src ILSVRC/Data/CLS-LOC/val --labels
+    LOC_val_solution.csv --meta LOC_synset_mapping.txt --out data/imagenet-val
     """
-    from pixelray.datasets.imagenet import convert_imagenet
+    from pixelray.datasets.imagenet import convert_imagenet, read_imagenet
 
     try:
+        inputs = read_imagenet(src, labels=labels, meta=meta)
         with _ray(ray_address, workers):
-            result = convert_imagenet(src, out, labels=labels, meta=meta, name=name,
+            result = convert_imagenet(inputs, out, name=name,
                                       rows_per_shard=rows_per_shard, files_per_task=files_per_task,
                                       compression=compression, progress=progress)
     except ValueError as exc:

@@ -20,7 +20,7 @@ from pixelray.shards.format import (
     ShardInfo,
 )
 from pixelray.shards.paths import load_manifest, resolve, shard_uri
-from pixelray.shards.read import image_shape, int_column, one_line
+from pixelray.shards.read import image_shape, int_column, one_line, read_labels
 from pixelray.shards.write import is_temp, sha256_file
 
 
@@ -210,3 +210,36 @@ def check_dataset(root: str) -> list[str]:
     except OSError:
         pass  # listing is optional (some object stores forbid it)
     return problems
+
+
+def class_counts(root: str, manifest: Manifest | None = None) -> np.ndarray:
+    """Images per class (index = label), from every shard's label column (no pixels read).
+
+    Raises:
+        ShardError: a shard is missing or unreadable (``check_dataset`` lists every problem).
+    """
+    manifest = manifest or load_manifest(root)
+    counts = np.zeros(manifest.num_classes, np.int64)
+    for info in manifest.shards:
+        labels = read_labels(shard_uri(root, info.file))[1]
+        counts += np.bincount(labels[(labels >= 0) & (labels < manifest.num_classes)],
+                              minlength=manifest.num_classes)
+    return counts
+
+
+def class_counts_line(manifest: Manifest, counts: np.ndarray) -> str:
+    """One line on the images per class, e.g. ``per class: 50 images in each of 1000 classes`` (ImageNet val)."""
+    def named(label: int) -> str:
+        cid, cname = manifest.class_ids[label], manifest.class_names[label]
+        return cid if cid == cname else f"{cid} {cname}"
+
+    low, high = int(counts.min()), int(counts.max())
+    k = len(counts)
+    if low == high:
+        return f"per class: {low} image{'' if low == 1 else 's'} in each of {k} class{'' if k == 1 else 'es'}"
+    line = (f"per class: {low} to {high} images in {k} classes (fewest: {named(int(counts.argmin()))}; "
+            f"most: {named(int(counts.argmax()))})")
+    empty = int((counts == 0).sum())
+    if empty:
+        line += f"; {empty} class{'es have' if empty > 1 else ' has'} no images"
+    return line
