@@ -1,5 +1,6 @@
 """`make cluster-local` / `make cluster-stop` on this machine: a token-auth Ray head on 127.0.0.1, a sweep
-submitted with `ray job submit`, the metrics a Grafana dashboard reads, and no process left behind.
+submitted with `ray job submit --working-dir` (refused without the token and with a wrong one), the metrics
+a Grafana dashboard reads, and no process left behind.
 
 One head start and two submits: the make targets run as a user runs them, with free ports of their own
 (the session's local Ray, or another engineer's, may hold Ray's defaults) and a state directory of
@@ -62,11 +63,13 @@ def test_cluster_local_token_job_metrics_and_stop(synthetic_dataset, tiny_checkp
 
         out = tmp_path / "out"
         config = _demo_config(synthetic_dataset, tiny_checkpoints, out, tmp_path / "job.toml")
-        submit = ["ray", "job", "submit", "--", "python", "jobs/sweep.py",  # runs in the checkout, as make did
+        # the checkout uploaded as the job's working directory (as on a remote cluster), its jobs/sweep.py run
+        submit = ["ray", "job", "submit", "--working-dir", str(REPO), "--", "python", "jobs/sweep.py",
                   "--config", str(config), "--metrics-port", str(driver_port)]
-        refused = _run(submit, {**env, "RAY_ADDRESS": dashboard}, timeout=120)
-        assert refused.returncode != 0
-        assert "Unauthorized" in refused.stdout + refused.stderr, (refused.stdout + refused.stderr)[-2000:]
+        for bad in ({"RAY_ADDRESS": dashboard}, {**job_env, "RAY_AUTH_TOKEN": "0" * 64}):  # no token, a wrong one
+            refused = _run(submit, {**env, **bad}, timeout=120)
+            assert refused.returncode != 0
+            assert "Unauthorized" in refused.stdout + refused.stderr, (refused.stdout + refused.stderr)[-2000:]
         assert not out.exists()
 
         with _Scraper(f"http://127.0.0.1:{driver_port}/metrics") as driver:

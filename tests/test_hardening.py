@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from helpers import free_ports, sweep_command, unit_files, wait_for
+from helpers import sweep_command, unit_files, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
@@ -319,28 +319,25 @@ def _before_ray_cases(tmp_path):
     ]
 
 
-@pytest.mark.slow
-def test_output_and_run_problems_are_refused_before_ray_starts(synthetic_dataset, tiny_checkpoints, tmp_path):
-    """Run as a subprocess pointed at a Ray address where nothing listens: a check made after
-    joining Ray would fail on the connection instead of the message."""
+def test_output_and_run_problems_are_refused_before_ray_starts(synthetic_dataset, tiny_checkpoints, tmp_path,
+                                                                monkeypatch):
+    """The CLI in-process, with a tripwire where the driver joins Ray: a check made after joining Ray
+    would trip it (one line, but not the check's message) instead of giving the message."""
+    import pixelray.sweep.driver as driver
+
+    def tripwire(*_args, **_kwargs):
+        raise AssertionError("joined Ray before the check")
+
+    monkeypatch.setattr(driver, "connect", tripwire)
     busy, cases = _before_ray_cases(tmp_path)
-    procs = []
-    for i, (_name, run, args, _message) in enumerate(cases):
-        out = run.pop("out", tmp_path / f"out{i}")
-        raw = raw_config(synthetic_dataset, tiny_checkpoints, out, **run)
-        path = _write_toml(raw, tmp_path / f"case{i}.toml")
-        cmd = [sys.executable, "-m", "pixelray", "sweep", str(path), "--no-progress",
-               "--address", f"127.0.0.1:{free_ports(1)[0]}", *args]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
-        for (name, _run, _args, message), proc in zip(cases, procs, strict=True):
-            try:
-                _out, err = proc.communicate(timeout=240)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                pytest.fail(f"{name}: still running after 240 s (waiting for Ray?)")
-            lines = err.strip().splitlines()
-            assert proc.returncode == 2, (name, err[-2000:])
+        for i, (name, run, args, message) in enumerate(cases):
+            out = run.pop("out", tmp_path / f"out{i}")
+            raw = raw_config(synthetic_dataset, tiny_checkpoints, out, **run)
+            path = _write_toml(raw, tmp_path / f"case{i}.toml")
+            result = CliRunner().invoke(app, ["sweep", str(path), "--no-progress", *args], prog_name="pixelray")
+            lines = result.stderr.strip().splitlines()
+            assert result.exit_code == 2, (name, result.exit_code, repr(result.exception), result.output[-2000:])
             assert len(lines) == 1 and message in lines[0] and lines[0].startswith("error: "), (name, lines)
         for i in range(len(cases)):
             assert not (tmp_path / f"out{i}").exists()
@@ -387,7 +384,7 @@ def test_worker_deaths_are_counted_and_the_final_state_is_scrapeable(
 
     _, ref = reference
     out = tmp_path / "out"
-    cfg = config(synthetic_dataset, tiny_checkpoints, out, metrics_port=0, metrics_linger=30)
+    cfg = config(synthetic_dataset, tiny_checkpoints, out, metrics_port=0, metrics_linger=10)
     messages, box = [], {}
 
     def target():

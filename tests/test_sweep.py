@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from helpers import free_ports, sweep_command, unit_files, wait_for
+from helpers import sweep_command, unit_files, wait_for
 
 from pixelray.config.sweep import ConfigError, parse_config
 from pixelray.core.perturb import apply_pixel_changes
@@ -216,82 +213,6 @@ def test_a_cell_that_does_not_fit_the_images_is_refused_before_work(synthetic_da
     with pytest.raises(ConfigError, match="area: 64 is larger than the image"):
         run_sweep(cfg, progress=False)
     assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.slow
-def test_ray_job_submit_with_token_auth(synthetic_dataset, tiny_checkpoints, tmp_path):
-    """A real Ray head on 127.0.0.1 with token authentication; `ray job submit` of jobs/sweep.py."""
-    import secrets
-
-    repo = Path(__file__).resolve().parents[1]
-    bin_dir = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
-    # every port of its own, all distinct: the session's local Ray (ray_local) may hold the default ones
-    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-             "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
-    gcs, dash, *others = free_ports(2 + len(names))
-    ports = [f"--{name}={port}" for name, port in zip(names, others, strict=True)]
-    temp_dir = tempfile.mkdtemp(prefix="pxr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    head_log = open(tmp_path / "head.log", "w")
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats",
-         f"--temp-dir={temp_dir}", *ports],
-        env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
-        assert wait_for(lambda: _http_ok(f"http://127.0.0.1:{dash}/api/version"), timeout=120), (
-            (tmp_path / "head.log").read_text()[-3000:])
-        out = tmp_path / "out"
-        raw = {
-            "data": {"path": str(synthetic_dataset)},
-            "models": {"names": list(tiny_checkpoints), "weights": "none"},
-            "eval": {"filter": "all", "size": 100},
-            "grid": {"counts": [2, 8], "amplitudes": ["full", 20]},
-            "output": {"dir": str(out)},
-        }
-        config = _write_toml(raw, tmp_path / "job.toml")
-        submit = [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-                  "--working-dir", str(repo), "--", "python", "jobs/sweep.py", "--config", str(config)]
-        deadline = time.monotonic() + 90
-        while True:  # the dashboard answers before its job agent is ready ("No available agent")
-            done = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=repo)
-            if "No available agent" not in done.stdout + done.stderr or time.monotonic() > deadline:
-                break
-            time.sleep(3)
-        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-        assert "succeeded" in done.stdout
-        df = pd.read_parquet(out / "cells.parquet")
-        assert len(df) == 2 * 4 and (df.n_images == 100).all()
-        # a wrong token is refused
-        bad = subprocess.run(submit, env={**env, "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True, text=True,
-                             timeout=120, cwd=repo)
-        assert bad.returncode != 0
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        head_log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _http_ok(url):
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # loopback only
-            return response.status < 500
-    except OSError as exc:
-        return getattr(exc, "code", 0) in (401, 403)  # up, and asking for the token
 
 
 def test_missing_weights_fail_before_any_unit(ray_local, synthetic_dataset, tmp_path, monkeypatch):
