@@ -23,7 +23,7 @@ from typing import Any
 from pixelray.config.sweep import SweepConfig
 from pixelray.engine.units import Unit
 from pixelray.engine.worker import ModelWorker
-from pixelray.errors import SweepError
+from pixelray.errors import SweepError, one_line
 from pixelray.telemetry import SweepTelemetry
 
 __all__ = ["DEVICE_OVERRIDE", "MAX_UNIT_FAILURES", "WorkerPool", "cause", "connect", "reserved_cpus", "schedule"]
@@ -68,10 +68,6 @@ def reserved_cpus(device: str, threads: int) -> int:
 def cause(exc: BaseException) -> BaseException:
     """The user's exception inside a Ray task error (bad data, missing weights), else the error itself."""
     return exc.cause if getattr(exc, "cause", None) is not None else exc
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 #: Environment variable: compute on this device ("cpu") whatever the workers reserve (tests, dry runs
@@ -222,9 +218,9 @@ class WorkerPool:
         try:
             return ray.get(getattr(worker.handle, method).remote(*args))
         except RayTaskError as exc:
-            raise SweepError(_one_line(cause(exc))) from None
+            raise SweepError(one_line(cause(exc))) from None
         except RayActorError as exc:
-            raise SweepError(f"the worker died during {method} ({_one_line(exc)[:300]})") from None
+            raise SweepError(f"the worker died during {method} ({one_line(exc, 300)})") from None
 
     def shutdown(self) -> None:
         import ray
@@ -330,7 +326,7 @@ class _Schedule:
         try:
             result = ray.get(ref)
         except RayTaskError as exc:
-            raise SweepError(f"unit {unit.key} failed: {_one_line(cause(exc))}") from None
+            raise SweepError(f"unit {unit.key} failed: {one_line(cause(exc))}") from None
         except (ActorUnavailableError, RayActorError) as exc:
             lost = [unit, *worker.inflight.values()]
             worker.inflight.clear()
