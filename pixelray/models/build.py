@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+from pixelray.core.check import is_int
 from pixelray.errors import first_line
 from pixelray.models.registry import (
     Weights,
@@ -125,7 +126,7 @@ def load_factory(spec: str, num_classes: int | None, init_seed: int) -> Classifi
     std = getattr(net, "std", IMAGENET_STD)
     if isinstance(net, Classifier):
         net = net.net
-    if not isinstance(classes, int) or isinstance(classes, bool):
+    if not is_int(classes):
         raise ValueError(f"num_classes: cannot tell how many classes {spec} predicts; pass num_classes "
                          "or give the module a num_classes attribute")
     return Classifier(net, name=spec.rsplit(":", 1)[1], num_classes=classes, mean=triple("mean", mean),

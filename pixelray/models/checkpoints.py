@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+from pixelray.core.check import is_int
 from pixelray.errors import first_line, one_line
 from pixelray.models.build import BUILTIN_HINT, build_net, is_builtin
 from pixelray.models.registry import CHECKPOINT_PREFIX, known_names, spec_kind
@@ -82,7 +83,7 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
                          f"({BUILTIN_HINT}); a file never names code to run: for an architecture of your own, "
                          "load the weights in your own 'module.path:factory' named in the config")
     classes = meta["num_classes"]
-    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+    if not is_int(classes) or classes < 1:
         raise ValueError(f"checkpoint: sidecar {side}: num_classes {classes!r} must be an integer >= 1")
     if not isinstance(meta.get("metadata", {}), dict):
         raise ValueError(f"checkpoint: sidecar {side}: metadata must be a JSON object")

@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pixelray.core.check import is_int
 from pixelray.errors import first_line
 from pixelray.store.schemas import ATTACK_SCHEMA, CELLS_SCHEMA, TRANSFER_SCHEMA
 
@@ -190,7 +191,7 @@ def _augment_count(metadata: Any) -> int | None:
         value = augment.get("count")
     if value is None and isinstance(augment, int):
         value = augment
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+    return value if is_int(value) and value >= 1 else None
 
 
 def _model_info(spec: str) -> ModelInfo:
