@@ -16,6 +16,8 @@ from typing import Annotated
 
 import typer
 
+from pixelray.cli.common import fail
+
 __all__ = ["cell_app"]
 
 cell_app = typer.Typer(
@@ -24,11 +26,6 @@ cell_app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
-    raise typer.Exit(code)
 
 
 def _image(data: str, image_id: int):
@@ -43,8 +40,8 @@ def _image(data: str, image_id: int):
                 if len(batch):
                     return batch.images[0], manifest.height, manifest.width
     except (OSError, ShardError) as exc:
-        _fail(f"--data {data}: {exc}")
-    _fail(f"--image-id {image_id}: no such image in {data}")
+        fail(f"--data {data}: {exc}")
+    fail(f"--image-id {image_id}: no such image in {data}")
 
 
 @cell_app.command("show")
@@ -75,16 +72,16 @@ def show_cmd(
             parts = [int(p) for p in size.lower().split("x")]
             height, width = (parts[0], parts[0]) if len(parts) == 1 else parts
         except ValueError:
-            _fail(f"--size {size!r}: expected SIDE or HxW, e.g. 224 or 240x320")
+            fail(f"--size {size!r}: expected SIDE or HxW, e.g. 224 or 240x320")
         if image is not None and (height, width) != tuple(image.shape[:2]):
-            _fail(f"--size {size}: the images of --data are {image.shape[0]}x{image.shape[1]}")
+            fail(f"--size {size}: the images of --data are {image.shape[0]}x{image.shape[1]}")
     elif data is None:
         height = width = 224
     try:
         cell = Cell.from_id(cell_id, (height, width))
         record = describe_cell(cell, image_id, height, width, image)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         typer.echo(json.dumps({**asdict(record), "height": height, "width": width}))
         return

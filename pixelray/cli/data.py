@@ -15,6 +15,8 @@ from typing import Annotated
 
 import typer
 
+from pixelray.cli.common import fail
+
 __all__ = ["data_app", "prepare_app"]
 
 data_app = typer.Typer(
@@ -33,12 +35,6 @@ prepare_app = typer.Typer(
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _fail(message: str, code: int = 2) -> None:
-    """Print a one-line error to stderr and exit non-zero (no traceback)."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 # ---------------------------------------------------------------------------- data
@@ -80,7 +76,7 @@ def info_cmd(
     try:
         m = load_manifest(root)
     except ShardError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"{m.name}: {m.num_images} images, {m.height}x{m.width} RGB, {m.num_classes} classes, "
                f"{_count(len(m.shards), 'shard')}, source {m.source}")
     shown = ", ".join(f"{i}={c}" for i, c in zip(m.class_ids[:5], m.class_names[:5], strict=False))
@@ -188,7 +184,7 @@ def imagenet_cmd(
                                       rows_per_shard=rows_per_shard, files_per_task=files_per_task,
                                       compression=compression, progress=progress)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _finish(result, allow_skipped)
 
 
@@ -228,7 +224,7 @@ def folder_cmd(
             result = convert_folder(src, out, transform=transform, name=name, rows_per_shard=rows_per_shard,
                                     files_per_task=files_per_task, compression=compression, progress=progress)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _finish(result, allow_skipped)
 
 
@@ -251,6 +247,6 @@ def synthetic_cmd(
         manifest = make_synthetic(out, classes=classes, images=images, size=size, seed=seed,
                                   rows_per_shard=rows_per_shard)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"wrote {manifest.num_images} images ({manifest.num_classes} classes, {size}x{size}) in "
                f"{_count(len(manifest.shards), 'shard')} to {os.path.abspath(out)}")

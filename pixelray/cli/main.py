@@ -9,6 +9,7 @@ import typer
 
 from pixelray import __version__
 from pixelray.cli.cell import cell_app
+from pixelray.cli.common import fail
 from pixelray.cli.data import data_app, prepare_app
 from pixelray.cli.models import weights_app
 from pixelray.cli.train import train_augment_cmd
@@ -27,12 +28,6 @@ app.add_typer(data_app, name="data")
 app.add_typer(prepare_app, name="prepare")
 app.command("train-augment")(train_augment_cmd)
 app.add_typer(cell_app, name="cell")
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print a one-line error to stderr and exit non-zero (no traceback)."""
-    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
-    raise typer.Exit(code)
 
 
 def _version(value: bool) -> None:

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from pixelray.cli.common import fail
+
 __all__ = ["weights_app"]
 
 weights_app = typer.Typer(
@@ -23,12 +25,6 @@ _PRESET_HELP = "A preset of models, e.g. paper (resnet101 densenet121 vgg16 alex
 _WEIGHTS_HELP = "imagenet (IMAGENET1K_V1, the paper's), default (torchvision's DEFAULT) or an entry name."
 
 
-def _fail(message: str, code: int = 2) -> None:
-    """Print a one-line error to stderr and exit non-zero (no traceback)."""
-    typer.echo(f"error: {' '.join(message.split())}", err=True)
-    raise typer.Exit(code)
-
-
 def _models(names: list[str] | None, preset: str | None, default: str | None) -> list[str]:
     """The models the user named: arguments plus a preset, else ``default``'s list (None: every one)."""
     from pixelray.models import PRESETS, resolve_models, torchvision_models
@@ -36,7 +32,7 @@ def _models(names: list[str] | None, preset: str | None, default: str | None) ->
     wanted = list(names or [])
     if preset is not None:
         if preset not in PRESETS:
-            _fail(f"--preset: {preset!r} is unknown; allowed: {', '.join(PRESETS)}")
+            fail(f"--preset: {preset!r} is unknown; allowed: {', '.join(PRESETS)}")
         wanted.append(preset)
     if not wanted:
         return list(torchvision_models()) if default is None else list(PRESETS[default])
@@ -46,7 +42,7 @@ def _models(names: list[str] | None, preset: str | None, default: str | None) ->
 def _weights(value: str) -> str:
     """The --weights value, checked: a file-backed kind (not 'none')."""
     if value.strip().lower() == "none":
-        _fail("--weights: 'none' (random init) has no file; use imagenet or default")
+        fail("--weights: 'none' (random init) has no file; use imagenet or default")
     return value
 
 
@@ -73,9 +69,9 @@ def list_cmd(
         if not rows and known:
             weights_file(known[0], kinds[0])  # raises, naming the entries this model has
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if not rows:
-        _fail("no torchvision models named; pretrained weights exist only for torchvision models")
+        fail("no torchvision models named; pretrained weights exist only for torchvision models")
     width = max(len(r[0]) for r in rows)
     kind_width = max(8, *(len(r[1]) for r in rows))
     typer.echo(f"{'model':<{width}}  {'weights':<{kind_width}}  cached  file")
@@ -102,11 +98,11 @@ def download_cmd(
 
     weights = _weights(weights)
     if not names and preset is None:
-        _fail("name the models to download, or a preset (e.g. --preset paper)")
+        fail("name the models to download, or a preset (e.g. --preset paper)")
     try:
         models = [m for m in _models(names, preset, None) if m in torchvision_models()]
         if not models:
-            _fail("no torchvision models named; pretrained weights exist only for torchvision models")
+            fail("no torchvision models named; pretrained weights exist only for torchvision models")
         for name in models:
             path = weights_file(name, weights)
             if path.is_file():
@@ -115,6 +111,6 @@ def download_cmd(
             download_weights(name, weights, timeout=timeout, progress=progress)
             typer.echo(f"{name}: downloaded {path}")
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except WeightsDownloadError as exc:
-        _fail(str(exc), code=1)
+        fail(str(exc), code=1)

@@ -10,13 +10,9 @@ from typing import Annotated
 
 import typer
 
+from pixelray.cli.common import fail
+
 __all__ = ["train_augment_cmd"]
-
-
-def _fail(message: str, code: int = 2) -> None:
-    """Print a one-line error to stderr and exit non-zero (no traceback)."""
-    typer.echo(f"error: {' '.join(message.split())}", err=True)
-    raise typer.Exit(code)
 
 
 def train_augment_cmd(
@@ -69,7 +65,7 @@ def train_augment_cmd(
         cfg = load_train_config(config, flags)
         results = run_train_augment(cfg, address=address, log=lambda m: typer.echo(m, err=True), progress=progress)
     except (ConfigError, TrainError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     _summary(results)
 
 

@@ -60,7 +60,7 @@ class AttackConfig:
         eps = tuple(self.eps) if isinstance(self.eps, (list, tuple)) else self.eps
         if (
             not isinstance(eps, tuple) or not eps
-            or not all(isinstance(e, int) and not isinstance(e, bool) for e in eps)
+            or not all(is_int(e) for e in eps)
         ):
             shown = list(eps) if isinstance(eps, tuple) else eps
             raise ValueError(

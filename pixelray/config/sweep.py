@@ -258,6 +258,30 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
     ``overrides`` (e.g. ``{"output_dir": ...}`` from the command line) replace fields.
     """
     check_keys(raw, _TOP_KEYS, source)
+    # each section's fields of SweepConfig, checked in this order (the first mistake is the one reported)
+    fields: dict[str, Any] = {
+        **_data_fields(raw, source),
+        **_model_fields(raw, source),
+        **_eval_fields(raw, source),
+        "experiments": _experiments(raw, source),
+        "attacks": _attacks(raw, source),
+        **_output_fields(raw, source),
+        **_run_fields(raw, source),
+    }
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            fields[key] = value
+    _check_run(fields)
+    if fields["save_adversarial"] and not fields["attacks"]:
+        raise ConfigError(f"{source}: save_adversarial = {fields['save_adversarial']!r} but there is no [attack] "
+                          "section; add [attack] kind = 'fgsm' or drop the option")
+    if not fields["output_dir"]:
+        raise ConfigError(f"{source}: no output directory; add [output] dir = 'results/NAME' or pass --out DIR")
+    return SweepConfig(**fields)
+
+
+def _data_fields(raw: dict, source: str) -> dict[str, Any]:
+    """``[data]``: the path of the shards and how workers verify them."""
     data = get_value(raw, "data", source, dict, fix="add [data] path = 'DIR'")
     check_keys(data, {"path", "verify"}, "data")
     data_path = get_value(data, "path", "data", str, fix="a local directory of shards or a URI such as s3://bucket/shards")
@@ -266,9 +290,11 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
         verify = Verify(verify)
     except ValueError:
         raise ConfigError(f"[data] verify = {verify!r}: allowed: {[v.value for v in Verify]}") from None
+    return {"data": data_path, "verify": verify}
 
-    models_t = get_value(raw, "models", source, dict, fix="add [models] names = ['resnet101'] or preset = 'paper'")
-    check_keys(models_t, {"names", "preset", "weights"}, "models")
+
+def _model_names(models_t: dict) -> tuple[str, ...]:
+    """``[models] names`` (after a ``preset``'s, if any), each a well-formed spec named once."""
     if "preset" in models_t:
         from pixelray.models import PRESETS  # light import: the registry table only
 
@@ -288,11 +314,23 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
         resolve_models(list(names))  # the form of each spec, with close matches for a typo; nothing is loaded
     except ValueError as exc:
         raise ConfigError(f"[models] {exc}") from None
+    return names
+
+
+def _model_fields(raw: dict, source: str) -> dict[str, Any]:
+    """``[models]``: the model names and their weights."""
+    models_t = get_value(raw, "models", source, dict, fix="add [models] names = ['resnet101'] or preset = 'paper'")
+    check_keys(models_t, {"names", "preset", "weights"}, "models")
+    names = _model_names(models_t)
     weights = _weights(models_t.get("weights", "imagenet"), names)
     if weights is not None and "tiny" in names:
         raise ConfigError(f"[models] weights = {weights!r}: 'tiny' has no pretrained weights; "
                           "set weights = 'none' (random init) or name a trained 'checkpoint:PATH'")
+    return {"models": names, "weights": weights}
 
+
+def _eval_fields(raw: dict, source: str) -> dict[str, Any]:
+    """``[eval]``: the filter, the evaluation set's size, the seeds and the batch size."""
     ev = get_value(raw, "eval", source, dict, {})
     check_keys(ev, {"filter", "size", "seeds", "batch_size"}, "eval")
     try:
@@ -310,7 +348,11 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
     batch_size = get_value(ev, "batch_size", "eval", int, 64)
     if batch_size < 1:
         raise ConfigError(f"[eval] batch_size = {batch_size}: must be >= 1")
+    return {"filter": filt, "eval_size": size, "seeds": seeds, "batch_size": batch_size}
 
+
+def _experiments(raw: dict, source: str) -> tuple[Experiment, ...]:
+    """``[grid]`` and the ``[[experiment]]`` tables, in that order: at least one, names distinct."""
     experiments: list[Experiment] = []
     if "grid" in raw:
         experiments.append(_experiment(get_value(raw, "grid", source, dict), "grid", "grid"))
@@ -325,32 +367,30 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
     names_seen = [e.name for e in experiments]
     if len(set(names_seen)) != len(names_seen):
         raise ConfigError(f"experiment names must be distinct, got {names_seen}")
+    return tuple(experiments)
 
-    attacks = _attacks(raw, source)
 
+def _output_fields(raw: dict, source: str) -> dict[str, Any]:
+    """``[output]``: where the results go, and the adversarial examples (optional)."""
     out = get_value(raw, "output", source, dict, {})
     check_keys(out, {"dir", "save_adversarial"}, "output")
     output_dir = get_value(out, "dir", "output", str, None)
     save_adversarial = get_value(out, "save_adversarial", "output", str, None, fix="a directory for adversarial shards")
+    return {"output_dir": output_dir, "save_adversarial": save_adversarial}
 
+
+_RUN_KEYS = {"device", "workers", "gpus", "placement_timeout", "threads", "amp", "metrics_port", "metrics_host",
+             "metrics_linger", "cells_per_pass", "cuda_graphs"}
+
+
+def _run_fields(raw: dict, source: str) -> dict[str, Any]:
+    """``[run]``: device, workers and the rest, typed here; their ranges are :func:`_check_run`'s."""
     run = get_value(raw, "run", source, dict, {})
-    allowed_run = {"device", "workers", "gpus", "placement_timeout", "threads", "amp", "metrics_port", "metrics_host",
-                   "metrics_linger", "cells_per_pass", "cuda_graphs"}
-    check_keys(run, allowed_run, "run")
+    check_keys(run, _RUN_KEYS, "run")
     device = get_value(run, "device", "run", str, "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"[run] device = {device!r}: allowed: 'auto', 'cpu', 'cuda'")
-
-    fields: dict[str, Any] = {
-        "data": data_path,
-        "models": names,
-        "weights": weights,
-        "filter": filt,
-        "eval_size": size,
-        "seeds": seeds,
-        "batch_size": batch_size,
-        "experiments": tuple(experiments),
-        "output_dir": output_dir,
+    return {
         "device": device,
         "workers": get_value(run, "workers", "run", int, None),
         "gpus": get_value(run, "gpus", "run", (int, str), None, fix="a number of GPUs, or 'all'"),
@@ -360,22 +400,9 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
         "metrics_port": get_value(run, "metrics_port", "run", int, None),
         "metrics_host": get_value(run, "metrics_host", "run", str, "127.0.0.1"),
         "metrics_linger": get_value(run, "metrics_linger", "run", (int, float), 5.0),
-        "verify": verify,
-        "attacks": attacks,
         "cells_per_pass": get_value(run, "cells_per_pass", "run", int, 1),
         "cuda_graphs": get_value(run, "cuda_graphs", "run", bool, False),
-        "save_adversarial": save_adversarial,
     }
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            fields[key] = value
-    _check_run(fields)
-    if fields["save_adversarial"] and not fields["attacks"]:
-        raise ConfigError(f"{source}: save_adversarial = {fields['save_adversarial']!r} but there is no [attack] "
-                          "section; add [attack] kind = 'fgsm' or drop the option")
-    if not fields["output_dir"]:
-        raise ConfigError(f"{source}: no output directory; add [output] dir = 'results/NAME' or pass --out DIR")
-    return SweepConfig(**fields)
 
 
 def _check_run(fields: dict[str, Any]) -> None:

@@ -11,6 +11,8 @@ from typing import Any
 
 import tomllib
 
+from pixelray.core.check import is_int
+
 __all__ = ["ConfigError", "check_keys", "get_value", "int_list", "read_toml"]
 
 
@@ -50,7 +52,7 @@ def int_list(table: dict, key: str, where: str, default: Any = ...) -> tuple[int
     value = get_value(table, key, where, list, default, fix="use a list of integers, e.g. [4, 8, 16]")
     if value is default:
         return value
-    if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if not value or not all(is_int(v) for v in value):
         raise ConfigError(f"[{where}] {key} = {value!r}: expected a non-empty list of integers, e.g. [4, 8, 16]")
     return tuple(value)
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from pixelray.config.tomlcheck import ConfigError, check_keys, get_value, read_toml
 from pixelray.core.augment import Aug, Augmentation
+from pixelray.core.check import is_int
 from pixelray.core.spec import PixelChange
 
 __all__ = ["FLAG_KEYS", "FineTune", "Head", "Optimizer", "TrainAugmentConfig", "load_train_config",
@@ -201,7 +202,7 @@ def _augment(table: dict) -> tuple[Aug, list[PixelChange | None], float, float]:
         if count is None:
             changes.append(None)
             continue
-        if isinstance(count, bool) or not isinstance(count, int):
+        if not is_int(count):
             raise ConfigError(f"[augment] count = {count!r}: expected an integer >= 1")
         try:
             changes.append(PixelChange(count, amplitude, area, channels, positions))

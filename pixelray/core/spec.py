@@ -319,7 +319,7 @@ _CELL_ID = re.compile(r"^n(\d+)-(full|a\d+)-(whole|s\d+)-(all|c[0-2]+)-(per-imag
 
 
 def _size(image_size: tuple[int, int] | int) -> tuple[int, int]:
-    if isinstance(image_size, int) and not isinstance(image_size, bool):
+    if is_int(image_size):
         return image_size, image_size
     height, width = image_size  # type: ignore[misc]
     return int(height), int(width)

@@ -24,7 +24,7 @@ import os
 import time
 import warnings
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,52 +218,80 @@ def convert_files(
     started = time.perf_counter()
     decode = _remote_decode()
     if max_in_flight is None:
-        if not ray.is_initialized():
-            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
-        max_in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        max_in_flight = _default_in_flight()
     batches = [entries[i:i + files_per_task] for i in range(0, len(entries), files_per_task)]
     transform_ref = ray.put(transform)
     skipped: list[Skipped] = []
-    pending: deque = deque()
     with ShardWriter(out_dir, name=name, height=transform.crop, width=transform.crop,
                      class_names=class_names, class_ids=class_ids, source=source,
                      rows_per_shard=rows_per_shard, compression=compression) as writer, \
             tqdm(total=len(entries), unit="img", desc=f"convert {name}", disable=not progress,
                  dynamic_ncols=True) as bar:
-        submitted = 0
-        for batch in batches:
-            pending.append((batch, decode.remote([e.path for e in batch], transform_ref)))
-            submitted += 1
-            while len(pending) >= max_in_flight or (submitted == len(batches) and pending):
-                done_batch, ref = pending.popleft()
-                ok, images, errors = ray.get(ref)
-                del ref
-                kept = [done_batch[int(i)] for i in ok]
-                writer.add([e.image_id for e in kept], [e.label for e in kept], images,
-                           [e.source for e in kept])
-                skipped += [Skipped(e.source, err) for e, err in zip(done_batch, errors, strict=True) if err]
-                bar.update(len(done_batch))
-                if skipped:
-                    bar.set_postfix(skipped=len(skipped), refresh=False)
+        for batch, decoded in _decoded_in_order(batches, decode, transform_ref, max_in_flight):
+            skipped += _write_decoded(writer, batch, decoded)
+            bar.update(len(batch))
+            if skipped:
+                bar.set_postfix(skipped=len(skipped), refresh=False)
         if len(skipped) == len(entries):
             first = skipped[0]
             raise ValueError(f"none of the {len(entries)} files could be decoded (first: {first.file}: "
                              f"{first.error}); nothing was written")
         seconds = time.perf_counter() - started
-        report = {
-            "name": name,
-            "source": source,
-            "files": len(entries),
-            "written": len(entries) - len(skipped),
-            "skipped": [{"file": s.file, "error": s.error} for s in skipped],
-            "transform": transform.to_dict(),
-            "seconds": round(seconds, 3),
-            **(report_extra or {}),
-        }
-        writer.add_file(REPORT_NAME, (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode())
+        writer.add_file(REPORT_NAME, _report(name, source, len(entries), skipped, transform, seconds, report_extra))
         manifest = writer.close()
     return ConvertResult(manifest=manifest, out_dir=writer.out_dir, files=len(entries),
                          skipped=tuple(skipped), seconds=seconds)
+
+
+def _default_in_flight() -> int:
+    """Twice the cluster's CPUs (at least 2), starting a local Ray when none is running."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+    return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+
+
+_Decoded = tuple[np.ndarray, np.ndarray, list[str]]  # what _decode_batch returns
+
+
+def _decoded_in_order(batches: Sequence[Sequence[ImageEntry]], decode, transform_ref,
+                      max_in_flight: int) -> Iterator[tuple[Sequence[ImageEntry], _Decoded]]:
+    """Each batch with its decoding, in order: one Ray task per batch, at most ``max_in_flight`` not yet taken."""
+    import ray
+
+    pending: deque = deque()
+    for submitted, batch in enumerate(batches, start=1):
+        pending.append((batch, decode.remote([e.path for e in batch], transform_ref)))
+        while len(pending) >= max_in_flight or (submitted == len(batches) and pending):
+            done_batch, ref = pending.popleft()
+            decoded = ray.get(ref)
+            del ref
+            yield done_batch, decoded
+
+
+def _write_decoded(writer: ShardWriter, batch: Sequence[ImageEntry], decoded: _Decoded) -> list[Skipped]:
+    """Write a batch's decoded images; the files that failed, and why."""
+    ok, images, errors = decoded
+    kept = [batch[int(i)] for i in ok]
+    writer.add([e.image_id for e in kept], [e.label for e in kept], images, [e.source for e in kept])
+    return [Skipped(e.source, err) for e, err in zip(batch, errors, strict=True) if err]
+
+
+def _report(name: str, source: str, files: int, skipped: Sequence[Skipped], transform: Transform, seconds: float,
+            extra: dict | None) -> bytes:
+    """``report.json``: what was converted, what was skipped and why, how, and how long it took."""
+    report = {
+        "name": name,
+        "source": source,
+        "files": files,
+        "written": files - len(skipped),
+        "skipped": [{"file": s.file, "error": s.error} for s in skipped],
+        "transform": transform.to_dict(),
+        "seconds": round(seconds, 3),
+        **(extra or {}),
+    }
+    return (json.dumps(report, indent=1, ensure_ascii=False) + "\n").encode()
 
 
 def _is_image(name: str) -> bool:

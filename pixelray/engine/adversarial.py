@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,51 +124,105 @@ def attack_outcomes(
     """
     from pixelray.attacks import check_labels
 
-    n, n_eps = images.shape[0], len(eps)
-    dev = images.device
     check_labels(labels, getattr(model, "num_classes", None))  # once per unit, not per batch
-    success_float = torch.zeros(n_eps, n, dtype=torch.bool, device=dev) if report_float else None
-    success = torch.zeros(n_eps, n, dtype=torch.bool, device=dev)
-    restored = torch.zeros(n_eps, len(cells), n, dtype=torch.bool, device=dev)
-    correct_by = torch.zeros(n_eps, len(judges), n, dtype=torch.bool, device=dev)
-    examples = torch.empty((n_eps, *images.shape), dtype=images.dtype, device=dev)
+    unit = _Unit(model, images, labels, image_ids, batch_size)
+    found = _attack_every_eps(unit, eps, attack, params, report_float)
+    restored, correct_by = _cells_and_judges(unit, found, cells, judges, keep_all=keep_all, amp=amp,
+                                             on_examples=on_examples, cell_options=cell_options)
+    return {
+        "success_float": None if found.success_float is None else found.success_float.cpu().numpy(),
+        "success": found.success.cpu().numpy(),
+        "restored": restored.cpu().numpy(),
+        "correct_by": correct_by.cpu().numpy(),
+    }
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """An attack unit's model and images (labels, ids), all on the model's device, and its batch size."""
+
+    model: torch.nn.Module
+    images: torch.Tensor
+    labels: torch.Tensor
+    image_ids: torch.Tensor
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class _Examples:
+    """The attack's examples at every eps (E, N, ...) and its verdicts (E, N), on the device."""
+
+    adv: torch.Tensor
+    success: torch.Tensor
+    success_float: torch.Tensor | None
+
+
+def _attack_every_eps(unit: _Unit, eps: Sequence[int], attack: str, params: Sequence[tuple[str, Any]],
+                      report_float: bool) -> _Examples:
+    """The attack at each eps, in slices of the batch size, in fp32 (on CUDA without TF32); no host sync."""
+    images, n, dev = unit.images, unit.images.shape[0], unit.images.device
+    success_float = torch.zeros(len(eps), n, dtype=torch.bool, device=dev) if report_float else None
+    success = torch.zeros(len(eps), n, dtype=torch.bool, device=dev)
+    examples = torch.empty((len(eps), *images.shape), dtype=images.dtype, device=dev)
     spec = get_attack(attack)
     kwargs = dict(params)
     if spec.optional_float:
         kwargs["report_float"] = report_float
     for e, k in enumerate(eps):
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
+        for start in range(0, n, unit.batch_size):
+            stop = min(start + unit.batch_size, n)
             with _exact_fp32(dev) if spec.needs_grad else contextlib.nullcontext():
-                outcome = spec.run(model, images[start:stop], labels[start:stop], image_ids[start:stop], k / 255,
-                                   **kwargs)
+                outcome = spec.run(unit.model, images[start:stop], unit.labels[start:stop],
+                                   unit.image_ids[start:stop], k / 255, **kwargs)
             examples[e, start:stop] = outcome.adv
             success[e, start:stop] = outcome.success
             if success_float is not None:
                 success_float[e, start:stop] = outcome.success_float
+    return _Examples(examples, success, success_float)
+
+
+def _eligible(success: torch.Tensor, keep_all: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    """(eps index, the examples that go on) for each eps that has any: every one with ``keep_all``, else
+    those that fool the model after rounding (one copy of the mask to the host tells which)."""
+    n_eps, n = success.shape
     eligible = None if keep_all else success.cpu().numpy()  # the one wait: which examples go on
-    options = dict(cell_options or {})
     for e in range(n_eps):
         if keep_all:
-            chosen = torch.arange(n, device=dev)
-        else:
-            index = np.flatnonzero(eligible[e])
-            if not len(index):
-                continue
-            chosen = torch.from_numpy(index).to(dev)
-        adv, truth, ids = examples[e][chosen], labels[chosen], image_ids[chosen]
+            yield e, torch.arange(n, device=success.device)
+            continue
+        index = np.flatnonzero(eligible[e])
+        if len(index):
+            yield e, torch.from_numpy(index).to(success.device)
+
+
+def _cells_and_judges(
+    unit: _Unit,
+    found: _Examples,
+    cells: Sequence[Cell],
+    judges: Sequence[torch.nn.Module | None],
+    *,
+    keep_all: bool,
+    amp: bool,
+    on_examples: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None,
+    cell_options: dict | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``restored`` (E, C, N) and ``correct_by`` (E, J, N): every cell and every judge over the eligible examples."""
+    n_eps, n = found.success.shape
+    dev = found.success.device
+    restored = torch.zeros(n_eps, len(cells), n, dtype=torch.bool, device=dev)
+    correct_by = torch.zeros(n_eps, len(judges), n, dtype=torch.bool, device=dev)
+    options = dict(cell_options or {})
+    for e, chosen in _eligible(found.success, keep_all):
+        adv, truth, ids = found.adv[e][chosen], unit.labels[chosen], unit.image_ids[chosen]
         if on_examples is not None:
             on_examples(e, ids, truth, adv)
-        restored[e][:, chosen] = correct_under_cells(model, adv, truth, ids, cells, batch_size, amp, **options)
+        restored[e][:, chosen] = correct_under_cells(unit.model, adv, truth, ids, cells, unit.batch_size, amp,
+                                                     **options)
         for j, judge in enumerate(judges):
-            verdict = ~success[e, chosen] if judge is None else predict(judge, adv, batch_size, amp) == truth
+            verdict = (~found.success[e, chosen] if judge is None
+                       else predict(judge, adv, unit.batch_size, amp) == truth)
             correct_by[e, j, chosen] = verdict
-    return {
-        "success_float": None if success_float is None else success_float.cpu().numpy(),
-        "success": success.cpu().numpy(),
-        "restored": restored.cpu().numpy(),
-        "correct_by": correct_by.cpu().numpy(),
-    }
+    return restored, correct_by
 
 
 def save_examples(

@@ -14,6 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
+from pixelray.core.check import is_int
+from pixelray.errors import first_line
 from pixelray.models.registry import (
     Weights,
     WeightsMissingError,
@@ -41,7 +43,7 @@ def _check_loadable(name: str, label: str, path: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - unpickling, truncation, wrong format
         raise WeightsMissingError(
             f"{name} weights '{label}' in {path} cannot be read as a weights-only state_dict "
-            f"({first_line(exc)}); delete it and run `pixelray weights download {name}`"
+            f"({first_line(exc, typed=True, limit=300)}); delete it and run `pixelray weights download {name}`"
         ) from exc
 
 
@@ -124,7 +126,7 @@ def load_factory(spec: str, num_classes: int | None, init_seed: int) -> Classifi
     std = getattr(net, "std", IMAGENET_STD)
     if isinstance(net, Classifier):
         net = net.net
-    if not isinstance(classes, int) or isinstance(classes, bool):
+    if not is_int(classes):
         raise ValueError(f"num_classes: cannot tell how many classes {spec} predicts; pass num_classes "
                          "or give the module a num_classes attribute")
     return Classifier(net, name=spec.rsplit(":", 1)[1], num_classes=classes, mean=triple("mean", mean),
@@ -152,7 +154,3 @@ def is_builtin(base: str) -> bool:
     return base == "tiny" or base in torchvision_models()
 
 
-def first_line(exc: BaseException) -> str:
-    """An exception's message on one line (torch's unpickling errors run to a page)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]

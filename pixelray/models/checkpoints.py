@@ -14,7 +14,9 @@ import torch
 import torchvision
 from torch import nn
 
-from pixelray.models.build import BUILTIN_HINT, build_net, first_line, is_builtin
+from pixelray.core.check import is_int
+from pixelray.errors import first_line, one_line
+from pixelray.models.build import BUILTIN_HINT, build_net, is_builtin
 from pixelray.models.registry import CHECKPOINT_PREFIX, known_names, spec_kind
 from pixelray.models.wrapper import Classifier, LabelMap, triple
 from pixelray.store.atomic import write_atomic
@@ -81,7 +83,7 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
                          f"({BUILTIN_HINT}); a file never names code to run: for an architecture of your own, "
                          "load the weights in your own 'module.path:factory' named in the config")
     classes = meta["num_classes"]
-    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+    if not is_int(classes) or classes < 1:
         raise ValueError(f"checkpoint: sidecar {side}: num_classes {classes!r} must be an integer >= 1")
     if not isinstance(meta.get("metadata", {}), dict):
         raise ValueError(f"checkpoint: sidecar {side}: metadata must be a JSON object")
@@ -153,7 +155,8 @@ def load_checkpoint(spec: str, num_classes: int | None, init_seed: int) -> Class
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
-        raise ValueError(f"checkpoint: {path} is not a weights-only state_dict ({first_line(exc)}); save it "
+        raise ValueError(f"checkpoint: {path} is not a weights-only state_dict "
+                         f"({first_line(exc, typed=True, limit=300)}); save it "
                          "with save_checkpoint (torch.save of a state_dict)") from exc
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint: {path} holds {type(state).__name__}, not a state_dict of tensors")
@@ -161,7 +164,7 @@ def load_checkpoint(spec: str, num_classes: int | None, init_seed: int) -> Class
     try:
         net.load_state_dict(_strip_wrappers(dict(state)))
     except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
-        first = " ".join(str(exc).split())[:400]
+        first = one_line(exc, 400)
         raise ValueError(f"checkpoint: {path} does not fit base {meta['base']!r} ({first}); fix 'base' "
                          f"or 'num_classes' in {meta['_sidecar']}") from exc
     if label_map:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pixelray.core.check import check_int
 from pixelray.models.build import build_net, load_factory, load_torchvision
 from pixelray.models.checkpoints import load_checkpoint
 from pixelray.models.registry import Weights, parse_weights, spec_kind, weights_label
@@ -35,11 +36,8 @@ def load_model(
     """
     kind = spec_kind(spec)
     parsed = parse_weights(weights)
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                    or num_classes < 1):
-        raise ValueError(f"num_classes: {num_classes!r} is invalid; it must be an integer >= 1 or None")
-    if isinstance(init_seed, bool) or not isinstance(init_seed, int) or not 0 <= init_seed < 2**63:
-        raise ValueError(f"init_seed: {init_seed!r} is invalid; it must be an integer in 0..2**63-1")
+    check_int(num_classes, "num_classes", none_ok=True)
+    check_int(init_seed, "init_seed", 0, 2**63 - 1, high_text="2**63-1")
     if kind == "torchvision":
         model = load_torchvision(spec, parsed, num_classes, init_seed)
     elif kind == "tiny":

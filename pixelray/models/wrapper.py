@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pixelray.core.check import check_int, is_int
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -64,8 +66,7 @@ class Classifier(nn.Module):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise ValueError(f"net: {type(net).__name__} is not a torch.nn.Module")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes: {num_classes!r} is invalid; it must be an integer >= 1")
+        check_int(num_classes, "num_classes")
         self.net = net
         self.name = str(name)
         self.num_classes = num_classes
@@ -145,8 +146,8 @@ class LabelMap(nn.Module):
     def __init__(self, net: nn.Module, labels: Sequence[int], num_classes: int) -> None:
         super().__init__()
         labels = list(labels)
-        if (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1 or not labels
-                or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < num_classes for v in labels)
+        if (not is_int(num_classes) or num_classes < 1 or not labels
+                or any(not is_int(v) or not 0 <= v < num_classes for v in labels)
                 or len(set(labels)) != len(labels)):
             raise ValueError(f"label map: labels {labels!r} must be distinct integers in 0..num_classes-1 "
                              f"(num_classes {num_classes!r}), one per output of the head")
@@ -185,8 +186,7 @@ class TinyNet(nn.Module):
 
     def __init__(self, num_classes: int = 10, width: int = 16) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes: {num_classes!r} is invalid; it must be an integer >= 1")
+        check_int(num_classes, "num_classes")
         chans = (3, width, 2 * width, 4 * width, 4 * width)
         layers: list[nn.Module] = []
         for i in range(4):

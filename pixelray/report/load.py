@@ -18,6 +18,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pixelray.core.check import is_int
+from pixelray.errors import first_line
 from pixelray.store.schemas import ATTACK_SCHEMA, CELLS_SCHEMA, TRANSFER_SCHEMA
 
 __all__ = ["ModelInfo", "ReportError", "Run", "load_runs"]
@@ -69,11 +71,6 @@ class Run:
     models: dict[str, ModelInfo] = field(default_factory=dict)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 #: Columns that results written by earlier versions lack, and the value they read as (None: empty).
 _LATER_COLUMNS = {
     "n_restored": None, "restored_rate": None, "attack_params": None, "family": "pixel_change", "severity": None,
@@ -86,7 +83,7 @@ def _read_table(path: Path, schema: pa.Schema) -> pd.DataFrame:
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
-        raise ReportError(f"{path} is not a readable Parquet file ({_first_line(exc)}); {_SWEEP_HINT}") from None
+        raise ReportError(f"{path} is not a readable Parquet file ({first_line(exc)}); {_SWEEP_HINT}") from None
     known = {"n_wrong", "n_success", "n_fooled"} & set(table.column_names)  # a results table, if an old one
     for name, value in _LATER_COLUMNS.items():
         if name in schema.names and name not in table.column_names and known:
@@ -100,7 +97,7 @@ def _read_table(path: Path, schema: pa.Schema) -> pd.DataFrame:
     try:
         table = table.select(schema.names).cast(schema)
     except (pa.ArrowException, ValueError) as exc:
-        raise ReportError(f"{path}: a column has the wrong type ({_first_line(exc)}); {_SWEEP_HINT}") from None
+        raise ReportError(f"{path}: a column has the wrong type ({first_line(exc)}); {_SWEEP_HINT}") from None
     return table.to_pandas()
 
 
@@ -122,7 +119,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ReportError(f"{path} is not valid JSON ({_first_line(exc)}); {_SWEEP_HINT}") from None
+        raise ReportError(f"{path} is not valid JSON ({first_line(exc)}); {_SWEEP_HINT}") from None
     if not isinstance(value, dict):
         raise ReportError(f"{path} must hold a JSON object; {_SWEEP_HINT}")
     return value
@@ -155,7 +152,7 @@ def _clean_accuracy(path: Path) -> pd.DataFrame | None:
     try:
         table = pq.read_table(path, columns=["model", "correct"])
     except (pa.ArrowException, OSError, KeyError) as exc:
-        raise ReportError(f"{path} is not a pixelray clean table ({_first_line(exc)}); {_SWEEP_HINT}") from None
+        raise ReportError(f"{path} is not a pixelray clean table ({first_line(exc)}); {_SWEEP_HINT}") from None
     df = table.to_pandas()
     return (df.groupby("model", sort=False)["correct"].agg(n_images="size", n_correct="sum")
             .astype("int64").reset_index())
@@ -194,7 +191,7 @@ def _augment_count(metadata: Any) -> int | None:
         value = augment.get("count")
     if value is None and isinstance(augment, int):
         value = augment
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+    return value if is_int(value) and value >= 1 else None
 
 
 def _model_info(spec: str) -> ModelInfo:

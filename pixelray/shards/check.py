@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pixelray.errors import one_line
 from pixelray.shards.format import (
     COLUMNS,
     MANIFEST_NAME,
@@ -20,7 +21,7 @@ from pixelray.shards.format import (
     ShardInfo,
 )
 from pixelray.shards.paths import load_manifest, resolve, shard_uri
-from pixelray.shards.read import image_shape, int_column, one_line, read_labels
+from pixelray.shards.read import image_shape, int_column, read_labels
 from pixelray.shards.write import is_temp, sha256_file
 
 

@@ -12,6 +12,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from pixelray.errors import one_line
 from pixelray.shards.format import SHAPE_KEY, ShardBatch, ShardError, ShardExpectation
 from pixelray.shards.paths import resolve
 
@@ -135,10 +136,6 @@ def read_labels(uri: str) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, pa.ArrowException) as exc:
         raise ShardError(f"{uri}: unreadable Parquet ({one_line(exc)}); the file is truncated or corrupt") from None
     return int_column(table, "image_id", uri), int_column(table, "label", uri)
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def _open_for_read(fs: pafs.FileSystem, path: str, uri: str, sha256: str | None):

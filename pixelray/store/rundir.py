@@ -40,7 +40,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pixelray.errors import SweepError
+from pixelray.errors import SweepError, one_line
 from pixelray.store.storage import Location
 
 __all__ = ["LEASE_TTL", "LOCK_NAME", "RUN_NAME", "RunDir", "fingerprint"]
@@ -174,7 +174,7 @@ class RunDir:
             time.sleep(LEASE_SETTLE)
             back = _read_json(lock)
         except (OSError, pa.ArrowException) as exc:
-            raise SweepError(f"[output] dir = {self.loc.uri!r}: cannot write there ({' '.join(str(exc).split())}); "
+            raise SweepError(f"[output] dir = {self.loc.uri!r}: cannot write there ({one_line(exc)}); "
                              "check the bucket, the endpoint and the credentials") from None
         if back.get("token") != mine["token"]:
             raise SweepError(_in_use(self.loc.uri, back))
@@ -278,7 +278,7 @@ class RunDir:
         try:
             table = loc.read_table()
         except (OSError, pa.ArrowException) as exc:
-            self._reject(loc, key, f"unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+            self._reject(loc, key, f"unreadable ({type(exc).__name__}: {one_line(exc, 200)})")
             return None
         try:
             stamp = json.loads((table.schema.metadata or {}).get(_META_UNIT, b"{}"))

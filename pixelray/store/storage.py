@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pixelray.errors import one_line
 from pixelray.store.atomic import TMP_GLOB, write_bytes_atomic
 
 __all__ = ["Location", "is_remote", "join_uri"]
@@ -66,7 +67,7 @@ class Location:
             try:
                 self.fs, self.key = pafs.FileSystem.from_uri(self.uri)
             except (pa.ArrowException, OSError, ValueError) as exc:
-                raise OSError(f"{self.uri}: cannot open this location ({' '.join(str(exc).split())})") from None
+                raise OSError(f"{self.uri}: cannot open this location ({one_line(exc)})") from None
         else:
             self.fs, self.key = pafs.LocalFileSystem(), os.path.abspath(self.uri.removeprefix("file://"))
 

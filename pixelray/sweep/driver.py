@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from pixelray.config.sweep import SweepConfig
 from pixelray.core.metrics import aggregate
-from pixelray.errors import SweepError
+from pixelray.errors import SweepError, one_line
 from pixelray.shards import Manifest, ShardError, check_shards, load_manifest, shard_uris
 from pixelray.store.rundir import RunDir
 from pixelray.sweep.attack import run_attack
@@ -70,7 +70,7 @@ def _check_data(config: SweepConfig) -> tuple[Manifest, list[str]]:
         uris = shard_uris(config.data, manifest)
         check_shards(config.data, manifest)
     except (OSError, ShardError) as exc:
-        raise SweepError(f"[data] path = {config.data!r}: {' '.join(str(exc).split())}") from None
+        raise SweepError(f"[data] path = {config.data!r}: {one_line(exc)}") from None
     return manifest, uris
 
 

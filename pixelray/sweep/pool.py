@@ -23,7 +23,7 @@ from typing import Any
 from pixelray.config.sweep import SweepConfig
 from pixelray.engine.units import Unit
 from pixelray.engine.worker import ModelWorker
-from pixelray.errors import SweepError
+from pixelray.errors import SweepError, one_line
 from pixelray.telemetry import SweepTelemetry
 
 __all__ = ["DEVICE_OVERRIDE", "MAX_UNIT_FAILURES", "WorkerPool", "cause", "connect", "reserved_cpus", "schedule"]
@@ -68,10 +68,6 @@ def reserved_cpus(device: str, threads: int) -> int:
 def cause(exc: BaseException) -> BaseException:
     """The user's exception inside a Ray task error (bad data, missing weights), else the error itself."""
     return exc.cause if getattr(exc, "cause", None) is not None else exc
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 #: Environment variable: compute on this device ("cpu") whatever the workers reserve (tests, dry runs
@@ -222,9 +218,9 @@ class WorkerPool:
         try:
             return ray.get(getattr(worker.handle, method).remote(*args))
         except RayTaskError as exc:
-            raise SweepError(_one_line(cause(exc))) from None
+            raise SweepError(one_line(cause(exc))) from None
         except RayActorError as exc:
-            raise SweepError(f"the worker died during {method} ({_one_line(exc)[:300]})") from None
+            raise SweepError(f"the worker died during {method} ({one_line(exc, 300)})") from None
 
     def shutdown(self) -> None:
         import ray
@@ -258,71 +254,97 @@ def schedule(
     unit it holds for every later unit of that model, which are dropped with it.
     """
     import ray
-    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
-    pending: dict[str, deque[Unit]] = defaultdict(deque)
+    state = _Schedule(pool, telemetry, skip)
     for unit in units:
-        pending[unit.model].append(unit)
-    failures: dict[str, int] = defaultdict(int)
-
-    def drop_unneeded() -> None:
-        for queue in pending.values():
-            if queue and skip is not None and skip(queue[0]):
-                for unit in queue:
-                    telemetry.unit_done(unit.model, 0)
-                queue.clear()
-
-    def next_unit(worker: _Worker) -> Unit | None:
-        drop_unneeded()
-        model = worker.model
-        if not pending.get(model):
-            left = {m: q for m, q in pending.items() if q}
-            if not left:
-                return None
-            holders: dict[str | None, int] = defaultdict(int)
-            for w in pool.workers:
-                holders[w.model] += 1
-            model = max(left, key=lambda m: len(left[m]) / (1 + holders[m]))
-            worker.model = model
-        return pending[model].popleft()
-
+        state.pending[unit.model].append(unit)
     while True:
         pool.poll()
         for worker in pool.placed:  # never a unit for a worker that is not placed
-            while len(worker.inflight) < pool.depth:
-                unit = next_unit(worker)
-                if unit is None:
-                    break
-                worker.inflight[submit(worker.handle, unit)] = unit
+            state.fill(worker, submit)
         refs = {ref: w for w in pool.workers for ref in w.inflight}
         if not refs:
-            if not any(pending.values()):
+            if not any(state.pending.values()):
                 return
             time.sleep(0.2)  # units left, no worker placed yet: poll() waits for one, or times out
             continue
         ready, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
         for ref in ready:
-            worker = refs[ref]
-            if ref not in worker.inflight:  # its worker died and was handled earlier in this loop
-                continue
-            unit = worker.inflight.pop(ref)
-            try:
-                result = ray.get(ref)
-            except RayTaskError as exc:
-                raise SweepError(f"unit {unit.key} failed: {_one_line(cause(exc))}") from None
-            except (ActorUnavailableError, RayActorError) as exc:
-                lost = [unit, *worker.inflight.values()]
-                worker.inflight.clear()
-                for other in lost:
-                    telemetry.unit_failed()
-                    failures[other.key] += 1
-                    if failures[other.key] >= MAX_UNIT_FAILURES:
-                        raise SweepError(
-                            f"unit {other.key} was running when its worker died {failures[other.key]} times "
-                            f"(last: {type(exc).__name__}); it may need more memory than a worker has"
-                        ) from None
-                    pending[other.model].appendleft(other)
-                if worker in pool.workers:
-                    pool.replace(worker)
-                continue
-            on_done(unit, result)
+            state.collect(ref, refs[ref], on_done)
+
+
+@dataclass
+class _Schedule:
+    """The scheduler's state: the units not yet submitted, by model, and the worker deaths each unit saw."""
+
+    pool: WorkerPool
+    telemetry: SweepTelemetry
+    skip: Callable[[Unit], bool] | None = None
+    pending: defaultdict[str, deque[Unit]] = field(default_factory=lambda: defaultdict(deque))
+    failures: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def drop_unneeded(self) -> None:
+        """Drop each model's queue once ``skip`` holds for its next unit (counted as done, with no work)."""
+        for queue in self.pending.values():
+            if queue and self.skip is not None and self.skip(queue[0]):
+                for unit in queue:
+                    self.telemetry.unit_done(unit.model, 0)
+                queue.clear()
+
+    def next_unit(self, worker: _Worker) -> Unit | None:
+        """The next unit for ``worker``: of the model it holds, else of the model with the most work per worker."""
+        self.drop_unneeded()
+        model = worker.model
+        if not self.pending.get(model):
+            left = {m: q for m, q in self.pending.items() if q}
+            if not left:
+                return None
+            holders: dict[str | None, int] = defaultdict(int)
+            for w in self.pool.workers:
+                holders[w.model] += 1
+            model = max(left, key=lambda m: len(left[m]) / (1 + holders[m]))
+            worker.model = model
+        return self.pending[model].popleft()
+
+    def fill(self, worker: _Worker, submit: Callable[[Any, Unit], Any]) -> None:
+        """Submit units to ``worker`` until it has the pool's depth in flight, or none is left."""
+        while len(worker.inflight) < self.pool.depth:
+            unit = self.next_unit(worker)
+            if unit is None:
+                break
+            worker.inflight[submit(worker.handle, unit)] = unit
+
+    def collect(self, ref: Any, worker: _Worker, on_done: Callable[[Unit, dict], None]) -> None:
+        """A finished ref: its result to ``on_done``; a unit's own error stops the sweep; a dead worker's
+        units go back to the queue and the worker is replaced."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+        if ref not in worker.inflight:  # its worker died and was handled earlier in this loop
+            return
+        unit = worker.inflight.pop(ref)
+        try:
+            result = ray.get(ref)
+        except RayTaskError as exc:
+            raise SweepError(f"unit {unit.key} failed: {one_line(cause(exc))}") from None
+        except (ActorUnavailableError, RayActorError) as exc:
+            lost = [unit, *worker.inflight.values()]
+            worker.inflight.clear()
+            self.requeue(lost, exc)
+            if worker in self.pool.workers:
+                self.pool.replace(worker)
+            return
+        on_done(unit, result)
+
+    def requeue(self, lost: list[Unit], exc: BaseException) -> None:
+        """Put units whose worker died back at the front of their queues; one that saw
+        ``MAX_UNIT_FAILURES`` deaths stops the sweep."""
+        for other in lost:
+            self.telemetry.unit_failed()
+            self.failures[other.key] += 1
+            if self.failures[other.key] >= MAX_UNIT_FAILURES:
+                raise SweepError(
+                    f"unit {other.key} was running when its worker died {self.failures[other.key]} times "
+                    f"(last: {type(exc).__name__}); it may need more memory than a worker has"
+                ) from None
+            self.pending[other.model].appendleft(other)

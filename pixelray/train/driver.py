@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from pixelray import __version__
 from pixelray.config.train import FineTune, TrainAugmentConfig
-from pixelray.errors import SweepError
+from pixelray.errors import SweepError, one_line
 from pixelray.store.atomic import write_table_atomic, write_text_atomic
 from pixelray.store.rundir import RunDir
 from pixelray.train.data import DataPlan, plan_data
@@ -258,9 +258,9 @@ def _failure_message(exc: BaseException) -> str:
     if failures:
         rank, cause = sorted(failures.items())[0]
         cause = getattr(cause, "cause", None) or cause
-        text = " ".join(str(cause).split())[:400]
+        text = one_line(cause, 400)
         return f"worker {rank} failed: {type(cause).__name__}: {text}"
-    return " ".join(str(exc).split())[:400]
+    return one_line(exc, 400)
 
 
 def _fit(prepared: Prepared, hooks: TrainHooks | None):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pixelray.core.check import check_int
 from pixelray.core.perturb import apply_pixel_changes
 from pixelray.core.spec import Cell, PixelChange
 
@@ -33,8 +34,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: {getattr(self, name)} must be >= 1")
+            check_int(getattr(self, name), name)
         if not self.lr > 0:
             raise ValueError(f"lr: {self.lr} must be > 0")
 

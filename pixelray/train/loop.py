@@ -33,6 +33,7 @@ from pixelray.config.train import FineTune, Head, Optimizer
 from pixelray.core.augment import augment_batch, epoch_seed
 from pixelray.core.spec import Cell
 from pixelray.cpu_memory import use_huge_pages
+from pixelray.errors import one_line
 from pixelray.models import Classifier, LabelMap, load_model
 from pixelray.train.data import DataPlan, read_share
 
@@ -138,7 +139,7 @@ def replace_head(model: Classifier, arch: str, labels: Sequence[int], num_classe
         result = fresh.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise ValueError(f"head: {arch} with {len(labels)} classes differs from the model in more than its last "
-                         f"layer {head!r} ({' '.join(str(exc).split())[:200]})") from None
+                         f"layer {head!r} ({one_line(exc, 200)})") from None
     if result.unexpected_keys or any(not k.startswith(head + ".") for k in result.missing_keys):
         raise ValueError(f"head: {arch} with {len(labels)} classes differs from the model in more than its last "
                          f"layer {head!r}")
