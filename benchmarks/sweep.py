@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pixelray.core.perturb import apply_pixel_changes  # noqa: E402
 from pixelray.core.spec import Cell, PixelChange  # noqa: E402
-from pixelray.cpu_memory import HUGE_PAGES_ENV, use_huge_pages  # noqa: E402
+from pixelray.cpu_memory import HUGE_PAGES_ENV, use_huge_pages_here  # noqa: E402
 from pixelray.datasets.synthetic import make_synthetic  # noqa: E402
 from pixelray.engine.evaluate import pick_device  # noqa: E402
 from pixelray.engine.units import Unit  # noqa: E402
@@ -307,7 +307,7 @@ def main() -> None:
     ap.add_argument("--naive-cells", type=int, default=25, help="time the naive loop on this many cells, scaled")
     args = ap.parse_args()
     if args.baselines_huge_pages:
-        use_huge_pages()  # before this process's first tensor
+        use_huge_pages_here()  # before this process's first tensor
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cells = grid_cells()

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pixelray.core.augment import Aug, Augmentation, augment_batch, epoch_seed  # noqa: E402
 from pixelray.core.spec import PixelChange  # noqa: E402
-from pixelray.cpu_memory import use_huge_pages  # noqa: E402
+from pixelray.cpu_memory import use_huge_pages_here  # noqa: E402
 from pixelray.datasets.synthetic import make_synthetic  # noqa: E402
 from pixelray.models import load_model  # noqa: E402
 from pixelray.train.fit import load_all  # noqa: E402
@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--amp", action="store_true", help="bf16 autocast")
     ap.add_argument("--address", default="local", help="'local' (embedded Ray), 'auto' or an address")
     args = ap.parse_args()
-    use_huge_pages()  # like for like: the plain loop gets the memory the Ray Train workers ask for
+    use_huge_pages_here()  # like for like: the plain loop gets the memory the Ray Train workers ask for
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -12,9 +12,12 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # Ray otherwise takes the machine's address for a node (even with --node-ip-address=127.0.0.1) and
 # listens on every interface; with this, every Ray of the tests (and their subprocesses) stays on loopback.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-# as pixelray's CLI does for itself: huge pages for this process's large CPU tensors (faster, same bits);
-# tests/test_cpu_memory.py checks the workers and the CLI in processes without it
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# as pixelray's CLI does for itself: huge pages for this process's large CPU tensors (faster, same bits),
+# without the variable in the environment the session's Ray inherits (its CPU workers get theirs from
+# their runtime_env: tests/test_cpu_memory.py checks that)
+from pixelray.cpu_memory import use_huge_pages_here  # noqa: E402
+
+use_huge_pages_here()
 
 TESTS = Path(__file__).resolve().parent
 # The session's Ray workers (and every driver a test points at it) import what the tests define (toy

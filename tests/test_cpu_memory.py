@@ -47,21 +47,58 @@ def _faults(setup: str, env_value: str | None = None) -> int:
     return int(done.stdout.split()[-1])
 
 
+def _probe(_actor) -> tuple[str | None, int]:
+    """Inside a worker actor: its huge-pages variable, and the faults of touching one new 64 MB tensor."""
+    import resource
+
+    import torch
+
+    x = torch.empty(MB << 20, dtype=torch.uint8)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x.fill_(1)
+    return os.environ.get(HUGE_PAGES_ENV), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
 @needs_thp
-def test_a_worker_asks_for_huge_pages_before_its_first_tensor():
-    worker = "from pixelray.engine.worker import ModelWorker; ModelWorker(device='cpu', threads=1)"
-    plain = _faults("")
-    with_worker = _faults(worker)
+def test_importing_and_building_a_worker_in_process_leaves_the_environment_alone():
+    worker = ("from pixelray.engine.worker import ModelWorker; ModelWorker(device='cpu', threads=1); "
+              f"import os; assert '{HUGE_PAGES_ENV}' not in os.environ")
+    plain, with_worker = _faults(""), _faults(worker)
     assert plain >= PAGES_4K * 0.9, plain  # torch's default: one fault per 4 KB page
-    assert with_worker <= PAGES_4K // 8, (with_worker, plain)  # 2 MB pages: a few dozen faults
-    # the environment's word wins: 0 turns it off
-    assert _faults(worker, env_value="0") >= PAGES_4K * 0.9
+    assert with_worker >= PAGES_4K * 0.9, with_worker  # in-process: nothing asked for, nothing changed
 
 
 @needs_thp
-def test_the_cli_asks_for_huge_pages_in_its_process_and_the_environment_it_passes_on():
-    setup = ("from typer.testing import CliRunner; from pixelray.cli import app; "
-             "assert CliRunner().invoke(app, ['pixel-index', '--wrong', '1', '--images', '2', "
-             "'--count', '4']).exit_code == 0; "
-             f"import os; assert os.environ['{HUGE_PAGES_ENV}'] == '1'")
-    assert _faults(setup) <= PAGES_4K // 8
+@pytest.mark.parametrize("huge_pages", [True, False])
+def test_a_cpu_worker_actor_gets_huge_pages_from_its_runtime_env(ray_local, synthetic_dataset, tiny_checkpoints,
+                                                                  tmp_path, huge_pages):
+    """The session's Ray was started without the variable (tests/conftest.py): what the actor has, it got
+    from the pool's runtime_env; ``[run] huge_pages = false`` leaves it out."""
+    from pixelray.config.sweep import parse_config
+    from pixelray.sweep.pool import WorkerPool
+    from pixelray.telemetry import SweepTelemetry
+
+    assert HUGE_PAGES_ENV not in os.environ  # the driver: the tests' own process
+    models = {"names": tiny_checkpoints[:1], "weights": "none"}
+    cfg = parse_config({"data": {"path": synthetic_dataset}, "models": models,
+                        "grid": {"counts": [4]}, "output": {"dir": str(tmp_path / "out")},
+                        "run": {"device": "cpu", "threads": 1, "huge_pages": huge_pages}})
+    pool = WorkerPool(cfg, SweepTelemetry(progress=False))
+    try:
+        env, faults = ray_local.get(pool.workers[0].handle.__ray_call__.remote(_probe), timeout=120)
+    finally:
+        pool.shutdown()
+    if huge_pages:
+        assert env == "1" and faults <= PAGES_4K // 8, (env, faults)  # 2 MB pages: a few dozen faults
+    else:
+        assert env is None and faults >= PAGES_4K * 0.9, (env, faults)
+
+
+@needs_thp
+def test_the_cli_latches_huge_pages_for_its_process_and_passes_nothing_on():
+    cli = ("from typer.testing import CliRunner; from pixelray.cli import app; "
+           "assert CliRunner().invoke(app, ['pixel-index', '--wrong', '1', '--images', '2', "
+           "'--count', '4']).exit_code == 0; import os; ")
+    assert _faults(cli + f"assert '{HUGE_PAGES_ENV}' not in os.environ") <= PAGES_4K // 8
+    # the environment's word wins: 0 turns it off (and stays as the user set it)
+    assert _faults(cli + f"assert os.environ['{HUGE_PAGES_ENV}'] == '0'", env_value="0") >= PAGES_4K * 0.9

@@ -43,9 +43,9 @@ def main(
     ] = False,
 ) -> None:
     """Measure and repair the robustness of image classifiers to a few random pixel changes."""
-    from pixelray.cpu_memory import use_huge_pages
+    from pixelray.cpu_memory import use_huge_pages_here
 
-    use_huge_pages()  # this process's CPU work (the demo's base model), and the local Ray it starts
+    use_huge_pages_here()  # this process's CPU work (the demo's base model); its workers get theirs from Ray
 
 
 def parse_amplitude(value: str) -> int | str:

@@ -121,6 +121,7 @@ class SweepConfig:
     attacks: tuple[AttackConfig, ...] = ()  # [attack], or several [[attack]] tables
     cells_per_pass: int = 1  # cells per forward pass (the batch holds cells x images)
     cuda_graphs: bool = False  # replay the cells' passes from CUDA graphs (CUDA only; off until trusted)
+    huge_pages: bool = True  # CPU workers back large tensors with transparent huge pages (same bits, faster)
     save_adversarial: str | None = None  # directory for adversarial image shards (optional)
 
     def cells(self, image_size: tuple[int, int] | None = None) -> list[tuple[str, Cell]]:
@@ -380,7 +381,7 @@ def _output_fields(raw: dict, source: str) -> dict[str, Any]:
 
 
 _RUN_KEYS = {"device", "workers", "gpus", "placement_timeout", "threads", "amp", "metrics_port", "metrics_host",
-             "metrics_linger", "cells_per_pass", "cuda_graphs"}
+             "metrics_linger", "cells_per_pass", "cuda_graphs", "huge_pages"}
 
 
 def _run_fields(raw: dict, source: str) -> dict[str, Any]:
@@ -402,6 +403,7 @@ def _run_fields(raw: dict, source: str) -> dict[str, Any]:
         "metrics_linger": get_value(run, "metrics_linger", "run", (int, float), 5.0),
         "cells_per_pass": get_value(run, "cells_per_pass", "run", int, 1),
         "cuda_graphs": get_value(run, "cuda_graphs", "run", bool, False),
+        "huge_pages": get_value(run, "huge_pages", "run", bool, True),
     }
 
 

@@ -61,7 +61,7 @@ _TABLES = {
     "data": {"path", "eval_path", "images", "eval_images", "holdout", "split_seed"},
     "augment": {"aug", "count", "amplitude", "area", "channels", "positions", "fraction", "sigma"},
     "train": {"epochs", "lr", "optimizer", "momentum", "weight_decay", "batch_size", "seed"},
-    "run": {"workers", "use_gpu", "amp", "threads", "cpus_per_worker", "max_failures"},
+    "run": {"workers", "use_gpu", "amp", "threads", "cpus_per_worker", "max_failures", "huge_pages"},
     "output": {"dir"},
 }
 
@@ -109,6 +109,7 @@ class FineTune:
     threads: int | None = None
     cpus_per_worker: float = 1.0
     max_failures: int = 3
+    huge_pages: bool = True  # CPU workers back large tensors with transparent huge pages (same bits, faster)
 
     def identity(self) -> dict[str, Any]:
         """What determines the result (not where it goes or how fast it runs)."""
@@ -266,6 +267,7 @@ def parse_train_config(
     threads = _int(run, "threads", "run", None, 1, "an integer >= 1 (torch threads per worker)")
     cpus = _number(run, "cpus_per_worker", "run", 1.0, lambda v: v > 0, "a positive number of CPUs")
     max_failures = _int(run, "max_failures", "run", 3, -1, "an integer >= 0, or -1 for no limit")
+    huge_pages = get_value(run, "huge_pages", "run", bool, True, fix="true or false")
 
     out = get_value(tables["output"], "dir", "output", str, None, fix="a directory")
     if not out:
@@ -286,7 +288,7 @@ def parse_train_config(
             images=images, eval_images=eval_images, holdout=float(holdout), split_seed=split_seed, head=head,
             epochs=epochs, lr=float(lr), optimizer=optimizer, momentum=float(momentum),
             weight_decay=float(weight_decay), batch_size=batch_size, seed=seed, workers=workers, use_gpu=use_gpu,
-            amp=amp, threads=threads, cpus_per_worker=float(cpus), max_failures=max_failures,
+            amp=amp, threads=threads, cpus_per_worker=float(cpus), max_failures=max_failures, huge_pages=huge_pages,
         ))
     return TrainAugmentConfig(tuple(runs), out)
 

@@ -30,7 +30,6 @@ import torch
 from pixelray.attacks import get_attack
 from pixelray.core.perturb import Perturber
 from pixelray.core.spec import Cell
-from pixelray.cpu_memory import use_huge_pages
 from pixelray.engine.adversarial import AttackPlan, attack_outcomes, save_examples
 from pixelray.engine.evaluate import CellGraphs, count_wrong, image_size, pick_device, pixel_change_cells, predict
 from pixelray.engine.units import Phase, Unit
@@ -62,7 +61,6 @@ class ModelWorker:
 
     def __init__(self, device: str = "auto", threads: int | None = None, batch_size: int = 64, amp: bool | str = False,
                  cells_per_pass: int = 1, cuda_graphs: bool = False):
-        use_huge_pages()  # before this process's first CPU tensor
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pixelray.config.sweep import SweepConfig
+from pixelray.cpu_memory import worker_env
 from pixelray.engine.units import Unit
 from pixelray.engine.worker import ModelWorker
 from pixelray.errors import SweepError, one_line
@@ -122,6 +123,9 @@ class WorkerPool:
             max_task_retries=0,
         )
         compute = os.environ.get(DEVICE_OVERRIDE) or device
+        env = worker_env(compute, config.huge_pages)  # huge pages for CPU workers only, set where Ray starts them
+        if env:
+            self.options["runtime_env"] = {"env_vars": env}
         self.args = dict(device=compute, threads=threads, batch_size=config.batch_size, amp=config.amp,
                          cells_per_pass=config.cells_per_pass, cuda_graphs=config.cuda_graphs)
         self.depth = depth

@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from pixelray import __version__
 from pixelray.config.train import FineTune, TrainAugmentConfig
+from pixelray.cpu_memory import worker_env
 from pixelray.errors import SweepError, one_line
 from pixelray.store.atomic import write_table_atomic, write_text_atomic
 from pixelray.store.rundir import RunDir
@@ -280,6 +281,8 @@ def _fit(prepared: Prepared, hooks: TrainHooks | None):
             storage_path=str(Path(run.output_dir).resolve()), name=_TRAIN_NAME,
             failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # huge pages for CPU workers, set where Ray starts them (not in this process)
+            worker_runtime_env={"env_vars": worker_env("cuda" if run.use_gpu else "cpu", run.huge_pages)},
         ),
     )
     return trainer.fit()

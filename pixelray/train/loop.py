@@ -32,7 +32,6 @@ from torch import nn
 from pixelray.config.train import FineTune, Head, Optimizer
 from pixelray.core.augment import augment_batch, epoch_seed
 from pixelray.core.spec import Cell
-from pixelray.cpu_memory import use_huge_pages
 from pixelray.errors import one_line
 from pixelray.models import Classifier, LabelMap, load_model
 from pixelray.train.data import DataPlan, read_share
@@ -310,7 +309,6 @@ def _rate(num: float, den: float) -> float | None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function; ``config["loop"]`` is a :class:`LoopConfig`."""
-    use_huge_pages()  # before this worker's first CPU tensor of its own
     import ray.train
     import ray.train.torch
 
