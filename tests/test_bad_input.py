@@ -304,7 +304,7 @@ IN_UNIT = {"data-shard-sha256"}
 #: Cases whose output directory existed before the sweep (and must be left as it was).
 OUT_BEFORE = {"out-file", "out-other-run", "out-locked"}
 #: Cases that need a worker (models load on the workers).
-NEED_RAY = {c for c in CASES if c.startswith("ckpt-")} | IN_UNIT
+NEED_RAY = IN_UNIT  # every other case, checkpoints included, is refused before the driver joins Ray
 
 
 def _snapshot(path: Path):
@@ -320,11 +320,15 @@ def test_the_suite_is_big_enough():
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_is_refused_in_one_line(name, request, synthetic_dataset, tiny_checkpoints, tmp_path):
+def test_bad_input_is_refused_in_one_line(name, request, synthetic_dataset, tiny_checkpoints, tmp_path, monkeypatch):
     import tomli_w
+
+    import pixelray.sweep.driver as driver
 
     if name in NEED_RAY:
         request.getfixturevalue("ray_local")
+    else:  # a tripwire where the driver joins Ray: the refusal must come before it
+        monkeypatch.setattr(driver, "connect", lambda *a, **k: (_ for _ in ()).throw(AssertionError("joined Ray")))
     build, message = CASES[name]
     data = tmp_path / "data"
     shutil.copytree(synthetic_dataset, data)

@@ -102,7 +102,7 @@ class ModelWorker:
 
     def _ensure_model(self, model: str, weights: str | None, num_classes: int, hold: int = 1) -> torch.nn.Module:
         """The model on this worker's device, loaded once; at most ``hold`` models stay loaded (LRU)."""
-        from pixelray.models import load_model
+        from pixelray.models import load_for_data
 
         key = (model, weights, num_classes)
         net = self._models.pop(key, None)
@@ -111,15 +111,7 @@ class ModelWorker:
         if net is None:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            # a checkpoint brings its own head (checked below); a random init is built for the data set
-            fit_head = weights is None and not model.startswith("checkpoint:")
-            net = load_model(model, weights, num_classes=num_classes if fit_head else None)
-            if net.num_classes != num_classes:
-                raise ValueError(
-                    f"model {model!r} predicts {net.num_classes} classes but the data set has {num_classes}; "
-                    "use a model/checkpoint trained for this data set"
-                )
-            net = net.to(self.device, memory_format=torch.channels_last).eval()
+            net = load_for_data(model, weights, num_classes).to(self.device, memory_format=torch.channels_last).eval()
         self._models[key] = net
         return net
 

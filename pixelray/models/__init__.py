@@ -38,7 +38,7 @@ from pixelray.models.checkpoints import (
     sidecar_path,
 )
 from pixelray.models.download import download_weights
-from pixelray.models.load import load_model
+from pixelray.models.load import load_for_data, load_model
 from pixelray.models.registry import (
     PRESETS,
     Weights,
@@ -70,6 +70,7 @@ __all__ = [
     "checkpoint_sidecar",
     "check_weights_entry",
     "download_weights",
+    "load_for_data",
     "load_model",
     "model_info",
     "require_weights",

@@ -54,3 +54,17 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def load_for_data(spec: str, weights: str | Weights | None, num_classes: int) -> Classifier:
+    """The model a sweep evaluates on a data set of ``num_classes`` classes.
+
+    A random init is built with that head; a checkpoint brings its own head, which must match
+    (ValueError naming the model and the fix otherwise).
+    """
+    fit_head = parse_weights(weights) is Weights.NONE and spec_kind(spec) != "checkpoint"
+    net = load_model(spec, weights, num_classes=num_classes if fit_head else None)
+    if net.num_classes != num_classes:
+        raise ValueError(f"model {spec!r} predicts {net.num_classes} classes but the data set has {num_classes}; "
+                         "use a model/checkpoint trained for this data set")
+    return net

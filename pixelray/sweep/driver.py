@@ -74,6 +74,24 @@ def _check_data(config: SweepConfig) -> tuple[Manifest, list[str]]:
     return manifest, uris
 
 
+def _check_checkpoints(config: SweepConfig, num_classes: int) -> None:
+    """Read and check every ``checkpoint:`` model here, before anything is claimed or Ray starts.
+
+    A checkpoint is a file, like the data the driver has just checked: its sidecar, its weights-only
+    state_dict, its base and its classes are refused in one line now rather than in a worker's
+    preflight. The workers load it again where they run.
+    """
+    from pixelray.models import load_for_data
+    from pixelray.models.registry import CHECKPOINT_PREFIX
+
+    for spec in config.models:
+        if spec.startswith(CHECKPOINT_PREFIX):
+            try:
+                load_for_data(spec, config.weights, num_classes)
+            except (OSError, ValueError) as exc:
+                raise SweepError(one_line(exc)) from None
+
+
 def _start_telemetry(config: SweepConfig, progress: bool) -> SweepTelemetry:
     try:
         return SweepTelemetry(config.metrics_port, config.metrics_host, progress)
@@ -98,6 +116,7 @@ def run_sweep(
     say = log or (lambda msg: None)
     t_start = time.perf_counter()
     manifest, uris = _check_data(config)
+    _check_checkpoints(config, manifest.num_classes)
     cell_pairs = config.cells((manifest.height, manifest.width))
     run_dir = RunDir(config.output_dir, log=say)
     run_dir.claim(config.config_hash)
