@@ -13,11 +13,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torchattacks
 from helpers import sweep_command, unit_files, wait_for
+from reference_perturb import apply_pixel_changes
 
-from pixelray.attacks import fgsm, fgsm_float, pgd
+from pixelray.attacks.pgd import start_offsets
 from pixelray.config.sweep import AttackConfig, ConfigError, Keep, parse_config
-from pixelray.core.perturb import apply_pixel_changes
 from pixelray.core.spec import Cell, PixelChange
 from pixelray.engine.adversarial import attack_outcomes
 from pixelray.engine.units import model_slug
@@ -126,14 +127,31 @@ def test_attack_outcomes_do_not_depend_on_batch_size(synthetic_dataset, tiny_che
 # ---------------------------------------------------------------------------- the reference
 
 
+def _unit(images):
+    """uint8 NHWC shard images as the attacks' model input: float NCHW in [0, 1] (contiguous)."""
+    return images.permute(0, 3, 1, 2).float().div(255).contiguous()
+
+
+def _pixels(unit):
+    """[0, 1] float NCHW examples as images: rounded to the nearest uint8, NHWC like the shards."""
+    return unit.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _fgsm_float(net, images, labels, eps):
+    """The unrounded FGSM examples, float NCHW, from torchattacks."""
+    return torchattacks.FGSM(net, eps=eps)(_unit(images), labels)
+
+
 def _fgsm(net, images, labels, ids, eps):
-    return fgsm(net, images, labels, eps)
+    return _pixels(_fgsm_float(net, images, labels, eps))
 
 
 def plain_attack(data, models, cells, eps, size, attack=_fgsm):
     """Independent reference: every candidate attacked in one batch, kept ids chosen globally, no Ray.
 
-    ``attack(net, images, labels, image_ids, eps)`` makes the uint8 examples (FGSM by default)."""
+    ``attack(net, images, labels, image_ids, eps)`` makes the uint8 NHWC examples (by default
+    torchattacks' FGSM, rounded to uint8 here); the pixel changes are drawn by tests/reference_perturb.py.
+    pixelray only reads the shards and builds and runs the models."""
     parts = [read_shard(uri) for uri in shard_uris(str(data))]
     ids = torch.cat([p.image_ids for p in parts])
     labels = torch.cat([p.labels for p in parts])
@@ -169,7 +187,7 @@ def plain_attack(data, models, cells, eps, size, attack=_fgsm):
             # the unrounded example of each image, made and judged one image at a time
             float_fooled = 0
             for i in torch.nonzero(upto).flatten().tolist():
-                unrounded = fgsm_float(nets[m], cand_images[i : i + 1], cand_labels[i : i + 1], k / 255)
+                unrounded = _fgsm_float(nets[m], cand_images[i : i + 1], cand_labels[i : i + 1], k / 255)
                 with torch.inference_mode():
                     float_fooled += int(nets[m](unrounded).argmax(1)[0] != cand_labels[i])
             out["attack_float"][(m, k)] = float_fooled
@@ -344,8 +362,20 @@ def test_a_pgd_sweep_equals_an_independent_plain_loop(ray_local, synthetic_datas
     result = run_sweep(parse_config(raw), progress=False)
     cfg = parse_config(raw)
 
-    def attack(net, images, labels, ids, eps):
-        return pgd(net, images, labels, eps, 2 / 255, 3, random_start=True, seed=1, image_ids=ids)
+    def attack(net, images, labels, ids, eps, step=PGD["step"] / 255, steps=PGD["steps"], seed=PGD["seed"]):
+        """PGD written out here, in torchattacks.PGD's arithmetic (mean loss, signed step, projection onto the
+        eps-ball and [0, 1]), from pixelray's random start: torchattacks draws its start from torch's global
+        generator, pixelray per (seed, image id), so torchattacks.PGD can only be compared without a start
+        (test_pgd.py does, bit for bit). The start's offsets are the one part taken from pixelray
+        (``start_offsets``; test_pgd.py checks they are uniform in the ball and keyed by image id)."""
+        x0 = _unit(images)
+        adv = (x0 + start_offsets(ids, x0.shape, eps, seed)).clamp(0, 1)
+        for _ in range(steps):
+            adv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(net(adv), labels), adv)
+            adv = adv.detach() + step * grad.sign()
+            adv = (x0 + (adv - x0).clamp(-eps, eps)).clamp(0, 1).detach()
+        return _pixels(adv)
 
     expected = plain_attack(synthetic_dataset, tiny_checkpoints, cfg.unique_cells((32, 32)), PGD["eps"], 20, attack)
     tables = _tables(result.out_dir)

@@ -24,6 +24,7 @@ from pixelray.attacks import (
     to_uint8,
     to_unit,
 )
+from pixelray.models import load_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,8 +82,7 @@ def torchvision_model(name: str, seed: int = 0) -> nn.Module:
 
 def pixelray_tiny() -> nn.Module:
     """pixelray's own Classifier around its tiny CNN (normalisation inside, parameters frozen)."""
-    models = pytest.importorskip("pixelray.models")
-    return models.load_model("tiny", weights=None, num_classes=10)
+    return load_model("tiny", weights=None, num_classes=10)
 
 
 def learnable_batch(n: int, seed: int, classes: int = 4, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

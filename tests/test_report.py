@@ -10,6 +10,7 @@ import math
 import re
 import subprocess
 import sys
+from itertools import zip_longest
 from pathlib import Path
 
 import pandas as pd
@@ -248,7 +249,55 @@ def test_reference_file_is_package_data_with_citation_and_misprints():
     assert re.search(r'\[tool\.setuptools\.package-data\]\s*pixelray = \[[^]]*"paper_tables.csv"', pyproject)
 
 
-def test_written_files(written):
+# What each plot must draw, from report_fixtures' hand-made rows: per plot, per (panel title, line label),
+# the points (x, k, n), drawn at y = k / n (times ``scale`` for the Pixel-index) with a band at the
+# Wilson interval of k/n (scaled likewise). Runs of 10,000 images (base) and 1,000 (tuned).
+_B, _T = 10_000, 1000
+_PI = 224**2  # Pixel-index at full amplitude on the whole 224 x 224 image: (k / n) / (count / 224^2)
+_ALL = "full-range changes anywhere in the image"
+_ATTACK = "attack success before any pixel change"
+_RESTORED = "resnet101 (base), FGSM: n changed pixels"
+_ARCH = "architecture resnet101"
+_COUNT_LINES = {
+    R101: [(4, 82, _B), (8, 150, _B), (64, 416, _B)],
+    "densenet121": [(4, 65, _B), (64, 400, _B)],
+    "mynet": [(4, 10, _B), (64, 20, _B)],
+    AUG_B: [(4, 30, _B)],
+    AUG_T: [(4, 22, _T), (8, 40, _T)],
+    R101_T: [(4, 50, _T)],
+}
+PLOTTED = {
+    "count": {(_ALL, who): points for who, points in _COUNT_LINES.items()},
+    "pixel-index": {("", who): points for who, points in _COUNT_LINES.items()},
+    "amplitude": {(R101, "n = 4"): [(40, 13, _B)], (R101, "n = 64"): [(40, 80, _B)]},
+    "area": {(R101, "n = 4"): [(100, 69, _B), (224, 82, _B)], (R101, "n = 8"): [(224, 150, _B)],
+             (R101, "n = 64"): [(224, 416, _B)]},
+    "fgsm": {(_ATTACK, "resnet101 (base), FGSM"): [(2, 10_000, 12_000)],
+             (_RESTORED, "n = 4"): [(2, 3303, _B)], (_RESTORED, "n = 8"): [(2, 5000, _B)]},
+    "fine-tuned": {(_ARCH, f"{R101} (no augmentation)"): _COUNT_LINES[R101], (_ARCH, AUG_B): _COUNT_LINES[AUG_B],
+                   (_ARCH, AUG_T): _COUNT_LINES[AUG_T], (_ARCH, f"{R101_T} (no augmentation)"): _COUNT_LINES[R101_T]},
+}
+
+
+def drawn(figure) -> tuple[dict, dict]:
+    """What a figure draws, read back from matplotlib: per (panel title, line label) the line's (x, y),
+    and its band (the fill drawn after it, in the same order) as {x: (lowest y, highest y)}."""
+    lines, bands = {}, {}
+    for ax in figure.axes:
+        if not ax.get_visible():
+            continue
+        for line, fill in zip_longest(ax.get_lines(), ax.collections):
+            key = (ax.get_title(), line.get_label())
+            lines[key] = ([float(v) for v in line.get_xdata()], [float(v) for v in line.get_ydata()])
+            if fill is not None:
+                band: dict[float, list[float]] = {}
+                for x, y in fill.get_paths()[0].vertices:
+                    band.setdefault(float(x), []).append(float(y))
+                bands[key] = {x: (min(ys), max(ys)) for x, ys in band.items()}
+    return lines, bands
+
+
+def test_written_files(written, runs_dir):
     assert {"html", "md"} <= set(written)
     html = written["html"].read_text()
     md = written["md"].read_text()
@@ -259,6 +308,24 @@ def test_written_files(written):
             im.load()
             assert im.format == "PNG" and im.width > 300 and im.height > 200
         assert f"](plots/{key}.png)" in md
+    # what the plots draw: the figures the written PNGs were rendered from, read back, against the rows
+    figures = {p.key: p for p in build_document(load_runs(list(runs_dir))).plots}
+    assert set(figures) == set(plots)
+    for key, path in plots.items():
+        assert path.read_bytes() == figures[key].png, key  # the very figure checked below
+        lines, bands = drawn(figures[key].figure)
+        scale = {"pixel-index": lambda count: _PI / count}.get(key, lambda count: 1.0)
+        extra = {("", "Zhang & Cai 2021 (printed)")} if key == "pixel-index" else set()
+        assert set(lines) == set(PLOTTED[key]) | extra, key
+        for line, points in PLOTTED[key].items():
+            assert lines[line][0] == [x for x, _, _ in points], (key, line)
+            assert lines[line][1] == pytest.approx([k / n * scale(x) for x, k, n in points], rel=1e-12), (key, line)
+            assert sorted(bands[line]) == [x for x, _, _ in points], (key, line)
+            for x, k, n in points:
+                low, high = wilson(k, n)
+                assert bands[line][x] == pytest.approx((low * scale(x), high * scale(x)), rel=1e-9), (key, line, x)
+    printed = drawn(figures["pixel-index"].figure)[0][("", "Zhang & Cai 2021 (printed)")]
+    assert sorted(zip(*printed, strict=True)) == [(64.0, 27.58), (64.0, 32.60)]  # DenseNet's, ResNet's printed Pi
     uris = re.findall(r'<img src="data:image/png;base64,([^"]+)"', html)
     assert len(uris) == len(plots)
     for data in uris:

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import torch
 from helpers import sweep_command, unit_files, wait_for
+from reference_perturb import apply_pixel_changes
 
 from pixelray.config.sweep import ConfigError, parse_config
-from pixelray.core.perturb import apply_pixel_changes
 from pixelray.core.spec import Cell, PixelChange
 from pixelray.models import load_model
 from pixelray.shards import load_manifest, read_shard, shard_uris
@@ -37,7 +37,8 @@ def make_config(data, models, out, grid=GRID, **eval_):
 
 
 def plain_loop(data, models, cells, size):
-    """Independent reference: no Ray, one image at a time."""
+    """Independent reference: no Ray, one image at a time, the pixel changes drawn by tests/reference_perturb.py
+    (the frozen copy of the draws, not the engine under test); pixelray only reads the shards and runs the models."""
     ids, labels, images = [], [], []
     for uri in shard_uris(str(data)):
         b = read_shard(uri)

@@ -21,13 +21,12 @@ import pandas as pd
 import pytest
 import torch
 from helpers import Scraper, wait_for
+from reference_perturb import apply_pixel_changes, hash64
 from typer.testing import CliRunner
 
 from pixelray.cli import app
 from pixelray.config.sweep import parse_config
 from pixelray.config.train import parse_train_config
-from pixelray.core.augment import epoch_seed
-from pixelray.core.perturb import apply_pixel_changes
 from pixelray.core.spec import Cell, PixelChange
 from pixelray.models import load_model, save_checkpoint
 from pixelray.shards import read_shard, shard_uris
@@ -60,8 +59,23 @@ def _all(root):
             torch.cat([p.images for p in parts]))
 
 
+def epoch_key(seed, epoch):
+    """The seed of an epoch's draws (what ``pixelray.core.augment.epoch_seed`` must give), written out here:
+    the low 31 bits of SplitMix64 (reference_perturb's frozen copy) of ``seed * 1_000_003 + epoch + 0x5EEDE90C``."""
+    return int(hash64(torch.tensor([seed * 1_000_003 + epoch + 0x5EED_E90C]))[0]) & (2**31 - 1)
+
+
 def plain_fine_tune(base, data, epochs=EPOCHS, batch=32, lr=0.01, seed=0):
-    """The fine-tune as one plain loop: what a single Ray Train worker must compute, step for step."""
+    """The fine-tune as one plain loop: what a single Ray Train worker must compute, step for step.
+
+    Written here without the code under test (pixelray.train.loop, pixelray.core.augment): the epoch
+    keys (:func:`epoch_key`), each epoch's order (``torch.randperm``), the pixel changes (the frozen draws
+    of tests/reference_perturb.py), and the step (torch's cross entropy and SGD with momentum 0.9, the
+    config's default). Shared with pixelray, because the weights must come out bit for bit the same:
+    the model (``load_model``: the checkpoint, the network and the normalising wrapper it runs through)
+    and the shard reader; and the cell's identity (``Cell.key``, the documented key of every draw), which
+    reference_perturb hashes as the engine does.
+    """
     ids, labels, images = _all(data)
     model = load_model(base)
     model.requires_grad_(True)
@@ -71,7 +85,7 @@ def plain_fine_tune(base, data, epochs=EPOCHS, batch=32, lr=0.01, seed=0):
     torch.set_num_threads(1)
     try:
         for epoch in range(1, epochs + 1):
-            key = epoch_seed(seed, epoch)
+            key = epoch_key(seed, epoch)
             order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(key * 64))
             cell = Cell(PixelChange(COUNT), seed=key)
             for start in range(0, len(ids), batch):

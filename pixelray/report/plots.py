@@ -8,7 +8,7 @@ run's tables and returns None when the runs hold nothing to draw.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -29,12 +29,17 @@ _MAX_PANELS = 6
 
 @dataclass(frozen=True)
 class Plot:
-    """One PNG of the report: ``key`` names its file (``plots/<key>.png``)."""
+    """One PNG of the report: ``key`` names its file (``plots/<key>.png``).
+
+    ``figure`` is the matplotlib figure ``png`` was rendered from, so that what a plot draws
+    can be read back (its axes' lines and bands); it is not part of a plot's value.
+    """
 
     key: str
     title: str
     caption: str
     png: bytes
+    figure: Figure | None = field(default=None, repr=False, compare=False)
 
 
 def _rates(k: pd.Series, n: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -110,7 +115,7 @@ def plot_count(c: pd.DataFrame) -> Plot | None:
     _log2_x(ax, df["count"])
     _style(ax, _COUNT_X, _WRONG_Y, "full-range changes anywhere in the image")
     return Plot("count", "Misclassified against changed pixels (the paper's Figure 8)",
-                "One line per model; the band is the 95% Wilson interval.", _png(fig))
+                "One line per model; the band is the 95% Wilson interval.", _png(fig), fig)
 
 
 def _panels(df: pd.DataFrame, x: str, xlabel: str, key: str, title: str, caption: str, log2: bool = False):
@@ -124,7 +129,7 @@ def _panels(df: pd.DataFrame, x: str, xlabel: str, key: str, title: str, caption
         if log2:
             _log2_x(ax, mine[x])
         _style(ax, xlabel, _WRONG_Y, who)
-    return Plot(key, title, caption, _png(fig))
+    return Plot(key, title, caption, _png(fig), fig)
 
 
 def plot_amplitude(c: pd.DataFrame) -> Plot | None:
@@ -168,7 +173,7 @@ def plot_pixel_index(table5: Table) -> Plot | None:
     ax.yaxis.set_major_formatter(ScalarFormatter())
     return Plot("pixel-index", "Pixel-index per model (Table 5)",
                 "Smaller is more robust; the band is the 95% interval (Wilson on the misclassified fraction, "
-                "scaled).", _png(fig))
+                "scaled).", _png(fig), fig)
 
 
 def plot_fgsm(c: pd.DataFrame, runs: list[Run]) -> Plot | None:
@@ -196,7 +201,7 @@ def plot_fgsm(c: pd.DataFrame, runs: list[Run]) -> Plot | None:
     return Plot("fgsm", "Attack success and restored rate against ε (Table 9)",
                 "First panel: each attack's success rate per model; then, per model and attack, the share of its "
                 "kept adversarial examples that n changed pixels return to the true class. Bands: 95% Wilson "
-                "intervals.", _png(fig))
+                "intervals.", _png(fig), fig)
 
 
 def plot_fine_tuned(c: pd.DataFrame) -> Plot | None:
@@ -217,7 +222,7 @@ def plot_fine_tuned(c: pd.DataFrame) -> Plot | None:
         _style(ax, _COUNT_X, _WRONG_Y, f"architecture {base}")
     return Plot("fine-tuned", "Base against augmented models (Table 10)",
                 "Per architecture: the models trained with n-pixel-change augmentation beside the others. "
-                "Bands: 95% Wilson intervals.", _png(fig))
+                "Bands: 95% Wilson intervals.", _png(fig), fig)
 
 
 def build_plots(c: pd.DataFrame, runs: list[Run], tables: list[Table]) -> list[Plot]:
