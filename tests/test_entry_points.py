@@ -1,0 +1,104 @@
+"""A new user's first commands (issue 21): each stumble fails at once in one line, or does the right thing.
+
+Everything runs in-process and before Ray starts (a tripwire stands where a driver would join Ray), so
+these tests take seconds: ``pixelray`` through typer's CliRunner, the Ray job entry points
+(``jobs/*.py``) and ``cluster/local.py`` loaded from their files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(relative: str):
+    """A script of the repository (jobs/sweep.py, cluster/local.py) as a module."""
+    name = "pixelray_test_" + re.sub(r"\W", "_", relative)
+    spec = importlib.util.spec_from_file_location(name, REPO / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _one_line_error(result, *needles: str) -> str:
+    """The single ``error: ...`` line of a refused command (exit 2, no traceback); each needle in it."""
+    assert result.exit_code == 2, (result.exit_code, repr(result.exception), result.output[-2000:])
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # a clean exit, no traceback
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+class Joined(Exception):
+    """Raised by the tripwire where a driver joins Ray."""
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Joining Ray raises :class:`Joined` (sweep and train-augment), so a test sees what happens before."""
+    import pixelray.sweep
+    import pixelray.sweep.driver as sweep_driver
+
+    def tripwire(*_args, **_kwargs):
+        raise Joined("the driver joined Ray")
+
+    monkeypatch.setattr(sweep_driver, "connect", tripwire)
+    monkeypatch.setattr(pixelray.sweep, "connect", tripwire)  # train-augment's driver imports it when it runs
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    from pixelray.datasets.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("entry") / "data"
+    make_synthetic(root, classes=10, images=120, size=32, seed=0, rows_per_shard=120)
+    return root
+
+
+def _table10(data, out, *extra):
+    """The user's command: jobs/table10.toml with the tiny CNN on local data."""
+    return ["train-augment", str(REPO / "jobs" / "table10.toml"), "--model", "tiny", "--weights", "none",
+            "--data", str(data), "--eval-data", str(data), "--images", "60", "--count", "4", "--epochs", "1",
+            "--out", str(out), "--no-progress", *extra]
+
+
+# ---------------------------------------------------------------------------- 9. file modes
+
+
+def test_written_files_are_world_readable_as_the_umask_allows(tmp_path):
+    from pixelray.store.atomic import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic("x", tmp_path / "a.txt")
+        os.umask(0o077)
+        write_text_atomic("x", tmp_path / "b.txt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o600  # the user's umask is respected
+
+
+def test_report_html_is_world_readable(tmp_path):
+    from report_fixtures import write_base_run
+
+    from pixelray.report import write_report
+
+    old = os.umask(0o022)
+    try:
+        base, _ = write_base_run(tmp_path / "runs")
+        written = write_report([base], tmp_path / "report", ["html"])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(written["html"].stat().st_mode) == 0o644
+
+
