@@ -13,7 +13,9 @@ import re
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,5 +102,33 @@ def test_report_html_is_world_readable(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(written["html"].stat().st_mode) == 0o644
+
+
+# ---------------------------------------------------------------------------- 10. cell show with NumPy
+
+
+@pytest.mark.parametrize("cell_id", ["n4-full-whole-all-per-image-seed0", "n4-a10-whole-all-per-image-seed0",
+                                     "impulse_noise-sev1-seed0"])
+def test_describe_cell_takes_a_numpy_image(cell_id):
+    from pixelray.core.corrupt import describe_cell
+    from pixelray.core.spec import Cell
+
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    cell = Cell.from_id(cell_id, (32, 32))
+    record = describe_cell(cell, 7, 32, 32, image)
+    assert record == describe_cell(cell, 7, 32, 32, torch.from_numpy(image))
+    assert record.old == tuple(int(image[y, x, c]) for y, x, c in zip(record.y, record.x, record.channel, strict=True))
+    assert describe_cell(cell, 7, 32, 32, image.transpose(2, 0, 1)) == record  # (3, H, W) too
+    with pytest.raises(ValueError, match=r"expected uint8 \(32, 32, 3\), got torch.float32"):
+        describe_cell(cell, 7, 32, 32, image.astype(np.float32))
+
+
+def test_the_batch_functions_say_they_want_a_torch_tensor():
+    from pixelray.core.corrupt import apply_cell
+    from pixelray.core.spec import Cell
+
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"expected a torch.Tensor, got a numpy.ndarray; .*torch.from_numpy"):
+        apply_cell(images, Cell.from_id("n4-full-whole-all-per-image-seed0", (32, 32)), [0, 1])
 
 
