@@ -15,7 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
 import torch
+from typer.testing import CliRunner
+
+from pixelray.cli import app
+from pixelray.config.sweep import ConfigError, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,6 +76,28 @@ def _table10(data, out, *extra):
     return ["train-augment", str(REPO / "jobs" / "table10.toml"), "--model", "tiny", "--weights", "none",
             "--data", str(data), "--eval-data", str(data), "--images", "60", "--count", "4", "--epochs", "1",
             "--out", str(out), "--no-progress", *extra]
+
+
+# ---------------------------------------------------------------------------- 4. weights of every config
+
+
+def _sweep_raw(models, weights, **data):
+    return {"data": {"path": "shards", **data}, "models": {"names": models, "weights": weights},
+            "grid": {"counts": [4]}, "output": {"dir": "out"}}
+
+
+@pytest.mark.parametrize("models", [["checkpoint:a.pt", "checkpoint:b.pt"], ["resnet18"]])
+def test_an_unknown_weights_entry_is_refused_whatever_the_models(models):
+    with pytest.raises(ConfigError, match=r"\[models\] weights = 'IMAGENET1K_V9'.*(no torchvision model|has no)"):
+        parse_config(_sweep_raw(models, "IMAGENET1K_V9"))
+    assert parse_config(_sweep_raw(models, "IMAGENET1K_V1")).weights == "IMAGENET1K_V1"
+
+
+def test_the_cli_refuses_an_unknown_weights_entry_in_one_line(tmp_path, no_ray):
+    path = tmp_path / "sweep.toml"
+    path.write_text(tomli_w.dumps(_sweep_raw(["checkpoint:a.pt"], "IMAGENET1K_V9")))
+    result = CliRunner().invoke(app, ["sweep", str(path)], prog_name="pixelray")
+    _one_line_error(result, "[models] weights = 'IMAGENET1K_V9'", "no torchvision model has IMAGENET1K_V9")
 
 
 # ---------------------------------------------------------------------------- 9. file modes
