@@ -10,7 +10,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +103,46 @@ def test_the_cli_refuses_an_unknown_weights_entry_in_one_line(tmp_path, no_ray):
     path.write_text(tomli_w.dumps(_sweep_raw(["checkpoint:a.pt"], "IMAGENET1K_V9")))
     result = CliRunner().invoke(app, ["sweep", str(path)], prog_name="pixelray")
     _one_line_error(result, "[models] weights = 'IMAGENET1K_V9'", "no torchvision model has IMAGENET1K_V9")
+
+
+# ---------------------------------------------------------------------------- 7, 8. cluster/local.py
+
+
+def test_cluster_local_refuses_a_port_in_the_worker_port_range(monkeypatch, request):
+    local = _load("cluster/local.py")
+    monkeypatch.setattr(local.subprocess, "Popen", lambda *a, **k: pytest.fail("started Ray"))
+    short = Path(tempfile.mkdtemp(prefix="pxt", dir="/tmp"))  # Ray's socket paths: --dir must be short
+    state = short / "s"
+    request.addfinalizer(lambda: shutil.rmtree(short, ignore_errors=True))
+    result = CliRunner().invoke(local.app, ["start", "--dir", str(state), "--client-port", "10005"])
+    _one_line_error(result, "CLUSTER_CLIENT_PORT=10005 in Ray's worker port range 10002..19999",
+                    "CLUSTER_CLIENT_PORT=10001")
+    result = CliRunner().invoke(local.app, ["start", "--dir", str(state), "--metrics-port", "6379"])
+    _one_line_error(result, "CLUSTER_PORT and CLUSTER_METRICS_PORT are the same port (6379)")
+    args = ["start", "--dir", str(state), "--port", "6400", "--min-worker-port", "6000", "--max-worker-port", "7000"]
+    _one_line_error(CliRunner().invoke(local.app, args), "CLUSTER_PORT=6400 in Ray's worker port range 6000..7000")
+    assert not state.exists()
+
+
+def test_cluster_stop_takes_a_zombie_for_ended(tmp_path):
+    """The head's process ended but its parent (here: this test, standing for a slow init) has not reaped it."""
+    local = _load("cluster/local.py")
+    state = tmp_path / "pxr"
+    state.mkdir()
+    leader = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", f"--temp-dir={state / 'ray'}"],
+                              start_new_session=True)
+    try:
+        (state / "head.pid").write_text(f"{leader.pid}\n")
+        assert local._alive(leader.pid) and local._leader(local._paths(state)) == leader.pid
+        t0 = time.monotonic()
+        result = CliRunner().invoke(local.app, ["stop", "--dir", str(state), "--timeout", "6"])
+        assert result.exit_code == 0, result.output
+        assert "stopped the Ray head" in result.stdout and time.monotonic() - t0 < 3
+        assert leader.poll() is not None or local._zombie(leader.pid)  # ended; reaped below, by its parent
+        assert not (state / "head.pid").exists()
+    finally:
+        leader.kill()
+        leader.wait()
 
 
 # ---------------------------------------------------------------------------- 9. file modes
