@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from pixelray.cli import app
 from pixelray.config.sweep import ConfigError, parse_config
+from pixelray.config.tomlcheck import check_placeholder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,6 +84,52 @@ def _table10(data, out, *extra):
             "--out", str(out), "--no-progress", *extra]
 
 
+# ---------------------------------------------------------------------------- 1. use_gpu without a GPU
+
+
+def test_train_augment_with_use_gpu_and_no_cuda_fails_at_once(small_data, tmp_path, monkeypatch, no_ray):
+    """jobs/table10.toml says use_gpu = true: on a machine without CUDA the embedded Ray could never place
+    a worker, and Ray Train used to wait for one forever, silently."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, whatever it has
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    t0 = time.monotonic()
+    result = CliRunner().invoke(app, _table10(small_data, tmp_path / "run"), prog_name="pixelray")
+    assert time.monotonic() - t0 < 10
+    _one_line_error(result, "[run] use_gpu = true", "no CUDA GPU", "--cpu", "use_gpu = false")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_augment_cpu_flag_trains_on_cpu(small_data, tmp_path, monkeypatch, no_ray):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(app, _table10(small_data, tmp_path / "run", "--cpu"), prog_name="pixelray")
+    assert isinstance(result.exception, Joined), result.output  # past every check: it would train now
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("training on CPU: 1 worker(s)"), lines
+
+
+def test_a_cluster_without_gpus_or_an_autoscaler_is_refused(monkeypatch):
+    import ray
+    from ray._private.state import state
+
+    from pixelray.train.driver import TrainError, check_cluster_gpus
+
+    said = []
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "memory": 1e9})
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: None)  # no autoscaler
+    with pytest.raises(TrainError, match=r"has 0 of the 2 GPU\(s\).*no autoscaler can add any; pass --cpu"):
+        check_cluster_gpus(2, said.append)
+    check_cluster_gpus(0, said.append)  # use_gpu = false: no GPU needed
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"GPU": 1, "CPU": 64})
+    with pytest.raises(TrainError, match="its autoscaler can reach only 1"):
+        check_cluster_gpus(2, said.append)
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"GPU": 8, "CPU": 64})
+    check_cluster_gpus(2, said.append)  # an autoscaler that can add them: it waits, and says so
+    assert len(said) == 1 and "waiting for its autoscaler" in said[0]
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    check_cluster_gpus(2, said.append)
+    assert len(said) == 1
+
+
 # ---------------------------------------------------------------------------- 4. weights of every config
 
 
@@ -103,6 +150,43 @@ def test_the_cli_refuses_an_unknown_weights_entry_in_one_line(tmp_path, no_ray):
     path.write_text(tomli_w.dumps(_sweep_raw(["checkpoint:a.pt"], "IMAGENET1K_V9")))
     result = CliRunner().invoke(app, ["sweep", str(path)], prog_name="pixelray")
     _one_line_error(result, "[models] weights = 'IMAGENET1K_V9'", "no torchvision model has IMAGENET1K_V9")
+
+
+# ---------------------------------------------------------------------------- 5. placeholders
+
+
+def test_the_example_configs_placeholders_are_refused_before_any_network(tmp_path, monkeypatch, no_ray):
+    import pixelray.sweep.driver as sweep_driver
+    import pixelray.train.driver as train_driver
+
+    def reached(*_args, **_kwargs):
+        raise AssertionError("reached for the data")
+
+    monkeypatch.setattr(sweep_driver, "load_manifest", reached)
+    monkeypatch.setattr(train_driver, "plan_data", reached)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["sweep", str(REPO / "jobs" / "paper.toml")], prog_name="pixelray")
+    _one_line_error(result, "[data] path = 's3://YOUR-BUCKET/imagenet-val-shards'", "replace the placeholder",
+                    "--data")
+    result = CliRunner().invoke(app, ["train-augment", str(REPO / "jobs" / "table10.toml")], prog_name="pixelray")
+    _one_line_error(result, "[data] path = 's3://YOUR-BUCKET/imagenet-train-shards'", "replace the placeholder")
+    result = CliRunner().invoke(app, ["train-augment", str(REPO / "jobs" / "table10.toml"), "--data", "d"],
+                                prog_name="pixelray")
+    _one_line_error(result, "[data] eval_path = 's3://YOUR-BUCKET/imagenet-val-shards'", "--eval-data")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value, placeholder", [
+    ("s3://YOUR-BUCKET/shards", "YOUR-BUCKET"), ("/mnt/YOUR_DATA_DIR/x", "YOUR_DATA_DIR"),
+    ("s3://<bucket>/shards", "<bucket>"), ("checkpoint:<path>", "<path>"),
+    ("s3://your-bucket/shards", None), ("/data/YOURS/x", None), ("/data/MY-YOUR-X", None), ("results/paper", None),
+])
+def test_placeholders_are_told_from_paths(value, placeholder):
+    if placeholder is None:
+        check_placeholder(value, "[data] path")
+    else:
+        with pytest.raises(ConfigError, match=re.escape(f"{placeholder!r} is a placeholder; replace the placeholder")):
+            check_placeholder(value, "[data] path", "--data")
 
 
 # ---------------------------------------------------------------------------- 7, 8. cluster/local.py

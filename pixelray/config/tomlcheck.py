@@ -6,6 +6,7 @@ read their files and check their keys through these.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import tomllib
 
 from pixelray.core.check import is_int
 
-__all__ = ["ConfigError", "check_keys", "get_value", "int_list", "read_toml"]
+__all__ = ["ConfigError", "check_keys", "check_placeholder", "get_value", "int_list", "read_toml"]
 
 
 class ConfigError(ValueError):
@@ -66,3 +67,19 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+
+
+#: A value left as the example wrote it: an upper-case ``YOUR-BUCKET``/``YOUR_DIR`` token, or ``<bucket>``.
+_PLACEHOLDER = re.compile(r"(?<![\w-])YOUR[-_][A-Z0-9][A-Z0-9_-]*|<[^<>]+>")
+
+
+def check_placeholder(value: str | None, key: str, flag: str | None = None) -> None:
+    """ConfigError naming ``key`` when ``value`` (a path or URI) still holds an example's placeholder,
+    such as ``s3://YOUR-BUCKET/shards`` or ``<dir>``: it would otherwise end in a DNS lookup or a
+    missing directory far from the config."""
+    found = _PLACEHOLDER.search(value) if isinstance(value, str) else None
+    if found:
+        also = f" (or pass {flag})" if flag else ""
+        raise ConfigError(f"{key} = {value!r}: {found.group(0)!r} is a placeholder; replace the placeholder "
+                          f"with your own bucket or directory{also}")
+
