@@ -22,11 +22,12 @@ import numpy as np
 import pytest
 import tomli_w
 import torch
+import typer
 from typer.testing import CliRunner
 
 from pixelray.cli import app
 from pixelray.config.sweep import ConfigError, parse_config
-from pixelray.config.tomlcheck import check_placeholder
+from pixelray.config.tomlcheck import check_placeholder, refuse_lost_output
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,6 +131,67 @@ def test_a_cluster_without_gpus_or_an_autoscaler_is_refused(monkeypatch):
     assert len(said) == 1
 
 
+# ---------------------------------------------------------------------------- 2. relative output in a job
+
+
+def _uploaded(tmp_path, monkeypatch) -> Path:
+    """Run in a copy of the working directory as `ray job submit --working-dir` makes one, inside a job."""
+    uploaded = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "pkg"
+    uploaded.mkdir(parents=True)
+    monkeypatch.chdir(uploaded)
+    monkeypatch.setenv("RAY_JOB_ID", "02000000")
+    return uploaded
+
+
+def test_train_job_refuses_a_relative_output_that_ray_would_delete(small_data, tmp_path, monkeypatch, no_ray):
+    job = _load("jobs/train_augment.py")
+    uploaded = _uploaded(tmp_path, monkeypatch)
+    raw = {"model": {"name": "tiny", "weights": "none"}, "data": {"path": str(small_data)},
+           "augment": {"count": 4}, "train": {"epochs": 1}, "output": {"dir": "runs/x"}}
+    (tmp_path / "train.toml").write_text(tomli_w.dumps(raw))
+    result = CliRunner().invoke(job.app, ["--config", str(tmp_path / "train.toml")])
+    _one_line_error(result, "[output] dir = 'runs/x' is relative", "Ray deletes", "absolute path")
+    assert "s3://" not in result.stderr  # a fine-tune cannot write to an object store
+    result = CliRunner().invoke(job.app, ["--smoke-test"])  # refused before its data and model are made
+    _one_line_error(result, "'smoke-out/train-augment' is relative")
+    assert list(uploaded.iterdir()) == []
+
+
+def test_both_jobs_share_one_check():
+    for script in ("jobs/sweep.py", "jobs/train_augment.py"):
+        assert _load(script).refuse_lost_output is refuse_lost_output, script
+    uploaded = Path("/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_1")
+    with pytest.raises(ConfigError, match="an s3:// URI"):
+        refuse_lost_output("results/x", cwd=uploaded)
+    refuse_lost_output("/shared/results/x", cwd=uploaded)
+    refuse_lost_output("s3://bucket/x", cwd=uploaded)
+    refuse_lost_output("results/x", cwd=Path("/home/me/pixelray"))  # by hand, in a checkout: kept
+
+
+# ---------------------------------------------------------------------------- 3. the smoke test's folder
+
+
+def test_sweep_smoke_test_uses_a_folder_of_its_own(tmp_path, monkeypatch):
+    """Right after `make demo` (demo-out/ made with other sizes), the smoke test used to hit the demo's
+    fine-tunes ("holds a run of another config")."""
+    from pixelray.train.driver import TrainError
+
+    job = _load("jobs/sweep.py")
+    roots = []
+
+    def prepare(root, **_kwargs):
+        roots.append(Path(root))
+        raise TrainError("stop here")
+
+    monkeypatch.setattr(job, "prepare_demo", prepare)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_JOB_ID", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _one_line_error(CliRunner().invoke(job.app, ["--smoke-test"]), "stop here")
+    assert roots == [Path("smoke-out")]
+    assert "demo-out" not in str(roots[0])
+
+
 # ---------------------------------------------------------------------------- 4. weights of every config
 
 
@@ -187,6 +249,34 @@ def test_placeholders_are_told_from_paths(value, placeholder):
     else:
         with pytest.raises(ConfigError, match=re.escape(f"{placeholder!r} is a placeholder; replace the placeholder")):
             check_placeholder(value, "[data] path", "--data")
+
+
+# ---------------------------------------------------------------------------- 6. brackets in --help
+
+
+def _commands(command, path=()):
+    """(argv to the command, click command) of every command under ``command``."""
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_help_texts_keep_their_brackets():
+    runner = CliRunner()
+    out = runner.invoke(app, ["sweep", "--help"], prog_name="pixelray").output
+    assert "(overrides [output] dir)" in out and "(overrides [data] path)" in out
+    checked = 0
+    for argv, command in _commands(typer.main.get_command(app)):
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        tokens = {t for text in texts for t in re.findall(r"\[[a-z_]+\]", text)}
+        if tokens:
+            help_text = runner.invoke(app, [*argv, "--help"], prog_name="pixelray", terminal_width=200).output
+            assert all(t in help_text for t in tokens), (argv, tokens, help_text)
+            checked += 1
+    assert checked >= 2
+    for script in ("jobs/sweep.py", "jobs/train_augment.py"):
+        out = runner.invoke(_load(script).app, ["--help"], terminal_width=200).output
+        assert "[output] dir" in out and "[data] path" in out, (script, out)
 
 
 # ---------------------------------------------------------------------------- 7, 8. cluster/local.py
@@ -288,3 +378,19 @@ def test_the_batch_functions_say_they_want_a_torch_tensor():
         apply_cell(images, Cell.from_id("n4-full-whole-all-per-image-seed0", (32, 32)), [0, 1])
 
 
+# ---------------------------------------------------------------------------- 11. the sweep job's options
+
+
+def _options(command) -> dict[str, str | None]:
+    """Option name -> help of a command's options (the flags of --progress/--no-progress each)."""
+    options = [p for p in command.params if p.param_type_name == "option"]
+    return {opt: p.help for p in options for opt in [*p.opts, *p.secondary_opts]}
+
+
+def test_the_sweep_job_takes_the_options_of_pixelray_sweep():
+    cli = _options(typer.main.get_command(app).commands["sweep"])
+    job = _options(typer.main.get_command(_load("jobs/sweep.py").app))
+    extra = {"--config", "--smoke-test"}  # the job's own: its config is an option, and its smoke test
+    assert set(job) - extra == set(cli), (set(job) ^ set(cli)) - extra
+    assert {k: v for k, v in job.items() if k not in extra} == cli  # the same definitions, the same help
+    assert {"--metrics-linger", "--out", "--data", "--no-progress"} <= set(job)

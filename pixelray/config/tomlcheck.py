@@ -14,7 +14,8 @@ import tomllib
 
 from pixelray.core.check import is_int
 
-__all__ = ["ConfigError", "check_keys", "check_placeholder", "get_value", "int_list", "read_toml"]
+__all__ = ["ConfigError", "check_keys", "check_placeholder", "get_value", "int_list", "read_toml",
+           "refuse_lost_output"]
 
 
 class ConfigError(ValueError):
@@ -83,3 +84,15 @@ def check_placeholder(value: str | None, key: str, flag: str | None = None) -> N
         raise ConfigError(f"{key} = {value!r}: {found.group(0)!r} is a placeholder; replace the placeholder "
                           f"with your own bucket or directory{also}")
 
+
+def refuse_lost_output(output_dir: str, key: str = "[output] dir", *, uri_ok: bool = True,
+                       cwd: Path | None = None) -> None:
+    """ConfigError for a relative ``output_dir`` inside an uploaded working directory (``ray job submit
+    --working-dir``): Ray deletes that copy, and what was written into it, after the job. ``uri_ok``:
+    the fix may name an s3:// URI (a sweep's output may be one, a fine-tune's may not)."""
+    cwd = cwd or Path.cwd()
+    uploaded = "runtime_resources" in cwd.parts or "working_dir_files" in str(cwd)
+    if uploaded and "://" not in output_dir and not Path(output_dir).is_absolute():
+        raise ConfigError(f"{key} = {output_dir!r} is relative, and this job runs in the copy of its "
+                          f"working directory that Ray deletes after the job ({cwd}); give an absolute "
+                          f"path on storage every node shares{', or an s3:// URI' if uri_ok else ''} (--out)")
