@@ -44,12 +44,16 @@ CLUSTER_DASHBOARD_PORT ?= 8265
 CLUSTER_METRICS_PORT ?= 8080
 CLUSTER_CLIENT_PORT ?= 10001
 CLUSTER_AGENT_PORT ?= 52365
+CLUSTER_MIN_WORKER_PORT ?= 10002
+CLUSTER_MAX_WORKER_PORT ?= 19999
 CLUSTER_CPUS ?=
 
 cluster-local: $(STAMP)
 	$(BIN)/python cluster/local.py start --dir $(CLUSTER_DIR) --port $(CLUSTER_PORT) \
 		--dashboard-port $(CLUSTER_DASHBOARD_PORT) --metrics-port $(CLUSTER_METRICS_PORT) \
-		--client-port $(CLUSTER_CLIENT_PORT) --agent-port $(CLUSTER_AGENT_PORT) $(if $(CLUSTER_CPUS),--num-cpus $(CLUSTER_CPUS))
+		--client-port $(CLUSTER_CLIENT_PORT) --agent-port $(CLUSTER_AGENT_PORT) \
+		--min-worker-port $(CLUSTER_MIN_WORKER_PORT) --max-worker-port $(CLUSTER_MAX_WORKER_PORT) \
+		$(if $(CLUSTER_CPUS),--num-cpus $(CLUSTER_CPUS))
 
 cluster-stop:
 	$(BIN)/python cluster/local.py stop --dir $(CLUSTER_DIR)

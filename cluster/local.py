@@ -40,10 +40,13 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None)
 
 HOST = "127.0.0.1"
 DEFAULT_DIR = f"/tmp/pxr-{os.getuid()}"
+# Ray's default worker port range (`ray start --min-worker-port/--max-worker-port`): every other port of
+# the head must lie outside it, or `ray start` fails with a traceback
+MIN_WORKER_PORT, MAX_WORKER_PORT = 10002, 19999
 
 
 def _paths(root: Path) -> dict[str, Path]:
@@ -51,13 +54,25 @@ def _paths(root: Path) -> dict[str, Path]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs: a zombie (ended, not yet reaped by its parent, e.g. a slow init) has ended."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` is a zombie: state Z in /proc/PID/stat (Linux; elsewhere ps leaves them out, see
+    :func:`_process_table`)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(")") + 1:].split()  # after the command name, which may hold spaces and ')'
+    return bool(fields) and fields[0] == "Z"
 
 
 def _leader(p: dict[str, Path]) -> int | None:
@@ -73,6 +88,31 @@ def _leader(p: dict[str, Path]) -> int | None:
 
 def _names(temp_dir: Path) -> re.Pattern:
     return re.compile(rf"(^|[\s=]){re.escape(str(temp_dir))}(/|\s|$)")
+
+
+def _check_port_range(ports: dict[str, int], low: int, high: int) -> None:
+    """Refuse, in one line, ports that are no ports, the same port twice, or one in Ray's worker port range
+    ``low..high`` (``ray start`` would fail with a traceback)."""
+    if not 1 <= low <= high <= 65535:
+        _fail(f"worker port range {low}..{high}: give 1 <= CLUSTER_MIN_WORKER_PORT <= CLUSTER_MAX_WORKER_PORT "
+              "<= 65535 (--min-worker-port, --max-worker-port)")
+    bad = [f"{name}={value}" for name, value in ports.items() if not 1 <= value <= 65535]
+    if bad:
+        _fail(f"not a port: {', '.join(bad)}; give ports in 1..65535")
+    names = {value: [n for n, v in ports.items() if v == value] for value in ports.values()}
+    same = next((n for n in names.values() if len(n) > 1), None)
+    if same:
+        _fail(f"{' and '.join(same)} are the same port ({ports[same[0]]}); give each its own")
+    inside = [f"{name}={value}" for name, value in ports.items() if low <= value <= high]
+    if inside:
+        _fail(f"{', '.join(inside)} in Ray's worker port range {low}..{high}, which Ray keeps for its workers; "
+              f"choose a port outside it (e.g. make cluster-local {inside[0].split('=')[0]}={_outside(low, high)}), "
+              "or move the range (CLUSTER_MIN_WORKER_PORT, CLUSTER_MAX_WORKER_PORT)")
+
+
+def _outside(low: int, high: int) -> int:
+    """A port just outside ``low..high`` (below it where there is room)."""
+    return low - 1 if low > 1024 else high + 1
 
 
 def _port_free(port: int) -> bool:
@@ -116,6 +156,12 @@ def start(
     metrics_port: Annotated[int, typer.Option("--metrics-port", help="Ray's Prometheus metrics export port.")] = 8080,
     client_port: Annotated[int, typer.Option("--client-port", help="Ray client server port.")] = 10001,
     agent_port: Annotated[int, typer.Option("--agent-port", help="Dashboard agent (job agent) HTTP port.")] = 52365,
+    min_worker_port: Annotated[
+        int, typer.Option("--min-worker-port", help="Lowest port of Ray's worker port range.")
+    ] = MIN_WORKER_PORT,
+    max_worker_port: Annotated[
+        int, typer.Option("--max-worker-port", help="Highest port of Ray's worker port range.")
+    ] = MAX_WORKER_PORT,
     num_cpus: Annotated[int | None, typer.Option("--num-cpus", help="CPUs for Ray (default: all).")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait until jobs can be submitted.")] = 180,
 ) -> None:
@@ -129,6 +175,7 @@ def start(
         _fail(f"a local Ray head already runs from {root} (pid {pid}); `make cluster-stop` first")
     ports = {"CLUSTER_PORT": port, "CLUSTER_DASHBOARD_PORT": dashboard_port, "CLUSTER_METRICS_PORT": metrics_port,
              "CLUSTER_CLIENT_PORT": client_port, "CLUSTER_AGENT_PORT": agent_port}
+    _check_port_range(ports, min_worker_port, max_worker_port)
     busy = [f"{name}={value}" for name, value in ports.items() if not _port_free(value)]
     if busy:
         _fail(f"port in use on {HOST} (another Ray?): {', '.join(busy)}; choose free ones, e.g. "
@@ -150,6 +197,7 @@ def start(
            f"--node-ip-address={HOST}", f"--port={port}", f"--dashboard-host={HOST}",
            f"--dashboard-port={dashboard_port}", f"--metrics-export-port={metrics_port}",
            f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={agent_port}",
+           f"--min-worker-port={min_worker_port}", f"--max-worker-port={max_worker_port}",
            f"--temp-dir={p['ray']}"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
@@ -237,14 +285,15 @@ def _signal(pids, sig) -> None:
 
 
 def _process_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, process group, command line), from ps (Linux and macOS)."""
-    out = subprocess.run(["ps", "-A", "-ww", "-o", "pid=", "-o", "ppid=", "-o", "pgid=", "-o", "args="],
-                         capture_output=True, text=True, check=True).stdout
+    """pid -> (ppid, process group, command line), from ps (Linux and macOS): the running processes, not
+    the zombies (state Z: ended, waiting for their parent to reap them)."""
+    out = subprocess.run(["ps", "-A", "-ww", "-o", "pid=", "-o", "ppid=", "-o", "pgid=", "-o", "stat=",
+                          "-o", "args="], capture_output=True, text=True, check=True).stdout
     table = {}
     for line in out.splitlines():
-        parts = line.split(None, 3)
-        if len(parts) >= 3:
-            table[int(parts[0])] = (int(parts[1]), int(parts[2]), parts[3] if len(parts) > 3 else "")
+        parts = line.split(None, 4)
+        if len(parts) >= 4 and not parts[3].startswith("Z"):
+            table[int(parts[0])] = (int(parts[1]), int(parts[2]), parts[4] if len(parts) > 4 else "")
     return table
 
 
@@ -268,7 +317,7 @@ def _own_processes(leader: int | None, temp_dir: Path) -> set[int]:
 
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(2)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Ray job entrypoint for a grid sweep.
 
-    ray job submit --working-dir . -- python jobs/sweep.py --config jobs/paper.toml
-    python jobs/sweep.py --smoke-test          # synthetic data and tiny models, on any machine
+    ray job submit --working-dir . -- python jobs/sweep.py --config jobs/paper.toml --out s3://bucket/paper
+    python jobs/sweep.py --smoke-test          # synthetic data and tiny models, on any machine (in smoke-out/)
 
 Inside a Ray job the sweep joins the job's cluster (address "auto"); run by hand
-without a cluster it starts an embedded local Ray.
+without a cluster it starts an embedded local Ray. It takes the run options of
+``pixelray sweep`` (the same definitions), plus ``--config`` and ``--smoke-test``.
 """
 
 from __future__ import annotations
@@ -15,33 +16,52 @@ from typing import Annotated
 
 import typer
 
+from pixelray.cli.demo import DEMO_CONFIG, SMOKE_DIR, prepare_demo
+from pixelray.cli.main import (
+    SweepAddress,
+    SweepData,
+    SweepMetricsLinger,
+    SweepMetricsPort,
+    SweepOut,
+    SweepProgress,
+    SweepSaveAdversarial,
+    sweep_overrides,
+)
 from pixelray.config.sweep import ConfigError, load_config
+from pixelray.config.tomlcheck import refuse_lost_output
+from pixelray.errors import one_line
 from pixelray.sweep import SweepError, run_sweep
 from pixelray.train.driver import TrainError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
 
 
 @app.command()
 def main(
     config: Annotated[str, typer.Option("--config", help="Sweep config (TOML).")] = "jobs/paper.toml",
-    out: Annotated[str | None, typer.Option("--out", help="Output directory (overrides [output] dir).")] = None,
-    data: Annotated[str | None, typer.Option("--data", help="Data path (overrides [data] path).")] = None,
+    out: SweepOut = None,
+    data: SweepData = None,
+    address: SweepAddress = None,
+    metrics_port: SweepMetricsPort = None,
+    metrics_linger: SweepMetricsLinger = None,
+    progress: SweepProgress = True,
+    save_adversarial: SweepSaveAdversarial = None,
     smoke_test: Annotated[
-        bool, typer.Option("--smoke-test", help="Run jobs/demo.toml on synthetic data and tiny models.")
+        bool, typer.Option("--smoke-test", help=f"Run jobs/demo.toml on synthetic data and tiny models "
+                           f"(in {SMOKE_DIR}/ unless --out).")
     ] = False,
-    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Prometheus port on 127.0.0.1.")] = None,
 ) -> None:
-    """Run (or resume) a sweep as a Ray job."""
-    overrides = {"output_dir": out, "data": data, "metrics_port": metrics_port}
+    """Run (or resume) a sweep as a Ray job (--address: default 'auto' inside a Ray job, else 'local')."""
+    overrides = sweep_overrides(out, data, metrics_port, metrics_linger, save_adversarial)
     in_job = os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID")
+    address = address or ("auto" if in_job else "local")
     try:
         if smoke_test:
-            from pixelray.cli.demo import DEMO_CONFIG, prepare_demo
-
-            root = Path(out or "demo-out")
+            root = Path(out or SMOKE_DIR)
+            refuse_lost_output(str(root))  # before the smoke test's data and models are written there
             data_dir, checkpoints = prepare_demo(root, images=600, heldout=300, epochs=3, finetune_epochs=2,
-                                                 address="auto" if in_job else "local")
+                                                 address=address)
             config = str(DEMO_CONFIG)  # the package's copy (jobs/demo.toml links to it)
             overrides.update(
                 data=str(data_dir),
@@ -49,22 +69,12 @@ def main(
                 output_dir=str(root / "results"),
             )
         cfg = load_config(config, overrides)
-        _refuse_lost_output(cfg.output_dir)
-        result = run_sweep(cfg, progress=True, log=lambda m: typer.echo(m, err=True),
-                           address="auto" if in_job else "local")
+        refuse_lost_output(cfg.output_dir)
+        result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True), address=address)
     except (ConfigError, SweepError, TrainError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {one_line(exc)}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"results: {result.cells_path}")
-
-
-def _refuse_lost_output(output_dir: str) -> None:
-    """A relative output inside an uploaded working directory (``--working-dir``) is deleted with it by Ray."""
-    uploaded = "runtime_resources" in Path.cwd().parts or "working_dir_files" in str(Path.cwd())
-    if uploaded and "://" not in output_dir and not Path(output_dir).is_absolute():
-        raise ConfigError(f"[output] dir = {output_dir!r} is relative, and this job runs in the copy of its "
-                          f"working directory that Ray deletes after the job ({Path.cwd()}); give an absolute "
-                          "path on storage every node shares, or an s3:// URI (--out)")
 
 
 if __name__ == "__main__":

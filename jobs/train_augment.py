@@ -1,7 +1,7 @@
 """Ray job entrypoint for the few-pixel-change fine-tune (``pixelray train-augment`` on Ray Train).
 
-    ray job submit --working-dir . -- python jobs/train_augment.py --config jobs/table10.toml
-    python jobs/train_augment.py --smoke-test      # synthetic data and the tiny CNN, on any machine
+    ray job submit --working-dir . -- python jobs/train_augment.py --config jobs/table10.toml --out /shared/table10
+    python jobs/train_augment.py --smoke-test      # synthetic data and the tiny CNN, on any machine (in smoke-out/)
 
 Inside a Ray job it joins the job's cluster (address "auto"); run by hand without a cluster
 it starts an embedded local Ray. Rerunning the same command resumes every unfinished
@@ -16,11 +16,14 @@ from typing import Annotated
 
 import typer
 
+from pixelray.cli.demo import SMOKE_DIR
 from pixelray.config.sweep import ConfigError
+from pixelray.config.tomlcheck import refuse_lost_output
 from pixelray.config.train import load_train_config, parse_train_config
+from pixelray.errors import one_line
 from pixelray.train.driver import TrainError, run_train_augment
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 def _smoke_config(root: Path):
@@ -51,21 +54,28 @@ def main(
     config: Annotated[str, typer.Option("--config", help="Fine-tune config (TOML).")] = "jobs/table10.toml",
     out: Annotated[str | None, typer.Option("--out", help="Output directory (overrides [output] dir).")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Training data (overrides [data] path).")] = None,
+    cpu: Annotated[
+        bool, typer.Option("--cpu", help="Train on CPU even where the config says [run] use_gpu = true.")
+    ] = False,
     smoke_test: Annotated[
-        bool, typer.Option("--smoke-test", help="Fine-tune the tiny CNN on synthetic data for 2 epochs.")
+        bool, typer.Option("--smoke-test", help="Fine-tune the tiny CNN on synthetic data for 2 epochs "
+                           f"(in {SMOKE_DIR}/train-augment unless --out).")
     ] = False,
 ) -> None:
     """Run (or resume) the fine-tunes of a config as a Ray job."""
     in_job = os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID")
     try:
         if smoke_test:
-            cfg = _smoke_config(Path(out or "demo-out") / "smoke-train")
+            root = Path(out or SMOKE_DIR) / "train-augment"
+            refuse_lost_output(str(root), uri_ok=False)  # before the smoke test's data and model are written
+            cfg = _smoke_config(root)
         else:
-            cfg = load_train_config(config, {"output_dir": out, "data": data})
+            cfg = load_train_config(config, {"output_dir": out, "data": data, "use_gpu": False if cpu else None})
+        refuse_lost_output(cfg.output_dir, uri_ok=False)
         results = run_train_augment(cfg, address="auto" if in_job else "local",
                                     log=lambda m: typer.echo(m, err=True))
     except (ConfigError, TrainError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {one_line(exc)}", err=True)
         raise typer.Exit(2) from None
     for result in results:
         typer.echo(f"checkpoint:{result.run_dir}")

@@ -24,6 +24,7 @@ cell_app = typer.Typer(
     help="Reproduce a cell's draws: which pixels and values it changes in an image.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: Rich markup would eat "[output]" and the like
     add_completion=False,
 )
 

@@ -23,12 +23,14 @@ data_app = typer.Typer(
     help="Inspect and validate pixelray data sets (Parquet shards + manifest.json).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: Rich markup would eat "[output]" and the like
     add_completion=False,
 )
 prepare_app = typer.Typer(
     help="Convert images into pixelray shards: ImageNet validation, any image folder, or synthetic data.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: Rich markup would eat "[output]" and the like
     add_completion=False,
 )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DEMO_CONFIG", "DEMO_COUNT", "prepare_demo"]
+__all__ = ["DEMO_CONFIG", "DEMO_COUNT", "SMOKE_DIR", "prepare_demo"]
 
 #: Changed pixels per training image of the demo's augmented fine-tune (of 32 x 32 = 1,024): the
 #: tiny CNN on the synthetic images shrugs off a few pixels, and breaks from a quarter of them up.
@@ -23,6 +23,11 @@ DEMO_COUNT = 384
 #: The demo sweep's config, shipped in the package (``jobs/demo.toml`` is a link to it), so that
 #: ``pixelray demo`` works from any directory.
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.toml"
+
+#: Where the job entry points' ``--smoke-test`` (jobs/sweep.py, jobs/train_augment.py) work without --out:
+#: a folder of their own, never ``pixelray demo``'s demo-out/ (made with other sizes and epochs, whose
+#: fine-tunes a smoke test would refuse as runs of another config).
+SMOKE_DIR = "smoke-out"
 
 
 def prepare_demo(

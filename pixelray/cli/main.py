@@ -21,6 +21,7 @@ app = typer.Typer(
     help="Measure and repair the robustness of image classifiers to a few random pixel changes.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: Rich markup would eat "[output]" and the like
     add_completion=False,
 )
 app.add_typer(weights_app, name="weights")
@@ -88,41 +89,58 @@ def pixel_index_cmd(
                f"amplitude = {change.amplitude}, area = {area or size}, image = {size}x{size}")
 
 
+# The run options of `pixelray sweep`, shared with its Ray job entry point jobs/sweep.py (which adds --config
+# and --smoke-test); tests/test_entry_points.py checks that the two take the same ones.
+SweepOut = Annotated[str | None, typer.Option("--out", help="Output directory (overrides [output] dir).")]
+SweepData = Annotated[str | None, typer.Option("--data", help="Data set: shards or a URI (overrides [data] path).")]
+SweepAddress = Annotated[
+    str | None,
+    typer.Option("--address", help="'local' starts an embedded Ray; 'auto' or ray://... joins a cluster."),
+]
+SweepMetricsPort = Annotated[
+    int | None,
+    typer.Option("--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT (0 = any free port)."),
+]
+SweepMetricsLinger = Annotated[
+    float | None,
+    typer.Option("--metrics-linger", help="Seconds the metrics endpoint stays up after the last table "
+                 "is written, for a final scrape (default 5; [run] metrics_linger)."),
+]
+SweepProgress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")]
+SweepSaveAdversarial = Annotated[
+    str | None,
+    typer.Option(
+        "--save-adversarial",
+        help="Write the attacks' adversarial examples as pixelray shards under DIR/<attack>/<model>/eps<k>/ "
+        "(overrides [output] save_adversarial).",
+        metavar="DIR",
+    ),
+]
+
+
+def sweep_overrides(out, data, metrics_port, metrics_linger, save_adversarial) -> dict:
+    """The sweep options as :func:`pixelray.config.sweep.load_config` overrides (None: the config's value)."""
+    return {"output_dir": out, "data": data, "metrics_port": metrics_port, "metrics_linger": metrics_linger,
+            "save_adversarial": save_adversarial}
+
+
 @app.command("sweep")
 def sweep_cmd(
     config: Annotated[str, typer.Argument(help="Sweep config (TOML), e.g. jobs/paper.toml.")],
-    out: Annotated[str | None, typer.Option("--out", help="Output directory (overrides [output] dir).")] = None,
-    address: Annotated[
-        str, typer.Option("--address", help="'local' starts an embedded Ray; 'auto' or ray://... joins a cluster.")
-    ] = "local",
-    metrics_port: Annotated[
-        int | None,
-        typer.Option("--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT (0 = any free port)."),
-    ] = None,
-    metrics_linger: Annotated[
-        float | None,
-        typer.Option("--metrics-linger", help="Seconds the metrics endpoint stays up after the last table "
-                     "is written, for a final scrape (default 5; [run] metrics_linger)."),
-    ] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
-    save_adversarial: Annotated[
-        str | None,
-        typer.Option(
-            "--save-adversarial",
-            help="Write the attacks' adversarial examples as pixelray shards under DIR/<attack>/<model>/eps<k>/ "
-            "(overrides save_adversarial in the config's output table).",
-            metavar="DIR",
-        ),
-    ] = None,
+    out: SweepOut = None,
+    data: SweepData = None,
+    address: SweepAddress = "local",
+    metrics_port: SweepMetricsPort = None,
+    metrics_linger: SweepMetricsLinger = None,
+    progress: SweepProgress = True,
+    save_adversarial: SweepSaveAdversarial = None,
 ) -> None:
     """Run (or resume) a grid sweep; results land as Parquet under the output directory."""
     from pixelray.config.sweep import ConfigError, load_config
     from pixelray.sweep import SweepError, run_sweep
 
     try:
-        overrides = {"output_dir": out, "metrics_port": metrics_port, "metrics_linger": metrics_linger,
-                     "save_adversarial": save_adversarial}
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, sweep_overrides(out, data, metrics_port, metrics_linger, save_adversarial))
         result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True), address=address)
     except (ConfigError, SweepError) as exc:
         fail(str(exc))

@@ -17,6 +17,7 @@ weights_app = typer.Typer(
     help="List and download pretrained torchvision weights ($TORCH_HOME/hub/checkpoints).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: Rich markup would eat "[output]" and the like
     add_completion=False,
 )
 

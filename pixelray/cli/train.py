@@ -42,6 +42,9 @@ def train_augment_cmd(
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per step, all workers.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the order, the draws and a new head.")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Ray Train workers (DDP).")] = None,
+    cpu: Annotated[
+        bool, typer.Option("--cpu", help="Train on CPU even where the config says [run] use_gpu = true.")
+    ] = False,
     out: Annotated[str | None, typer.Option("--out", help="Run directory (overrides the config's output dir).")] = None,
     address: Annotated[
         str, typer.Option("--address", help="'local' starts an embedded Ray; 'auto' or ray://... joins a cluster.")
@@ -59,7 +62,7 @@ def train_augment_cmd(
     flags = {
         "model": model, "weights": weights, "data": data, "eval_data": eval_data, "images": images,
         "count": count, "aug": aug, "head": head, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-        "seed": seed, "workers": workers, "output_dir": out,
+        "seed": seed, "workers": workers, "use_gpu": False if cpu else None, "output_dir": out,
     }
     try:
         cfg = load_train_config(config, flags)

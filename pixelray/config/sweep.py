@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pixelray.config.attack import AttackConfig, Keep
-from pixelray.config.tomlcheck import ConfigError, check_keys, get_value, int_list, read_toml
+from pixelray.config.tomlcheck import ConfigError, check_keys, check_placeholder, get_value, int_list, read_toml
 from pixelray.core.check import is_int
 from pixelray.core.spec import CORRUPTIONS, PIXEL_CHANGE, Cell, Corruption, PixelChange, parse_channels
 
@@ -137,6 +137,16 @@ class SweepConfig:
                 for seed in self.seeds:
                     pairs.append((exp.name, Cell(change, seed)))
         return pairs
+
+    def check_placeholders(self) -> None:
+        """ConfigError for a path still holding an example's placeholder (``s3://YOUR-BUCKET/...``): checked
+        when a sweep starts, not when a config is read (the example configs are valid templates)."""
+        check_placeholder(self.data, "[data] path", "--data")
+        for name in self.models:
+            if name.startswith("checkpoint:"):
+                check_placeholder(name, "[models] names")
+        check_placeholder(self.output_dir, "[output] dir", "--out")
+        check_placeholder(self.save_adversarial, "[output] save_adversarial", "--save-adversarial")
 
     def unique_cells(self, image_size: tuple[int, int] | None = None) -> list[Cell]:
         """Each distinct cell once (cells shared by experiments are evaluated once)."""

@@ -6,6 +6,7 @@ read their files and check their keys through these.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import tomllib
 
 from pixelray.core.check import is_int
 
-__all__ = ["ConfigError", "check_keys", "get_value", "int_list", "read_toml"]
+__all__ = ["ConfigError", "check_keys", "check_placeholder", "get_value", "int_list", "read_toml",
+           "refuse_lost_output"]
 
 
 class ConfigError(ValueError):
@@ -66,3 +68,31 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+
+
+#: A value left as the example wrote it: an upper-case ``YOUR-BUCKET``/``YOUR_DIR`` token, or ``<bucket>``.
+_PLACEHOLDER = re.compile(r"(?<![\w-])YOUR[-_][A-Z0-9][A-Z0-9_-]*|<[^<>]+>")
+
+
+def check_placeholder(value: str | None, key: str, flag: str | None = None) -> None:
+    """ConfigError naming ``key`` when ``value`` (a path or URI) still holds an example's placeholder,
+    such as ``s3://YOUR-BUCKET/shards`` or ``<dir>``: it would otherwise end in a DNS lookup or a
+    missing directory far from the config."""
+    found = _PLACEHOLDER.search(value) if isinstance(value, str) else None
+    if found:
+        also = f" (or pass {flag})" if flag else ""
+        raise ConfigError(f"{key} = {value!r}: {found.group(0)!r} is a placeholder; replace the placeholder "
+                          f"with your own bucket or directory{also}")
+
+
+def refuse_lost_output(output_dir: str, key: str = "[output] dir", *, uri_ok: bool = True,
+                       cwd: Path | None = None) -> None:
+    """ConfigError for a relative ``output_dir`` inside an uploaded working directory (``ray job submit
+    --working-dir``): Ray deletes that copy, and what was written into it, after the job. ``uri_ok``:
+    the fix may name an s3:// URI (a sweep's output may be one, a fine-tune's may not)."""
+    cwd = cwd or Path.cwd()
+    uploaded = "runtime_resources" in cwd.parts or "working_dir_files" in str(cwd)
+    if uploaded and "://" not in output_dir and not Path(output_dir).is_absolute():
+        raise ConfigError(f"{key} = {output_dir!r} is relative, and this job runs in the copy of its "
+                          f"working directory that Ray deletes after the job ({cwd}); give an absolute "
+                          f"path on storage every node shares{', or an s3:// URI' if uri_ok else ''} (--out)")

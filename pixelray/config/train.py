@@ -24,7 +24,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pixelray.config.tomlcheck import ConfigError, check_keys, get_value, read_toml
+from pixelray.config.tomlcheck import ConfigError, check_keys, check_placeholder, get_value, read_toml
 from pixelray.core.augment import Aug, Augmentation
 from pixelray.core.check import is_int
 from pixelray.core.spec import PixelChange
@@ -53,7 +53,8 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "data": ("data", "path"), "eval_data": ("data", "eval_path"), "images": ("data", "images"),
     "aug": ("augment", "aug"), "count": ("augment", "count"),
     "epochs": ("train", "epochs"), "lr": ("train", "lr"), "batch_size": ("train", "batch_size"),
-    "seed": ("train", "seed"), "workers": ("run", "workers"), "output_dir": ("output", "dir"),
+    "seed": ("train", "seed"), "workers": ("run", "workers"), "use_gpu": ("run", "use_gpu"),
+    "output_dir": ("output", "dir"),
 }
 
 _TABLES = {
@@ -137,6 +138,16 @@ class TrainAugmentConfig:
 
     runs: tuple[FineTune, ...]
     output_dir: str
+
+    def check_placeholders(self) -> None:
+        """ConfigError for a path still holding an example's placeholder (``s3://YOUR-BUCKET/...``): checked
+        when the fine-tunes start, not when a config is read (the example configs are valid templates)."""
+        for run in self.runs:
+            if run.model.startswith("checkpoint:"):
+                check_placeholder(run.model, "[model] name", "--model")
+            check_placeholder(run.data, "[data] path", "--data")
+            check_placeholder(run.eval_data, "[data] eval_path", "--eval-data")
+        check_placeholder(self.output_dir, "[output] dir", "--out")
 
 
 def _number(table: dict, key: str, where: str, default: Any, check, need: str) -> Any:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pixelray.core.draws import shr
+from pixelray.core.draws import check_uint8, image_pixels, shr
 from pixelray.core.perturb import ChangeRecord, apply_pixel_changes, describe_change, hash64, image_layout
 from pixelray.core.spec import Cell, Corruption
 
@@ -40,8 +40,7 @@ def impulse_noise(images: torch.Tensor, cell: Cell, image_ids: torch.Tensor | Se
     corruption = cell.change
     if not isinstance(corruption, Corruption) or corruption.family != "impulse_noise":
         raise ValueError(f"cell: {cell.cell_id!r} is not an impulse_noise cell")
-    if images.dtype != torch.uint8:
-        raise ValueError(f"images: expected dtype uint8, got {images.dtype}; convert pixel values to uint8 first")
+    check_uint8(images)
     layout = image_layout(images)
     ids = torch.as_tensor(image_ids, dtype=torch.int64, device=images.device).view(-1, 1)
     if len(ids) != images.shape[0]:
@@ -69,7 +68,8 @@ def describe_cell(cell: Cell, image_id: int, height: int, width: int,
                   image: torch.Tensor | None = None) -> ChangeRecord:
     """The entries a cell changes in image ``image_id``: :func:`pixelray.core.perturb.describe_change` for a
     pixel change; for a corruption, every (y, x, channel) it replaces, in (H, W, C) order, with the new value
-    (its draws do not depend on the image; ``old`` is filled when ``image`` (H, W, 3) is given)."""
+    (its draws do not depend on the image; ``old`` is filled when ``image`` (H, W, 3) is given, a torch
+    tensor or a NumPy array)."""
     if not isinstance(cell.change, Corruption):
         return describe_change(cell, image_id, height, width, image)
     probe = torch.full((1, height, width, 3), 7, dtype=torch.uint8)  # neither 0 nor 255: every change shows
@@ -77,9 +77,7 @@ def describe_cell(cell: Cell, image_id: int, height: int, width: int,
     y, x, ch = (changed != 7).nonzero(as_tuple=True)
     old = None
     if image is not None:
-        pixels = image.permute(1, 2, 0) if image_layout(image[None]) == "NCHW" else image
-        if tuple(pixels.shape) != (height, width, 3) or pixels.dtype != torch.uint8:
-            raise ValueError(f"image: expected uint8 ({height}, {width}, 3), got {pixels.dtype} {tuple(pixels.shape)}")
+        pixels = image_pixels(image, height, width)
         old = tuple(pixels[y, x, ch].tolist())
     return ChangeRecord(cell.cell_id, int(image_id), tuple(y.tolist()), tuple(x.tolist()), tuple(ch.tolist()),
                         tuple(changed[y, x, ch].tolist()), None, old)

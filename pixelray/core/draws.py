@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from pixelray.core.spec import Cell
 
-__all__ = ["hash64", "image_layout"]
+__all__ = ["check_uint8", "hash64", "image_layout", "image_pixels"]
 
 _MASK64 = (1 << 64) - 1
 MASK63 = (1 << 63) - 1
@@ -121,3 +121,30 @@ def image_layout(images: torch.Tensor) -> str:
     raise ValueError(
         f"images: expected a batch (N, H, W, 3) or (N, 3, H, W), got shape {tuple(images.shape)}"
     )
+
+
+def check_uint8(images: object, what: str = "images") -> None:
+    """ValueError unless ``images`` is a torch uint8 tensor; a NumPy array is named as one, with the fix
+    (not "expected dtype uint8, got uint8": NumPy's uint8 is not torch's)."""
+    if not isinstance(images, torch.Tensor):
+        kind = f"{type(images).__module__}.{type(images).__qualname__}"
+        raise ValueError(f"{what}: expected a torch.Tensor, got a {kind}; convert it with torch.from_numpy(...)"
+                         if kind.startswith("numpy.") else f"{what}: expected a torch.Tensor, got a {kind}")
+    if images.dtype != torch.uint8:
+        raise ValueError(f"{what}: expected dtype uint8, got {images.dtype}; convert pixel values to uint8 first")
+
+
+def image_pixels(image: object, height: int, width: int) -> torch.Tensor:
+    """One image as an (H, W, 3) uint8 tensor (a view), from a torch tensor or a NumPy array (copied), laid
+    out (H, W, 3) or (3, H, W); ValueError naming the dtype and shape found otherwise."""
+    if not isinstance(image, torch.Tensor):
+        try:
+            image = torch.tensor(image)  # a NumPy array (or nested lists); NumPy's uint8 becomes torch's
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"image: expected a torch.Tensor or a NumPy array, got a {type(image).__name__}") from None
+    if image.ndim != 3:
+        raise ValueError(f"image: expected uint8 ({height}, {width}, 3), got {image.dtype} {tuple(image.shape)}")
+    pixels = image.permute(1, 2, 0) if image.shape[0] == 3 and image.shape[-1] != 3 else image
+    if tuple(pixels.shape) != (height, width, 3) or pixels.dtype != torch.uint8:
+        raise ValueError(f"image: expected uint8 ({height}, {width}, 3), got {pixels.dtype} {tuple(pixels.shape)}")
+    return pixels

@@ -46,9 +46,11 @@ from pixelray.core.draws import (
     STREAM_VALUE,
     as_ids,
     channel_tensor,
+    check_uint8,
     hash64,
     image_keys,
     image_layout,
+    image_pixels,
     stream_bits,
     uniform,
 )
@@ -127,8 +129,7 @@ def apply_pixel_changes(
         A new tensor of the same shape, dtype, memory format and device; the input
         is not modified.
     """
-    if images.dtype != torch.uint8:
-        raise ValueError(f"images: expected dtype uint8, got {images.dtype}; convert pixel values to uint8 first")
+    check_uint8(images)
     layout = image_layout(images)
     ids = as_ids(image_ids, images.device)
     if len(ids) != images.shape[0]:
@@ -175,8 +176,8 @@ def describe_change(cell: Cell, image_id: int, height: int, width: int,
         cell: the cell (e.g. ``Cell.from_id(row.cell_id)`` or ``Cell.from_columns(row)``).
         image_id: the image's id.
         height, width: the image size.
-        image: the image's uint8 pixels (H, W, 3) or (3, H, W); needed for the new values of a
-            shift amplitude, optional for full.
+        image: the image's uint8 pixels (H, W, 3) or (3, H, W), a torch tensor or a NumPy array;
+            needed for the new values of a shift amplitude, optional for full.
     """
     pos = draw_positions(cell, [int(image_id)], height, width)[0]
     channels = cell.change.channel_indices
@@ -185,10 +186,7 @@ def describe_change(cell: Cell, image_id: int, height: int, width: int,
     chs = [c for _ in pos for c in channels]
     old = None
     if image is not None:
-        pixels = image.permute(1, 2, 0) if image_layout(image[None]) == "NCHW" else image
-        if tuple(pixels.shape) != (height, width, 3) or pixels.dtype != torch.uint8:
-            raise ValueError(f"image: expected uint8 ({height}, {width}, 3), got {pixels.dtype} "
-                             f"{tuple(pixels.shape)}")
+        pixels = image_pixels(image, height, width)
         old = pixels[torch.tensor(ys), torch.tensor(xs), torch.tensor(chs)].view(1, len(pos), len(channels))
     probe = torch.zeros(1, len(pos), len(channels), dtype=torch.uint8) if old is None else old
     shift = None

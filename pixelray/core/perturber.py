@@ -15,6 +15,7 @@ from pixelray.core.draws import (
     STREAM_POSITION,
     STREAM_VALUE,
     as_ids,
+    check_uint8,
     first_occurrence,
     i64,
     image_layout,
@@ -267,8 +268,7 @@ class Perturber:
             yield group.rows(g0, g0 + step)
 
     def _check(self, images: torch.Tensor, ids: torch.Tensor | Sequence[int]) -> tuple[str, torch.Tensor]:
-        if images.dtype != torch.uint8:
-            raise ValueError(f"images: expected dtype uint8, got {images.dtype}; convert pixel values to uint8 first")
+        check_uint8(images)
         layout = image_layout(images)
         size = tuple(images.shape[1:3] if layout == "NHWC" else images.shape[2:4])
         if size != (self.height, self.width):

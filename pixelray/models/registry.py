@@ -141,7 +141,17 @@ def check_weights_entry(weights: str | Weights | None, names: Sequence[str]) -> 
         for name in names:
             if spec_kind(name) == "torchvision":
                 weights_entry(name, kind)
+        if kind not in weights_entries():  # checked even where no model of ``names`` would use it
+            close = difflib.get_close_matches(kind, weights_entries(), n=3, cutoff=0.8)
+            raise ValueError(f"weights: no torchvision model has {kind} weights; use 'imagenet', 'default', "
+                             f"'none' or an entry such as {', '.join(close or ('IMAGENET1K_V1', 'IMAGENET1K_V2'))}")
     return weights_label(kind)
+
+
+@functools.lru_cache(maxsize=1)
+def weights_entries() -> frozenset[str]:
+    """Every weights entry name of a torchvision classification model (IMAGENET1K_V1, IMAGENET1K_V2, ...)."""
+    return frozenset(e.name for name in torchvision_models() for e in torchvision.models.get_model_weights(name))
 
 
 def weights_entry(name: str, weights: Weights | str) -> Any:

@@ -4,7 +4,8 @@ Every file pixelray writes for others to read (unit files, results tables, manif
 checkpoints, run metadata) goes through :func:`write_atomic`: a temporary file in the
 same directory (``.NAME.tmp-XXXX``), flushed and fsynced, renamed over the target, and
 the directory entry fsynced, so a crash or a full disk leaves either the old file or
-the complete new one. A temporary file left by a killed process is never read
+the complete new one. The new file gets the mode ``open()`` gives a new file (0666 less the umask), not
+the temporary file's 0600. A temporary file left by a killed process is never read
 (:data:`TMP_GLOB` finds them for clean-up).
 
 Example:
@@ -56,6 +57,7 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[Any], None]) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     try:
+        os.fchmod(fd, _new_file_mode())  # mkstemp's is 0600: give the file the mode open() would have
         with os.fdopen(fd, "wb") as f:
             hashing = _Hashing(f)
             write(hashing)
@@ -67,6 +69,26 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[Any], None]) -> 
         raise
     _fsync_dir(path.parent)
     return hashing.digest.hexdigest()
+
+
+def _new_file_mode() -> int:
+    """The mode a new file gets from ``open()``: 0666 less the umask (0644 under the usual 022), so that
+    results are readable by whoever may read their folder (a file written earlier as 0600 gets it too)."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux tells it (os.umask sets it to read it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

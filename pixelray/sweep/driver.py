@@ -2,9 +2,9 @@
 
 Order matters for "nothing wrong is ever silent, nothing half-done is ever left":
 
-1. Before Ray: the config (already valid), the data (manifest, and every shard's footer,
-   ids and labels: :func:`~pixelray.shards.check_shards`), the plan (cells fit the
-   images), the output directory (claimed with a lock; another config's run refused) and
+1. Before Ray: the config (already valid; no example placeholder left in a path), the data
+   (manifest, and every shard's footer, ids and labels: :func:`~pixelray.shards.check_shards`),
+   the plan (cells fit the images), the output directory (claimed with a lock; another config's run refused) and
    the metrics port. A failure here writes nothing.
 2. Join Ray, start the workers, and load every model once (the preflight). A failure
    still writes nothing: the claim is undone.
@@ -111,10 +111,12 @@ def run_sweep(
     """Run (or resume) a whole sweep (see the module docstring for the order of things).
 
     ``address``: None/``local`` starts an embedded Ray, ``auto`` or an address joins a
-    cluster; an already connected Ray is used as it is.
+    cluster; an already connected Ray is used as it is. Raises ConfigError first when a path
+    still holds an example's placeholder (``s3://YOUR-BUCKET/...``), SweepError for the rest.
     """
     say = log or (lambda msg: None)
     t_start = time.perf_counter()
+    config.check_placeholders()  # ConfigError: an example's s3://YOUR-BUCKET left in a path
     manifest, uris = _check_data(config)
     _check_checkpoints(config, manifest.num_classes)
     cell_pairs = config.cells((manifest.height, manifest.width))
