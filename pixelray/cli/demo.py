@@ -22,7 +22,7 @@ DEMO_COUNT = 384
 
 #: The demo sweep's config, shipped in the package (``jobs/demo.toml`` is a link to it), so that
 #: ``pixelray demo`` works from any directory.
-DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.toml"
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 
 #: Where the job entry points' ``--smoke-test`` (jobs/sweep.py, jobs/train_augment.py) work without --out:
 #: a folder of their own, never ``pixelray demo``'s demo-out/ (made with other sizes and epochs, whose
