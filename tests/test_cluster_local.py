@@ -66,10 +66,11 @@ def test_cluster_local_token_job_metrics_and_stop(synthetic_dataset, tiny_checkp
         # the checkout uploaded as the job's working directory (as on a remote cluster), its jobs/sweep.py run
         submit = ["ray", "job", "submit", "--working-dir", str(REPO), "--", "python", "jobs/sweep.py",
                   "--config", str(config), "--metrics-port", str(driver_port)]
-        for bad in ({"RAY_ADDRESS": dashboard}, {**job_env, "RAY_AUTH_TOKEN": "0" * 64}):  # no token, a wrong one
+        no_token, wrong_token = {"RAY_ADDRESS": dashboard}, {**job_env, "RAY_AUTH_TOKEN": "0" * 64}
+        for bad, says in ((no_token, "Unauthorized"), (wrong_token, "Invalid authentication token")):
             refused = _run(submit, {**env, **bad}, timeout=120)
             assert refused.returncode != 0
-            assert "Unauthorized" in refused.stdout + refused.stderr, (refused.stdout + refused.stderr)[-2000:]
+            assert says in refused.stdout + refused.stderr, (refused.stdout + refused.stderr)[-2000:]
         assert not out.exists()
 
         with _Scraper(f"http://127.0.0.1:{driver_port}/metrics") as driver:
