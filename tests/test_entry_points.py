@@ -91,8 +91,12 @@ def _table10(data, out, *extra):
 def test_train_augment_with_use_gpu_and_no_cuda_fails_at_once(small_data, tmp_path, monkeypatch, no_ray):
     """jobs/table10.toml says use_gpu = true: on a machine without CUDA the embedded Ray could never place
     a worker, and Ray Train used to wait for one forever, silently."""
+    import ray
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, whatever it has
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    # as in a fresh `pixelray` process: no Ray yet (another test of the session may have started one here)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     t0 = time.monotonic()
     result = CliRunner().invoke(app, _table10(small_data, tmp_path / "run"), prog_name="pixelray")
     assert time.monotonic() - t0 < 10
