@@ -6,11 +6,15 @@ inside such a line.
 
 from __future__ import annotations
 
-__all__ = ["SweepError", "first_line", "one_line"]
+__all__ = ["SweepError", "TrainError", "first_line", "one_line"]
 
 
 class SweepError(RuntimeError):
     """A sweep that cannot go on; the message says why and what to do."""
+
+
+class TrainError(RuntimeError):
+    """A fine-tune that cannot start or go on; the message says why and what to do."""
 
 
 def one_line(message: object, limit: int | None = None) -> str:

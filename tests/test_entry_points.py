@@ -116,7 +116,8 @@ def test_a_cluster_without_gpus_or_an_autoscaler_is_refused(monkeypatch):
     import ray
     from ray._private.state import state
 
-    from pixelray.train.driver import TrainError, check_cluster_gpus
+    from pixelray.errors import TrainError
+    from pixelray.train.gpus import check_cluster_gpus
 
     said = []
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "memory": 1e9})

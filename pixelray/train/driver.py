@@ -39,10 +39,11 @@ import pyarrow as pa
 from pixelray import __version__
 from pixelray.config.train import FineTune, TrainAugmentConfig
 from pixelray.cpu_memory import worker_env
-from pixelray.errors import SweepError, one_line
+from pixelray.errors import SweepError, TrainError, one_line
 from pixelray.store.atomic import write_table_atomic, write_text_atomic
 from pixelray.store.rundir import RunDir
 from pixelray.train.data import DataPlan, plan_data
+from pixelray.train.gpus import check_cluster_gpus, check_local_gpus, device_line, embedded
 from pixelray.train.loop import (
     CHECKPOINT_HISTORY,
     CHECKPOINT_STATE,
@@ -69,10 +70,6 @@ EPOCHS_SCHEMA = pa.schema([
 
 _TRAIN_NAME = "train"  # Ray Train's run name: RUN_DIR/train
 _RUN_FILE = "run.json"
-
-
-class TrainError(RuntimeError):
-    """A fine-tune that cannot start or go on; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -365,74 +362,6 @@ def _run_one(prepared: Prepared, say, progress: bool, hooks: TrainHooks | None) 
                        timing={"fit_started": t0, "fit_s": fit_s})
 
 
-_NO_GPU_FIX = "pass --cpu (or set [run] use_gpu = false) to train on CPU"
-
-
-def _device_line(runs: list[FineTune], gpus: int) -> str:
-    """One line saying where the fine-tunes train: on CPU, or on GPUs (one per worker)."""
-    workers = max(run.workers for run in runs)
-    if not gpus:
-        cpus = max(run.cpus_per_worker for run in runs)
-        return f"training on CPU: {workers} worker(s), {cpus:g} CPU each ([run] use_gpu = true for GPUs)"
-    return f"training on GPU: {workers} worker(s), one GPU each (--cpu for CPU)"
-
-
-def _embedded(address: str | None) -> bool:
-    """Whether joining Ray at ``address`` starts an embedded local Ray (none connected yet)."""
-    import ray
-
-    return address in (None, "", "local") and not ray.is_initialized()
-
-
-def check_local_gpus(needed: int) -> None:
-    """TrainError, before an embedded local Ray starts, when this machine has fewer CUDA GPUs than ``needed``
-    (Ray Train would otherwise wait for them forever, silently)."""
-    import torch
-
-    have = torch.cuda.device_count() if needed and torch.cuda.is_available() else 0
-    if have >= needed:
-        return
-    if not have:
-        raise TrainError("[run] use_gpu = true: torch sees no CUDA GPU on this machine, so none can come to the "
-                         f"embedded local Ray (--address local); {_NO_GPU_FIX}, or join a GPU cluster (--address auto)")
-    raise TrainError(f"[run] use_gpu = true with workers = {needed}: this machine has {have} CUDA GPU(s) for the "
-                     f"embedded local Ray, one per worker is needed; lower [run] workers (--workers {have}), "
-                     f"or {_NO_GPU_FIX}")
-
-
-def _gpu_ceiling() -> int | None:
-    """The most GPUs the connected cluster's autoscaler may grow to, from the node groups it reports (the
-    check Ray Train itself makes); None when no autoscaler reports any, -1 when that cannot be read."""
-    try:
-        from ray._private.state import state
-
-        most = state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 - an internal API of Ray: if it moves, wait as Ray Train would
-        return -1
-    return None if most is None else int(most.get("GPU", 0))
-
-
-def check_cluster_gpus(needed: int, say: Callable[[str], None]) -> None:
-    """TrainError when the connected Ray has fewer GPUs than ``needed`` and no autoscaler that can add them;
-    with one that can, a line saying that the fine-tune waits for it."""
-    import ray
-
-    if not needed:
-        return
-    have = int(ray.cluster_resources().get("GPU", 0))
-    if have >= needed:
-        return
-    ceiling = _gpu_ceiling()
-    if ceiling is not None and (ceiling < 0 or ceiling >= needed):
-        say(f"[run] use_gpu = true: the Ray cluster has {have} of the {needed} GPU(s) the workers need; waiting "
-            "for its autoscaler to add them (Ctrl-C to stop; --cpu trains on CPU)")
-        return
-    what = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-    grow = f"its autoscaler can reach only {ceiling}" if ceiling else "no autoscaler can add any"
-    raise TrainError(f"[run] use_gpu = true: the Ray cluster has {have} of the {needed} GPU(s) the workers need "
-                     f"(one each; it has {what}) and {grow}; {_NO_GPU_FIX}, add GPU nodes, or lower [run] workers")
-
-
 class _nothing:
     def __enter__(self):
         return self
@@ -476,18 +405,18 @@ def run_train_augment(
                          "directory of its own (one sub-directory per count)")
     todo = [run for run in config.runs if _run_dir_state(run) != "done"]
     gpus = max((run.workers for run in todo if run.use_gpu), default=0)  # one per worker
-    if todo and _embedded(address):
+    if todo and embedded(address):
         check_local_gpus(gpus)  # before anything slow: a machine without CUDA fails at once
     prepared = [prepare_run(run) for run in config.runs]
     results: list[TrainResult] = []
     t0 = time.time()
     if todo:
         if not gpus:
-            say(_device_line(todo, gpus))
+            say(device_line(todo, gpus))
         connect(address)
         check_cluster_gpus(gpus, say)
         if gpus:
-            say(_device_line(todo, gpus))
+            say(device_line(todo, gpus))
     connect_s = time.time() - t0
     for item in prepared:
         out = Path(item.run.output_dir)
