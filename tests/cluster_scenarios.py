@@ -30,6 +30,11 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from pixelray.config.sweep import parse_config  # noqa: E402
 from pixelray.sweep import SweepError, run_sweep  # noqa: E402
 
+#: the scenario's cluster, shut down at the end: that also deletes <Ray's temp dir>/ray_current_cluster, which
+#: Cluster() writes and which would otherwise point every later address-less Ray client of the machine (Ray
+#: Train's placement-group cleaner among them: 12 s per fine-tune) at a dead GCS
+CLUSTERS: list = [None]
+
 FAST_DEATH = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
 
 
@@ -70,7 +75,7 @@ def cells(out) -> list[dict]:
 
 def grow_then_stuck(data, out, models):
     """``grow``, then ``stuck`` on the same cluster (one cluster start for both)."""
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster = CLUSTERS[0] = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     ray.init(address=cluster.address, log_to_driver=False)
     thread, box = in_thread(config(data, models, out + "-grow", device="cuda", gpus="all", placement_timeout=120))
     time.sleep(4)  # the sweep has started and waits for a GPU
@@ -91,7 +96,7 @@ def grow_then_stuck(data, out, models):
 
 
 def node_loss(data, out, models):
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": FAST_DEATH})
+    cluster = CLUSTERS[0] = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": FAST_DEATH})
     nodes = {cluster.add_node(num_cpus=2).node_id: None for _ in range(2)}
     ray.init(address=cluster.address, log_to_driver=False)
     reference = run_sweep(config(data, models, out + "-reference", device="cpu", threads=2), progress=False)
@@ -117,5 +122,9 @@ def node_loss(data, out, models):
 if __name__ == "__main__":
     scenario, data, out, *models = sys.argv[1:]
     run = {"grow-then-stuck": grow_then_stuck, "node-loss": node_loss}[scenario]
-    print("RESULT " + json.dumps(run(data, out, models), default=str), flush=True)
-    ray.shutdown()
+    try:
+        print("RESULT " + json.dumps(run(data, out, models), default=str), flush=True)
+    finally:
+        ray.shutdown()
+        if CLUSTERS[0] is not None:
+            CLUSTERS[0].shutdown()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,14 @@ TESTS = Path(__file__).resolve().parent
 # attacks, exact models) from tests/: Ray's processes inherit this environment when ray_local starts it.
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(TESTS.parent), str(TESTS), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+# Ray's temp dir, one per test session, inherited by every Ray the tests start and every
+# driver they run: two sessions never share one, and nothing a killed run left in /tmp/ray is read. (A
+# ray.cluster_utils.Cluster writes its address to <temp dir>/ray_current_cluster for address-less clients,
+# Ray Train's placement-group cleaner among them, which waits 12 s per fine-tune on a dead address there.)
+# Short: Ray's socket paths live under it.
+RAY_TMPDIR = Path(tempfile.mkdtemp(prefix="pxr-t-", dir="/tmp"))
+os.environ["RAY_TMPDIR"] = str(RAY_TMPDIR)
+atexit.register(shutil.rmtree, RAY_TMPDIR, ignore_errors=True)
 # fake credentials for the tests' S3 server on 127.0.0.1 (tests/test_s3.py), for every Ray worker too
 os.environ.update({"AWS_ACCESS_KEY_ID": "pixelray-test", "AWS_SECRET_ACCESS_KEY": "pixelray-test",
                    "AWS_EC2_METADATA_DISABLED": "true"})
@@ -65,3 +76,24 @@ def tiny_checkpoints(synthetic_dataset, tmp_path_factory):
         fit(model, str(synthetic_dataset), TrainConfig(epochs=2, seed=seed))
         paths.append(save_checkpoint(model, root / f"tiny{seed}.pt", base="tiny"))
     return [f"checkpoint:{p}" for p in paths]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """``pixelray demo`` run once, as a user runs it, in a fresh directory without ``jobs/`` (small sizes:
+    500 images, 200 held out, one epoch per fit). Returns (the directory, the finished process)."""
+    import shutil
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "pixelray"
+    found = str(script) if script.is_file() else shutil.which("pixelray")
+    if found is None:
+        pytest.fail("the pixelray console script is not installed; run `make install` (pip install -e .)")
+    where = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    small = ["--images", "500", "--heldout", "200", "--epochs", "1", "--finetune-epochs", "1"]
+    done = subprocess.run([found, "demo", "--no-progress", *small], cwd=where, env=env, capture_output=True,
+                          text=True, timeout=900)
+    return where, done
+

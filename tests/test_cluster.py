@@ -12,15 +12,20 @@ from pathlib import Path
 import pytest
 
 SCENARIOS = Path(__file__).with_name("cluster_scenarios.py")
+# where ray.cluster_utils.Cluster writes its address: Ray's temp dir, the test session's (conftest.py)
+CURRENT = Path(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
 
 
 def scenario(name, data, models, out) -> dict:
     env = {**os.environ, "PYTHONPATH": str(SCENARIOS.parents[1]), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    before = CURRENT.read_text() if CURRENT.exists() else None
     done = subprocess.run([sys.executable, str(SCENARIOS), name, str(data), str(out), *models], env=env,
                           capture_output=True, text=True, timeout=900)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, (done.stdout[-2000:], done.stderr[-4000:])
+    # the cluster is gone, and so is the address it wrote for address-less clients (ray.init(), Ray Train)
+    assert (CURRENT.read_text() if CURRENT.exists() else None) == before, "a dead cluster's address was left"
     return json.loads(lines[-1][len("RESULT "):])
 
 
