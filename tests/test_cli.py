@@ -254,18 +254,16 @@ def test_cell_show_reads_a_whole_image_area_as_whole_and_refuses_bad_ids():
 
 
 @pytest.mark.slow
-def test_demo_runs_from_any_directory(tmp_path):
+def test_demo_runs_from_any_directory(demo_run):
     # the demo's config ships in the package: no jobs/ where it runs. The size and epoch options make
-    # small assets, so that the test takes a minute, not five, running the command once, as users do.
+    # small assets, so that the test takes a minute, not five, running the command once, as users do
+    # (tests/test_readme.py runs the README's recipes on the same run).
     from pixelray.cli.demo import DEMO_CONFIG
     from pixelray.shards import load_manifest
 
     assert DEMO_CONFIG.is_file() and (Path(__file__).resolve().parents[1] / "jobs" / "demo.toml").resolve() == \
         DEMO_CONFIG.resolve()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    small = ["--images", "500", "--heldout", "200", "--epochs", "1", "--finetune-epochs", "1"]
-    done = subprocess.run([console_script(), "demo", "--no-progress", *small], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+    tmp_path, done = demo_run
     assert done.returncode == 0, done.stderr[-3000:]
     demo = tmp_path / "demo-out"
     assert [load_manifest(str(demo / d)).num_images for d in ("data", "heldout")] == [500, 200]

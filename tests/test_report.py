@@ -396,8 +396,8 @@ def test_the_readme_pandas_recipes_give_the_report_s_counts(runs_dir):
     assert success.loc["resnet101", ("success_rate", 2.0)] is None or math.isnan(
         success.loc["resnet101", ("success_rate", 2.0)])  # the hand-made attack.parquet leaves rates empty
     assert list(t10.index) == [m for m in t6.index if m.startswith("checkpoint:")]
-    assert transfer.loc[(2.0, "resnet101"), "densenet121"] is None or math.isnan(
-        transfer.loc[(2.0, "resnet101"), "densenet121"])
+    assert transfer.loc[("fgsm", 2.0, "resnet101"), "densenet121"] is None or math.isnan(
+        transfer.loc[("fgsm", 2.0, "resnet101"), "densenet121"])
     assert set(pi.index) == set(t6.index)
 
 
