@@ -138,3 +138,46 @@ def test_console_script_check(synthetic_dataset, tmp_path):
     corrupt(str(root), "truncated")
     bad = subprocess.run([exe, "data", "check", str(root)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "shard-00002.parquet: unreadable Parquet" in bad.stderr
+
+
+def _relabelled(src: str, out, shift: int) -> str:
+    """A copy of a data set with every label moved by ``shift`` (mod the classes): what a wrong class map does."""
+    from pixelray.shards import ShardWriter, read_shard, shard_uris
+
+    m = load_manifest(src)
+    with ShardWriter(out, name="relabelled", height=m.height, width=m.width, class_names=m.class_names,
+                     source="test", rows_per_shard=100) as writer:
+        for uri in shard_uris(src):
+            b = read_shard(uri)
+            writer.add(b.image_ids.tolist(), ((b.labels + shift) % m.num_classes).tolist(), b.images.numpy(),
+                       [f"{i}.png" for i in b.image_ids.tolist()])
+    return str(out)
+
+
+def test_data_check_with_a_model_flags_wrong_labels(synthetic_dataset, tiny_checkpoints, tmp_path, monkeypatch):
+    import torch
+
+    from pixelray.models import load_model
+    from pixelray.shards import read_shard, shard_uris
+
+    spec = tiny_checkpoints[0]
+    model = load_model(spec)  # the expected count: every image (600 asked, 600 there), by a plain loop
+    with torch.inference_mode():
+        batches = [read_shard(u) for u in shard_uris(synthetic_dataset)]
+        right = sum(int((model(b.images).argmax(1) == b.labels).sum()) for b in batches)
+    assert right > 300
+    ok = invoke("data", "check", synthetic_dataset, "--model", spec, "--images", 600)
+    assert ok.exit_code == 0, ok.output
+    assert ok.stdout.splitlines()[-1] == f"labels: {spec} classifies {right} of 600 images correctly " \
+                                        f"({right / 600:.1%})"
+    wrong = _relabelled(synthetic_dataset, tmp_path / "shifted", 1)  # every label moved by one class
+    flagged = invoke("data", "check", wrong, "--model", spec, "--images", 200)
+    assert flagged.exit_code == 1, flagged.output
+    assert "of 200 images correctly" in flagged.stderr and "the labels look wrong" in flagged.stderr
+    # pretrained weights that are not cached: the check is skipped and says so; nothing is downloaded
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    skipped = invoke("data", "check", synthetic_dataset, "--model", "resnet18")
+    assert skipped.exit_code == 0, skipped.output
+    assert "labels: not checked" in skipped.stderr and not (tmp_path / "empty-cache").exists()
+    bad = invoke("data", "check", synthetic_dataset, "--model", "tiny")  # tiny has no pretrained weights
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "--model tiny" in bad.stderr, bad.output

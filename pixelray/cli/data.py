@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from pixelray.cli.common import fail
+from pixelray.errors import first_line
 
 __all__ = ["data_app", "prepare_app"]
 
@@ -42,17 +43,30 @@ def _count(n: int, noun: str) -> str:
 # ---------------------------------------------------------------------------- data
 
 
+#: below this clean accuracy under a model that knows the classes, a data set is flagged as mislabelled
+#: (pretrained ImageNet models reach 56-78% on ImageNet validation; wrong labels give ~0.1%)
+MISLABELLED_BELOW = 0.5
+
+
 @data_app.command("check")
 def check_cmd(
     root: Annotated[str, typer.Argument(help="Data set directory or URI (s3://..., file://...).")],
+    model: Annotated[str | None, typer.Option(
+        "--model", help="Also check the labels: the clean accuracy of this model (a torchvision name whose "
+                        "pretrained weights are cached, or checkpoint:PATH) on --images images spread over the "
+                        "data set; below 50% the labels are flagged as wrong.")] = None,
+    weights: Annotated[str, typer.Option("--weights", help="Pretrained weights of --model.")] = "imagenet",
+    images: Annotated[int, typer.Option("--images", min=1, help="Images the --model check evaluates.")] = 500,
 ) -> None:
     """Validate a data set: schema, image shapes, labels, duplicate ids, checksums, unreadable Parquet.
 
     Prints each problem (naming the file and rows) and exits 1 when there is any;
     prints "ok: N images in K shards" otherwise, then the images per class (fewest and
-    most; the ImageNet validation set has 50 in each of 1000 classes).
+    most; the ImageNet validation set has 50 in each of 1000 classes). With --model, the
+    model's accuracy on a sample: below 50% the data set is flagged as mislabelled (exit 1);
+    pretrained weights that are not cached skip this check, saying so (nothing is downloaded).
 
-    Example: pixelray data check data/imagenet-val
+    Example: pixelray data check data/imagenet-val --model resnet101
     """
     from pixelray.shards import check_dataset, load_manifest
     from pixelray.shards.check import class_counts, class_counts_line
@@ -66,6 +80,44 @@ def check_cmd(
     manifest = load_manifest(root)
     typer.echo(f"ok: {manifest.num_images} images in {len(manifest.shards)} shards")  # fixed format: scripts parse it
     typer.echo(class_counts_line(manifest, class_counts(root, manifest)))
+    if model is not None:
+        _label_check(root, manifest, model, weights, images)
+
+
+def _label_check(root: str, manifest, spec: str, weights: str, n: int) -> None:
+    """The model's accuracy on ``n`` images spread over the data set; exit 1 below :data:`MISLABELLED_BELOW`."""
+    import numpy as np
+    import torch
+
+    from pixelray.models import WeightsMissingError, load_for_data
+    from pixelray.shards import read_shard, shard_uri
+
+    try:
+        net = load_for_data(spec, weights, manifest.num_classes)
+    except WeightsMissingError as exc:
+        typer.echo(f"labels: not checked ({first_line(exc)})", err=True)
+        return
+    except ValueError as exc:
+        fail(f"--model {spec}: {first_line(exc)}")
+    shards = manifest.shards
+    picked = sorted(set(np.linspace(0, len(shards) - 1, min(len(shards), max(1, min(n, 8)))).round().astype(int)))
+    per_shard = -(-n // len(picked))  # ceil: the sample is spread over up to 8 shards
+    correct = seen = 0
+    with torch.inference_mode():
+        for i in picked:
+            batch = read_shard(shard_uri(root, shards[i].file))
+            keep = np.linspace(0, len(batch.labels) - 1, min(per_shard, len(batch.labels), n - seen)).round()
+            keep = torch.as_tensor(keep.astype(np.int64))
+            for chunk in keep.split(64):
+                correct += int((net(batch.images[chunk]).argmax(1) == batch.labels[chunk]).sum())
+            seen += len(keep)
+    rate = correct / seen
+    line = f"labels: {spec} classifies {correct} of {seen} images correctly ({rate:.1%})"
+    if rate < MISLABELLED_BELOW:
+        typer.echo(f"problem: {line}, below {MISLABELLED_BELOW:.0%}: the labels look wrong (for ImageNet: "
+                   "the class map given to `pixelray prepare imagenet`, see README.md)", err=True)
+        raise typer.Exit(1)
+    typer.echo(line)
 
 
 @data_app.command("info")
