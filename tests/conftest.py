@@ -82,18 +82,14 @@ def tiny_checkpoints(synthetic_dataset, tmp_path_factory):
 def demo_run(tmp_path_factory):
     """``pixelray demo`` run once, as a user runs it, in a fresh directory without ``jobs/`` (small sizes:
     500 images, 200 held out, one epoch per fit). Returns (the directory, the finished process)."""
-    import shutil
     import subprocess
-    import sys
 
-    script = Path(sys.executable).parent / "pixelray"
-    found = str(script) if script.is_file() else shutil.which("pixelray")
-    if found is None:
-        pytest.fail("the pixelray console script is not installed; run `make install` (pip install -e .)")
+    from helpers import console_script
+
     where = tmp_path_factory.mktemp("demo")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     small = ["--images", "500", "--heldout", "200", "--epochs", "1", "--finetune-epochs", "1"]
-    done = subprocess.run([found, "demo", "--no-progress", *small], cwd=where, env=env, capture_output=True,
+    done = subprocess.run([console_script(), "demo", "--no-progress", *small], cwd=where, env=env, capture_output=True,
                           text=True, timeout=900)
     return where, done
 

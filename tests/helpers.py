@@ -29,6 +29,20 @@ def session_address(ray) -> str:
     return ray.get_runtime_context().gcs_address
 
 
+def console_script() -> str:
+    """The installed ``pixelray`` script of this interpreter's environment (else the one on PATH)."""
+    import shutil
+    import sys
+
+    import pytest
+
+    beside = Path(sys.executable).parent / "pixelray"
+    found = str(beside) if beside.is_file() else shutil.which("pixelray")
+    if found is None:
+        pytest.fail("the pixelray console script is not installed; run `make install` (pip install -e .)")
+    return found
+
+
 def sweep_command(config, ray=None, *args: str) -> list[str]:
     """``python -m pixelray sweep CONFIG --no-progress``, joining the session's Ray when ``ray`` is given."""
     import sys

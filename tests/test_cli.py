@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import console_script
 from typer.testing import CliRunner
 
 from pixelray import __version__
@@ -21,15 +21,6 @@ runner = CliRunner()
 
 def invoke(*args: str):
     return runner.invoke(app, list(args), prog_name="pixelray")
-
-
-def console_script() -> str:
-    """The installed ``pixelray`` script of this interpreter's environment (else the one on PATH)."""
-    beside = Path(sys.executable).parent / "pixelray"
-    found = str(beside) if beside.is_file() else shutil.which("pixelray")
-    if found is None:
-        pytest.fail("the pixelray console script is not installed; run `make install` (pip install -e .)")
-    return found
 
 
 def test_help():

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from helpers import Scraper, wait_for
+from helpers import Scraper, console_script, wait_for
 from reference_perturb import apply_pixel_changes, hash64
 from typer.testing import CliRunner
 
@@ -376,7 +376,7 @@ def test_bad_input_is_refused_in_one_line_before_anything_is_written(case, match
 
 
 def test_the_console_script_prints_one_line_and_no_traceback(tmp_path):
-    exe = Path(sys.executable).parent / "pixelray"
+    exe = console_script()
     done = subprocess.run([str(exe), "train-augment", "--model", "tiny", "--weights", "none", "--data",
                            str(tmp_path / "none"), "--count", "4", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=120)

@@ -100,8 +100,9 @@ def _label_check(root: str, manifest, spec: str, weights: str, n: int) -> None:
     except ValueError as exc:
         fail(f"--model {spec}: {first_line(exc)}")
     shards = manifest.shards
-    picked = sorted(set(np.linspace(0, len(shards) - 1, min(len(shards), max(1, min(n, 8)))).round().astype(int)))
-    per_shard = -(-n // len(picked))  # ceil: the sample is spread over up to 8 shards
+    # the sample: evenly spaced over up to 8 shards, evenly spaced inside each
+    picked = sorted(set(np.linspace(0, len(shards) - 1, min(len(shards), 8, n)).round().astype(int)))
+    per_shard = -(-n // len(picked))  # ceil
     correct = seen = 0
     with torch.inference_mode():
         for i in picked:
