@@ -1,7 +1,8 @@
 """Sweeps on a multi-node local Ray cluster (``ray.cluster_utils.Cluster``), one scenario per run.
 
 Run by ``tests/test_cluster.py`` in a fresh interpreter (a test session already holds a local
-Ray), as ``python tests/cluster_scenarios.py SCENARIO DATA OUT MODEL...``; prints one JSON line.
+Ray), as ``python tests/cluster_scenarios.py SCENARIO[,SCENARIO] DATA OUT MODEL...``; prints a JSON
+line per scenario.
 GPUs are logical (``num_gpus`` of a node); the workers compute on CPU
 (``PIXELRAY_DEVICE_OVERRIDE=cpu``), so the scheduling is the real one without a GPU.
 
@@ -119,12 +120,19 @@ def node_loss(data, out, models):
     }
 
 
+def main(names, data, out, models):
+    """Each named scenario on a cluster of its own, one after another; a ``RESULT {name: ...}`` line each."""
+    for name in names:
+        run = {"grow-then-stuck": grow_then_stuck, "node-loss": node_loss}[name]
+        try:
+            print("RESULT " + json.dumps({name: run(data, f"{out}/{name}", models)}, default=str), flush=True)
+        finally:
+            ray.shutdown()
+            if CLUSTERS[0] is not None:
+                CLUSTERS[0].shutdown()
+                CLUSTERS[0] = None
+
+
 if __name__ == "__main__":
-    scenario, data, out, *models = sys.argv[1:]
-    run = {"grow-then-stuck": grow_then_stuck, "node-loss": node_loss}[scenario]
-    try:
-        print("RESULT " + json.dumps(run(data, out, models), default=str), flush=True)
-    finally:
-        ray.shutdown()
-        if CLUSTERS[0] is not None:
-            CLUSTERS[0].shutdown()
+    names, data, out, *models = sys.argv[1:]
+    main(names.split(","), data, out, models)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
-import pytest
+# OpenMP threads (torch's, in this process and in every Ray worker and subprocess, which inherit it) sleep
+# when they wait instead of spinning: the suite runs several torch processes at once on 2 cores (a
+# background scenario beside the tests), where spinning threads starve the others; on its own each runs
+# as fast or faster. Read once, when torch loads OpenMP: set before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import background  # noqa: E402
+import pytest  # noqa: E402
+from background import demo_scenario, session_assets  # noqa: E402
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -52,44 +61,52 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def synthetic_dataset(tmp_path_factory):
+def synthetic_dataset():
     """Root of a small synthetic data set (10 classes, 600 images, 32x32, 100 per shard, seed 0), built once."""
-    from pixelray.datasets.synthetic import make_synthetic
-
-    root = tmp_path_factory.mktemp("synthetic") / "synthetic-c10-n600"
-    make_synthetic(root, classes=10, images=600, size=32, seed=0, rows_per_shard=100)
-    return str(root)
+    return session_assets().data
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoints(synthetic_dataset, tmp_path_factory):
+def tiny_checkpoints(synthetic_dataset):
     """Two tiny CNNs trained briefly on the synthetic data (seeds 0 and 1), as ``checkpoint:PATH`` model specs."""
-    from pixelray.models import load_model, save_checkpoint
-    from pixelray.shards import load_manifest
-    from pixelray.train.fit import TrainConfig, fit
-
-    root = tmp_path_factory.mktemp("models")
-    n_classes = load_manifest(str(synthetic_dataset)).num_classes
-    paths = []
-    for seed in (0, 1):
-        model = load_model("tiny", None, num_classes=n_classes, init_seed=seed)
-        fit(model, str(synthetic_dataset), TrainConfig(epochs=2, seed=seed))
-        paths.append(save_checkpoint(model, root / f"tiny{seed}.pt", base="tiny"))
-    return [f"checkpoint:{p}" for p in paths]
+    return list(session_assets().models)
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
-    """``pixelray demo`` run once, as a user runs it, in a fresh directory without ``jobs/`` (small sizes:
-    500 images, 200 held out, one epoch per fit). Returns (the directory, the finished process)."""
-    import subprocess
+def attack_run(ray_local, synthetic_dataset, tiny_checkpoints, tmp_path_factory):
+    """The reference attack sweep (helpers.attack_config: FGSM, examples saved to ``../adv``), run once: checked
+    against a plain loop in test_attack_sweep.py, and the run every resumed or remote one must equal."""
+    from helpers import attack_config
 
-    from helpers import console_script
+    from pixelray.config.sweep import parse_config
+    from pixelray.sweep import run_sweep
 
-    where = tmp_path_factory.mktemp("demo")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    small = ["--images", "500", "--heldout", "200", "--epochs", "1", "--finetune-epochs", "1"]
-    done = subprocess.run([console_script(), "demo", "--no-progress", *small], cwd=where, env=env, capture_output=True,
-                          text=True, timeout=900)
-    return where, done
+    out = tmp_path_factory.mktemp("attack")
+    raw = attack_config(synthetic_dataset, tiny_checkpoints, out / "run", save_adversarial=str(out / "adv"))
+    return run_sweep(parse_config(raw), progress=False)
 
+
+@pytest.fixture(scope="session")
+def demo_run():
+    """The demo's directory and finished process (:func:`demo_scenario`, run in the background)."""
+    return demo_scenario.result()
+
+
+def pytest_collection_modifyitems(items):
+    """The modules without slow tests first: they run while the background scenarios do."""
+    module = lambda item: getattr(getattr(item, "module", None), "__name__", "")  # noqa: E731
+    slow_modules = {module(item) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: module(item) in slow_modules)  # stable: file order within each group
+
+
+def pytest_collection_finish(session):
+    """Start the background scenarios the selected tests need (after the session's data and checkpoints)."""
+    scenarios = background.wanted(session.items)
+    if scenarios and not session.config.option.collectonly:
+        session_assets()
+        for scenario in scenarios:
+            scenario.start()
+
+
+def pytest_sessionfinish(session):
+    background.finish()

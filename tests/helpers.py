@@ -43,12 +43,62 @@ def console_script() -> str:
     return found
 
 
+def spawn(target, *args):
+    """``target(*args)`` in a fresh interpreter of its own (multiprocessing's spawn: none of this process's
+    Ray or torch state), started; a test kills it as it would any driver (``.kill()``: SIGKILL)."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    proc.start()
+    return proc
+
+
+def train_driver(cwd: str, raw: dict, hooks, address: str) -> None:
+    """A train-augment driver (for :func:`spawn`): the raw config run from ``cwd`` on the Ray at ``address``,
+    with test hooks (``pixelray.train.loop.TrainHooks``) that no command line can pass."""
+    import os
+
+    from pixelray.config.train import parse_train_config
+    from pixelray.train.driver import run_train_augment
+
+    os.chdir(cwd)
+    run_train_augment(parse_train_config(raw), address=address, progress=False, hooks=hooks)
+
+
 def sweep_command(config, ray=None, *args: str) -> list[str]:
     """``python -m pixelray sweep CONFIG --no-progress``, joining the session's Ray when ``ray`` is given."""
     import sys
 
     cmd = [sys.executable, "-m", "pixelray", "sweep", str(config), "--no-progress", *args]
     return cmd + (["--address", session_address(ray)] if ray is not None else [])
+
+
+#: The attack sweep every attack test compares with (``attack_run``, conftest.py): its grid and its FGSM.
+ATTACK_GRID = {"counts": [4, 32], "amplitudes": ["full", 60]}
+# eps 4/255 fools the tiny CNNs on a few percent of the images, 32/255 on more than half: with
+# size 20 the weakest eps needs about half of the shards, so the last units are skipped.
+ATTACK = {"kind": "fgsm", "eps": [4, 8, 16, 32], "keep": "successful", "size": 20, "report_float": True}
+
+
+def attack_config(data, models, out, batch_size=64, workers=1, threads=2, attack=ATTACK, **output) -> dict:
+    """The raw config of an attack sweep: ATTACK_GRID and ``attack`` on the first 100 images of ``data``."""
+    return {
+        "data": {"path": str(data)},
+        "models": {"names": list(models), "weights": "none"},
+        "eval": {"filter": "all", "batch_size": batch_size, "size": 100},
+        "grid": ATTACK_GRID,
+        "attack": dict(attack),
+        "output": {"dir": str(out), **output},
+        "run": {"workers": workers, "threads": threads},
+    }
+
+
+def attack_tables(out, drop=()) -> dict:
+    """The four tables of an attack sweep's output directory, less the columns ``drop``."""
+    import pandas as pd
+
+    return {name: pd.read_parquet(Path(out) / f"{name}.parquet").drop(columns=list(drop), errors="ignore")
+            for name in ("cells", "attack", "transfer", "attack_ids")}
 
 
 def free_ports(n: int) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchattacks
-from helpers import sweep_command, unit_files, wait_for
+from helpers import ATTACK, attack_config, attack_tables, sweep_command, unit_files, wait_for
 from reference_perturb import apply_pixel_changes
 
 from pixelray.attacks.pgd import start_offsets
@@ -26,23 +27,8 @@ from pixelray.models import load_model
 from pixelray.shards import check_dataset, load_manifest, read_shard, shard_uris
 from pixelray.sweep import run_sweep
 
-GRID = {"counts": [4, 32], "amplitudes": ["full", 60]}
-# eps 4/255 fools the tiny CNNs on a few percent of the images, 32/255 on more than half: with
-# size 20 the weakest eps needs about half of the shards, so the last units are skipped.
-ATTACK = {"kind": "fgsm", "eps": [4, 8, 16, 32], "keep": "successful", "size": 20, "report_float": True}
 VERSIONS = ["pixelray_version", "torch_version"]
-
-
-def raw_config(data, models, out, batch_size=64, workers=1, threads=2, attack=ATTACK, **output):
-    return {
-        "data": {"path": str(data)},
-        "models": {"names": list(models), "weights": "none"},
-        "eval": {"filter": "all", "batch_size": batch_size, "size": 100},
-        "grid": GRID,
-        "attack": dict(attack),
-        "output": {"dir": str(out), **output},
-        "run": {"workers": workers, "threads": threads},
-    }
+raw_config = attack_config
 
 
 # ---------------------------------------------------------------------------- config
@@ -203,16 +189,8 @@ def _k(eps):
     return round(eps * 255)
 
 
-@pytest.fixture(scope="module")
-def attack_run(ray_local, synthetic_dataset, tiny_checkpoints, tmp_path_factory):
-    out = tmp_path_factory.mktemp("attack")
-    raw = raw_config(synthetic_dataset, tiny_checkpoints, out / "run", save_adversarial=str(out / "adv"))
-    return run_sweep(parse_config(raw), progress=False)
-
-
 def _tables(out: Path):
-    return {name: pd.read_parquet(out / f"{name}.parquet").drop(columns=VERSIONS, errors="ignore")
-            for name in ("cells", "attack", "transfer", "attack_ids")}
+    return attack_tables(out, VERSIONS)
 
 
 # ---------------------------------------------------------------------------- integration
@@ -322,8 +300,12 @@ def test_same_counts_across_runs_batch_sizes_workers_and_report_float(attack_run
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_only_missing_attack_units(ray_local, attack_run, synthetic_dataset, tiny_checkpoints,
-                                                          tmp_path):
+def test_a_killed_driver_resumes_only_missing_units_in_every_phase(ray_local, attack_run, synthetic_dataset,
+                                                                   tiny_checkpoints, tmp_path):
+    """The driver, a process of its own on the session's Ray (the cluster outlives it), is killed twice: once
+    units are written (early: among the clean ones), and, run again, once attack units are; the third run
+    finishes. A finished unit is never redone (its file keeps its inode and mtime), each run computes exactly
+    the units missing, and the tables equal those of the uninterrupted run."""
     import tomli_w
 
     out = tmp_path / "out"
@@ -331,23 +313,41 @@ def test_killed_driver_resumes_only_missing_attack_units(ray_local, attack_run, 
     config.write_text(tomli_w.dumps(raw_config(synthetic_dataset, tiny_checkpoints, out, threads=1)))
     cmd = sweep_command(config, ray_local)  # a driver of its own on the session's Ray (the cluster outlives it)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        assert wait_for(lambda: len(unit_files(out, "attack")) >= 1, timeout=240), proc.stdout.read().decode()[-3000:]
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver; Ray ends its workers
-        proc.wait()
-    assert not (out / "attack.parquet").exists(), "the sweep finished before the kill; make it longer"
     phases = ("clean", "cells", "attack")
-    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for ph in phases for p in unit_files(out, ph)}
+
+    def units() -> dict:
+        return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for phase in phases for p in unit_files(out, phase)}
+
+    def ready(kept: dict, attack: bool) -> bool:
+        return len(units()) > max(len(kept), 2) and (not attack or bool(unit_files(out, "attack")))
+
+    kept: dict = {}
+    for attack in (False, True):  # the first driver: killed once units exist; the second: once attack units do
+        until = functools.partial(ready, kept, attack)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            assert wait_for(until, timeout=240), proc.stdout.read().decode()[-3000:]
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver; Ray ends its workers
+            proc.wait()
+        assert not (out / "attack.parquet").exists(), "the sweep finished before the kill; make it longer"
+        now = units()
+        assert all(now[p] == kept[p] for p in kept), "finished units were redone"
+        assert len(now) > len(kept)
+        kept = now
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert all((p.stat().st_ino, p.stat().st_mtime_ns) == before[p] for p in before), "finished units were redone"
+    final = units()
+    assert all(final[p] == kept[p] for p in kept), "finished units were redone"
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["units_run"]["clean"] == stats["units_run"]["cells"] == 0
-    n_before = sum(1 for p in before if "/attack/" in str(p))
-    assert stats["units_run"]["attack"] == len(unit_files(out, "attack")) - n_before > 0
-    assert not list(out.rglob(".*.tmp-*")), "temp files of the killed run were left behind"
+    for phase in phases:  # the last run computed what the killed ones left, and nothing else
+        n_final, n_kept = (sum(f"/units/{phase}/" in str(p) for p in files) for files in (final, kept))
+        assert stats["units_run"][phase] == n_final - n_kept, phase
+    assert stats["units_run"]["attack"] > 0
+    n_models = len(tiny_checkpoints)
+    assert sum("/units/clean/" in str(p) for p in final) == len(shard_uris(synthetic_dataset)) * n_models
+    assert not list(out.rglob(".*.tmp-*")), "temp files of the killed runs were left behind"
     first, resumed = _tables(attack_run.out_dir), _tables(out)
     for name in first:
         pd.testing.assert_frame_equal(first[name], resumed[name], obj=name)

@@ -5,34 +5,45 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+import background
 import pytest
+from background import in_background, session_assets
 
 SCENARIOS = Path(__file__).with_name("cluster_scenarios.py")
-# where ray.cluster_utils.Cluster writes its address: Ray's temp dir, the test session's (conftest.py)
-CURRENT = Path(os.environ.get("RAY_TMPDIR", "/tmp"), "ray", "ray_current_cluster")
 
 
-def scenario(name, data, models, out) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(SCENARIOS.parents[1]), "RAY_USAGE_STATS_ENABLED": "0"}
+@in_background()
+def cluster_runs() -> dict:
+    """Both scenarios, one cluster each, in one fresh interpreter with a Ray temp dir of its own: what a
+    ray.cluster_utils.Cluster writes there (its address, for address-less clients: ray.init(), Ray Train's
+    placement-group cleaner) never reaches the session's Ray, and must be gone once the cluster is."""
+    data, models = session_assets()
+    root = Path(tempfile.mkdtemp(prefix="pxr-c-", dir="/tmp"))  # short: Ray's socket paths live under it
+    env = {**os.environ, "PYTHONPATH": str(SCENARIOS.parents[1]), "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_TMPDIR": str(root / "ray-tmp")}
     env.pop("RAY_ADDRESS", None)
-    before = CURRENT.read_text() if CURRENT.exists() else None
-    done = subprocess.run([sys.executable, str(SCENARIOS), name, str(data), str(out), *models], env=env,
-                          capture_output=True, text=True, timeout=900)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, (done.stdout[-2000:], done.stderr[-4000:])
-    # the cluster is gone, and so is the address it wrote for address-less clients (ray.init(), Ray Train)
-    assert (CURRENT.read_text() if CURRENT.exists() else None) == before, "a dead cluster's address was left"
-    return json.loads(lines[-1][len("RESULT "):])
+    try:
+        done = background.run([sys.executable, str(SCENARIOS), "node-loss,grow-then-stuck", data, str(root / "out"),
+                               *models], env=env, timeout=900)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        assert done.returncode == 0 and len(lines) == 2, (done.stdout[-2000:], done.stderr[-4000:])
+        # the clusters are gone, and so is the address they wrote for address-less clients
+        left = list((root / "ray-tmp").rglob("ray_current_cluster"))
+        assert not left, f"a dead cluster's address was left: {left}"
+        return {k: v for line in lines for k, v in json.loads(line[len("RESULT "):]).items()}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def grow_then_stuck(synthetic_dataset, tiny_checkpoints, tmp_path_factory):
+def grow_then_stuck():
     """One cluster for both: the GPUs appear (grow), then more are asked for than it can give (stuck)."""
-    return scenario("grow-then-stuck", synthetic_dataset, tiny_checkpoints, tmp_path_factory.mktemp("cluster") / "out")
+    return cluster_runs.result()["grow-then-stuck"]
 
 
 @pytest.mark.slow
@@ -57,8 +68,8 @@ def test_more_gpus_than_the_cluster_can_give_stop_with_a_clear_message(grow_then
 
 
 @pytest.mark.slow
-def test_a_node_lost_mid_sweep_changes_nothing(synthetic_dataset, tiny_checkpoints, tmp_path):
-    got = scenario("node-loss", synthetic_dataset, tiny_checkpoints, str(tmp_path / "out"))
+def test_a_node_lost_mid_sweep_changes_nothing():
+    got = cluster_runs.result()["node-loss"]
     assert got["error"] is None and not got["finished_early"] and got["victim_was_a_worker_node"], got
     assert got["same_cells"], got
     workers = got["stats"]["workers"]

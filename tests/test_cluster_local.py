@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -23,10 +22,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import background
 import pandas as pd
 import pytest
 import tomli_w
 import tomllib
+from background import in_background, session_assets
 from helpers import exported_names, free_ports, grafana_queries, promql_metric_names, wait_for
 
 pytestmark = pytest.mark.slow
@@ -35,7 +36,22 @@ REPO = Path(__file__).resolve().parents[1]
 PORTS = ("PORT", "DASHBOARD_PORT", "METRICS_PORT", "CLIENT_PORT", "AGENT_PORT")
 
 
-def test_cluster_local_token_job_metrics_and_stop(synthetic_dataset, tiny_checkpoints, tmp_path):
+def test_cluster_local_token_job_metrics_and_stop():
+    cluster_local.result()  # the scenario's asserts, raised here
+
+
+@in_background()
+def cluster_local() -> None:
+    """The whole check, run in the background while other tests run (it mostly waits on Ray and make)."""
+    synthetic_dataset, tiny_checkpoints = session_assets()
+    tmp_path = Path(tempfile.mkdtemp(prefix="pxr-cl-"))
+    try:
+        _cluster_local(synthetic_dataset, tiny_checkpoints, tmp_path)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _cluster_local(synthetic_dataset, tiny_checkpoints, tmp_path):
     state = Path(tempfile.mkdtemp(prefix="pxr", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     *cluster_ports, driver_port = free_ports(len(PORTS) + 1)
     ports = dict(zip(PORTS, cluster_ports, strict=True))
@@ -138,7 +154,7 @@ def _demo_config(data: str, checkpoints: list[str], out: Path, path: Path) -> Pa
 
 
 def _run(cmd, env, timeout):
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return background.run(cmd, env=env, cwd=REPO, timeout=timeout)  # killed if the session ends first
 
 
 def _exports(path: Path) -> dict[str, str]:

@@ -3,7 +3,7 @@
 The server is moto's (``moto[server]``). A sweep reads its shards from one bucket and writes its
 unit files and tables to another; its driver is killed mid-run and rerun; a reader that keeps
 reading every object under the output prefix never sees a half-written one; and the tables
-equal those of the same sweep on a local disk.
+equal those of the same sweep on a local disk (``attack_run``, conftest.py).
 """
 
 from __future__ import annotations
@@ -24,17 +24,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import tomli_w
-from helpers import sweep_command, wait_for
+from helpers import ATTACK, attack_config, sweep_command, wait_for
 
-from pixelray.config.sweep import parse_config
 from pixelray.engine.units import model_slug
 from pixelray.shards import check_dataset, load_manifest
 from pixelray.store.atomic import TMP_GLOB
-from pixelray.sweep import run_sweep
 
 ENV = {"AWS_ACCESS_KEY_ID": "pixelray-test", "AWS_SECRET_ACCESS_KEY": "pixelray-test",
        "AWS_EC2_METADATA_DISABLED": "true", "RAY_USAGE_STATS_ENABLED": "0"}
-GRID = {"counts": [8, 200], "amplitudes": ["full", 60]}
+PHASES = ("clean", "cells", "attack")
 
 
 @pytest.fixture(scope="module")
@@ -103,21 +101,14 @@ class Reader(threading.Thread):
 
 
 @pytest.mark.slow
-def test_a_sweep_from_and_to_s3_survives_a_killed_driver(ray_local, s3_server, synthetic_dataset, tiny_checkpoints,
-                                                         tmp_path):
+def test_a_sweep_from_and_to_s3_survives_a_killed_driver(ray_local, s3_server, attack_run, synthetic_dataset,
+                                                         tiny_checkpoints, tmp_path):
     fs = s3(s3_server)
     upload(fs, synthetic_dataset, "pxr-data/synthetic")
     fs.create_dir("pxr-results")
     data, out = uri(s3_server, "pxr-data/synthetic"), uri(s3_server, "pxr-results/run")
-    raw = {
-        "data": {"path": data},
-        "models": {"names": list(tiny_checkpoints), "weights": "none"},
-        "eval": {"filter": "all", "batch_size": 64, "size": 300},
-        "grid": GRID,
-        "attack": {"kind": "fgsm", "eps": [16], "size": 20},
-        "output": {"dir": out, "save_adversarial": uri(s3_server, "pxr-results/adv")},
-        "run": {"threads": 1},
-    }
+    # the reference attack sweep's config (attack_run: the same sweep on a local disk), in and to buckets
+    raw = attack_config(data, tiny_checkpoints, out, threads=1, save_adversarial=uri(s3_server, "pxr-results/adv"))
     config = tmp_path / "s3.toml"
     config.write_text(tomli_w.dumps(raw))
     env = {**os.environ, **ENV}
@@ -127,17 +118,18 @@ def test_a_sweep_from_and_to_s3_survives_a_killed_driver(ray_local, s3_server, s
     reader.start()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def cells_units():
-        found = fs.get_file_info(pafs.FileSelector("pxr-results/run/units/cells", recursive=True, allow_not_found=True))
+    def units(phase):
+        found = fs.get_file_info(pafs.FileSelector(f"pxr-results/run/units/{phase}", recursive=True,
+                                                   allow_not_found=True))
         return [i for i in found if i.type == pafs.FileType.File and i.path.endswith(".parquet")
                 and not fnmatch.fnmatch(posixpath.basename(i.path), TMP_GLOB)]
 
     try:
-        assert wait_for(lambda: len(cells_units()) >= 2, timeout=300), proc.stdout.read().decode()[-3000:]
+        assert wait_for(lambda: len(units("clean")) >= 3, timeout=300), proc.stdout.read().decode()[-3000:]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver; Ray ends its workers
         proc.wait()
-    killed_at = len(cells_units())
+    killed_at = {phase: len(units(phase)) for phase in PHASES}
     assert fs.get_file_info("pxr-results/run/cells.parquet").type == pafs.FileType.NotFound, "finished too soon"
     time.sleep(1)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -146,19 +138,21 @@ def test_a_sweep_from_and_to_s3_survives_a_killed_driver(ray_local, s3_server, s
     assert done.returncode == 0, done.stderr[-3000:]
     assert "taking over a stale lease" in done.stderr  # the killed driver's lease, on this host, pid gone
     assert reader.bad == [], reader.bad
-    assert len(reader.seen) > killed_at
+    assert len(reader.seen) > sum(killed_at.values())
     assert fs.get_file_info("pxr-results/run/run.lock").type == pafs.FileType.NotFound  # released
 
-    adv = [uri(s3_server, f"pxr-results/adv/fgsm/{model_slug(m)}/eps16") for m in tiny_checkpoints]
-    for dataset in adv:  # the saved examples: a pixelray data set in the bucket, sound
+    adv = [uri(s3_server, f"pxr-results/adv/fgsm/{model_slug(m)}/eps{k}") for m in tiny_checkpoints
+           for k in ATTACK["eps"]]
+    for dataset in adv:  # the saved examples: pixelray data sets in the bucket, sound
         assert check_dataset(dataset) == [] and load_manifest(dataset).num_images > 0, dataset
-    local_raw = {**raw, "data": {"path": synthetic_dataset}, "output": {"dir": str(tmp_path / "local")}}
-    local = run_sweep(parse_config(local_raw), progress=False)
     stats = json.loads(fs.open_input_stream("pxr-results/run/stats.json").read())
-    assert stats["units_run"]["cells"] == local.stats["units_run"]["cells"] - killed_at  # only the missing ones
+    for phase in PHASES:  # only the missing units were computed again
+        assert stats["units_run"][phase] == len(units(phase)) - killed_at[phase], phase
+    for phase in ("clean", "cells"):  # and all of them: as many as the local run's (attack units may stop early)
+        assert len(units(phase)) == attack_run.stats["units_run"][phase], phase
     versions = ["pixelray_version", "torch_version", "config_hash"]  # the data path differs: so does the hash
-    for name in ("cells", "clean", "attack", "transfer"):
+    for name in ("cells", "clean", "attack", "transfer", "attack_ids"):
         remote = pq.read_table(uri(s3_server, f"pxr-results/run/{name}.parquet")).to_pandas()
-        mine = pd.read_parquet(Path(local.out_dir) / f"{name}.parquet")
+        mine = pd.read_parquet(Path(attack_run.out_dir) / f"{name}.parquet")
         pd.testing.assert_frame_equal(remote.drop(columns=versions, errors="ignore"),
-                                      mine.drop(columns=versions, errors="ignore"))
+                                      mine.drop(columns=versions, errors="ignore"), obj=name)

@@ -8,19 +8,19 @@ the test's own clock and the process table.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
+from contextlib import chdir
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from helpers import Scraper, console_script, wait_for
+from helpers import Scraper, console_script, spawn, train_driver, wait_for
 from reference_perturb import apply_pixel_changes, hash64
 from typer.testing import CliRunner
 
@@ -111,19 +111,44 @@ def heldout_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finetunes(ray_local, synthetic_dataset, heldout_dataset, tiny_checkpoints, tmp_path_factory):
-    """The augmented fine-tune (its worker killed once, in epoch 2) and its control, from the same base."""
+    """The augmented fine-tune and its control, from the same base.
+
+    The control runs here. The augmented one, at the same time, meets both faults, its paths all relative to
+    its driver's directory (Ray Train's workers run elsewhere). Its driver is a process of its own on the
+    session's Ray: its worker kills itself
+    in epoch 2 (Ray Train restarts the group from epoch 1's checkpoint), then holds in epoch 3, once epoch 2's
+    checkpoint is registered, until the driver is killed (SIGKILL: the cluster lives on, the job's actors
+    die with it). The same command is then run again here, from the same directory, and resumes.
+    """
     root = tmp_path_factory.mktemp("finetunes")
-    marker = root / "worker-died.json"
-    hooks = TrainHooks(die_in_epoch=2, marker=str(marker))
-    runs, configs = {}, {}
+    died, held = root / "worker-died.json", root / "driver-held.json"
+    rel = lambda path: os.path.relpath(path, root)  # noqa: E731 - every path relative to the driver's cwd
+    base = "checkpoint:" + rel(tiny_checkpoints[0].split(":", 1)[1])
+    raw = _raw(base, rel(synthetic_dataset), rel(heldout_dataset), "pixels")
+    address = ray_local.get_runtime_context().gcs_address
     port = ray_local._private.worker.global_worker.node.metrics_export_port
     with Scraper(port) as scraped:  # what the workers export while they run (for the Grafana test)
-        for aug in ("pixels", "none"):
-            raw = _raw(tiny_checkpoints[0], synthetic_dataset, heldout_dataset, root / aug, aug)
-            configs[aug] = parse_train_config(raw)
-            (runs[aug],) = run_train_augment(configs[aug], progress=False, hooks=hooks if aug == "pixels" else None)
+        hooks = TrainHooks(die_in_epoch=2, marker=str(died), hold_in_epoch=3, hold_marker=str(held))
+        driver = spawn(train_driver, str(root), raw, hooks, address)
+        try:
+            # meanwhile, on the session's other CPU: the control, here
+            control_raw = _raw(tiny_checkpoints[0], synthetic_dataset, heldout_dataset, root / "none", "none")
+            (control,) = run_train_augment(parse_train_config(control_raw), progress=False)
+            assert wait_for(held.exists, timeout=300), f"the driver never reached epoch 3 (exit {driver.exitcode})"
+        finally:
+            killed_at = time.time()
+            driver.kill()  # SIGKILL
+            driver.join()
+        lines: list[str] = []
+        with chdir(root):  # the same command again, from the same directory
+            (again,) = run_train_augment(parse_train_config(raw), address=address, log=lines.append)
         time.sleep(3)  # the last epoch's gauges reach the export (Ray keeps a dead worker's for ~10 s)
-    return runs, json.loads(marker.read_text()), configs, scraped.seen
+    configs = {"pixels": (raw, root), "none": (control_raw, None)}  # each raw config, and where it runs from
+    in_root = {k: root / getattr(again, k) for k in ("run_dir", "model_path", "epochs_path")}  # relative to root
+    runs = {"pixels": dataclasses.replace(again, **in_root), "none": control}
+    faults = {"died": json.loads(died.read_text()), "held": json.loads(held.read_text()), "killed_at": killed_at,
+              "lines": lines}
+    return runs, faults, configs, scraped.seen
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +201,9 @@ def test_train_augment_then_a_sweep_over_the_run_directory(finetunes, claim_swee
     assert (cells.n_images > 100).all()
 
     mtime = (run / "model.pt").stat().st_mtime_ns
-    (again,) = run_train_augment(configs["pixels"], progress=False)  # the same command again: nothing to do
+    raw, where = configs["pixels"]
+    with chdir(where):
+        (again,) = run_train_augment(parse_train_config(raw), progress=False)  # the same command again: nothing to do
     assert again.skipped and (run / "model.pt").stat().st_mtime_ns == mtime
 
 
@@ -192,7 +219,8 @@ def test_the_augmented_fine_tune_breaks_less_than_its_control(claim_sweep):
 @pytest.mark.slow
 def test_a_worker_killed_in_epoch_2_resumes_from_the_epoch_1_checkpoint(finetunes, tiny_checkpoints,
                                                                           synthetic_dataset):
-    runs, died, _, _ = finetunes
+    runs, faults, _, _ = finetunes
+    died = faults["died"]
     epochs = pd.read_parquet(runs["pixels"].epochs_path)
     assert epochs.epoch.tolist() == list(range(1, EPOCHS + 1))  # every epoch once
     assert died["epoch"] == 2
@@ -235,47 +263,21 @@ def test_two_workers_train_with_ddp_on_disjoint_images(ray_local, synthetic_data
 
 
 @pytest.mark.slow
-def test_killing_the_driver_then_rerunning_resumes_from_the_last_checkpoint(ray_local, synthetic_dataset,
-                                                                              heldout_dataset, tiny_checkpoints,
-                                                                              tmp_path):
-    """The job's driver dies (SIGKILL), the cluster lives on, the same command is submitted again.
-
-    Every path in the config is relative to the driver's directory (Ray Train's workers run elsewhere).
-    """
-    import tomli_w
-
-    out = tmp_path / "run"
-    rel = lambda path: os.path.relpath(path, tmp_path)  # noqa: E731 - every path relative to the driver's cwd
-    base = "checkpoint:" + rel(tiny_checkpoints[0].split(":", 1)[1])
-    raw = _raw(base, rel(synthetic_dataset), rel(heldout_dataset), "run", epochs=12)
-    raw["data"].update(images=200, eval_images=100)
-    raw["augment"]["count"] = 64
-    (tmp_path / "train.toml").write_text(tomli_w.dumps(raw))
-    cmd = [sys.executable, str(REPO / "jobs" / "train_augment.py"), "--config", "train.toml"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
-           "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        ok = wait_for(lambda: (out / "train" / "epoch-0002" / "history.json").exists(), timeout=300)
-        assert ok, proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "no epoch 2"
-        time.sleep(2.5)  # Ray Train registers a reported checkpoint at its next poll of the workers (every 2 s)
-    finally:
-        t_kill = time.time()
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert not (out / "epochs.parquet").exists(), "the run finished before the kill; make it longer"
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming" in done.stderr and "run epoch 12/12: loss" in done.stderr  # a progress line per epoch
-    epochs = pd.read_parquet(out / "epochs.parquet")
-    assert epochs.epoch.tolist() == list(range(1, 13))  # every epoch once
-    before = epochs[epochs.finished < t_kill].epoch.tolist()
-    # kept from the killed run: the epochs up to the last checkpoint Ray Train had registered (on a busy
-    # machine the controller may not have registered epoch 2's yet), so not started over
-    assert len(before) >= 1 and before == list(range(1, len(before) + 1)), before
-    assert (epochs[epochs.epoch > len(before)].started > t_kill).all()  # only the rest trained again
-    assert load_model(f"checkpoint:{out}").num_classes == 10
+def test_killing_the_driver_then_rerunning_resumes_from_the_last_checkpoint(finetunes):
+    """The augmented fine-tune's driver was killed (SIGKILL) in epoch 3, once epoch 2's checkpoint was registered;
+    the same command, run again from the same directory (relative paths), went on from there."""
+    runs, faults, _, _ = finetunes
+    held, t_kill, lines = faults["held"], faults["killed_at"], "\n".join(faults["lines"])
+    assert held["epoch"] == 3 and held["time"] < t_kill
+    assert "resuming" in lines and "pixels epoch 3/3: loss" in lines, lines  # a progress line per epoch
+    epochs = pd.read_parquet(runs["pixels"].epochs_path)
+    assert epochs.epoch.tolist() == [1, 2, 3]  # every epoch once
+    # kept from the killed run: the epochs up to the last registered checkpoint (epoch 2's), not started over
+    assert epochs[epochs.finished < t_kill].epoch.tolist() == [1, 2]
+    assert (epochs[epochs.epoch == 3].started > t_kill).all()  # only the rest trained again
+    with pytest.raises(ProcessLookupError):
+        os.kill(held["pid"], 0)  # the held worker died with its driver
+    assert load_model(f"checkpoint:{runs['pixels'].run_dir}").num_classes == 10
 
 
 # ---------------------------------------------------------------------------- bad input

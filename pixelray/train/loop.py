@@ -34,6 +34,7 @@ from pixelray.core.augment import augment_batch, epoch_seed
 from pixelray.core.spec import Cell
 from pixelray.errors import one_line
 from pixelray.models import Classifier, LabelMap, load_model
+from pixelray.store.atomic import write_text_atomic
 from pixelray.train.data import DataPlan, read_share
 
 __all__ = ["CHECKPOINT_HISTORY", "CHECKPOINT_STATE", "LoopConfig", "ModelShape", "build_model",
@@ -47,35 +48,51 @@ _EVAL_BATCH = 256
 
 @dataclass(frozen=True)
 class TrainHooks:
-    """For tests only (no config key or flag reaches it): observe the workers, or make one die.
+    """For tests only (no config key or flag reaches it): observe the workers, make one die, or make one hold.
 
     Attributes:
         trace: a directory; every worker appends the image ids of each step to
             ``epoch<e>-rank<r>.txt`` there (to count which images each worker saw).
         die_in_epoch: the worker of ``die_rank`` kills its own process (SIGKILL) after its first
-            step of this epoch, once: it writes ``marker`` (pid, time) first and does nothing once
-            that file exists. Before dying it waits until Ray Train has registered the previous
-            epoch's checkpoint, so that the test knows which checkpoint the restarted group must
-            resume from.
+            step of this epoch, once: it writes ``marker`` (pid, time, epoch) first and does nothing
+            once that file exists.
+        hold_in_epoch: the worker of ``die_rank`` stops after its first step of this epoch, once: it
+            writes ``hold_marker`` and sleeps until something kills it (a test killing the driver at
+            a known point: the job's workers die with it).
+
+    Before writing a marker the worker waits until Ray Train has registered the previous epoch's
+    checkpoint, so that the test knows which checkpoint a restarted group (or a rerun) resumes from.
     """
 
     trace: str | None = None
     die_in_epoch: int | None = None
     die_rank: int = 0
     marker: str | None = None
+    hold_in_epoch: int | None = None
+    hold_marker: str | None = None
 
     def after_step(self, epoch: int, rank: int, image_ids: torch.Tensor) -> None:
         if self.trace is not None:
             with open(os.path.join(self.trace, f"epoch{epoch}-rank{rank}.txt"), "a") as f:
                 f.write("".join(f"{i}\n" for i in image_ids.tolist()))
-        if epoch != self.die_in_epoch or rank != self.die_rank or self.marker is None or os.path.exists(self.marker):
+        if rank != self.die_rank:
             return
+        if epoch == self.die_in_epoch and self._mark(self.marker, epoch):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if epoch == self.hold_in_epoch and self._mark(self.hold_marker, epoch):
+            while True:
+                time.sleep(60)
+
+    @staticmethod
+    def _mark(marker: str | None, epoch: int) -> bool:
+        """Write ``marker`` (pid, time, epoch) once the previous checkpoint is registered; False if it exists."""
+        if marker is None or os.path.exists(marker):
+            return False
         import ray.train
 
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-        with open(self.marker, "w") as f:
-            json.dump({"pid": os.getpid(), "time": time.time(), "epoch": epoch}, f)
-        os.kill(os.getpid(), signal.SIGKILL)
+        write_text_atomic(json.dumps({"pid": os.getpid(), "time": time.time(), "epoch": epoch}), marker)
+        return True
 
 
 @dataclass(frozen=True)
