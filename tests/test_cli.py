@@ -118,6 +118,17 @@ def test_console_script_works():
     ]
 
 
+def test_commands_that_compute_nothing_with_torch_do_not_import_it():
+    """pixel-index and --help start in a fraction of a second: no torch (2 s to import) in their process."""
+    code = ("import sys; from typer.testing import CliRunner; from pixelray.cli import app; "
+            "r = CliRunner().invoke(app, ['pixel-index', '--wrong', '352', '--images', '10000', '--count', '64']); "
+            "assert r.exit_code == 0, r.output; assert CliRunner().invoke(app, ['--help']).exit_code == 0; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'ray')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout
+
+
 def test_python_dash_m():
     result = subprocess.run(
         [sys.executable, "-m", "pixelray", "--version"], capture_output=True, text=True, timeout=60

@@ -102,8 +102,8 @@ def test_a_cpu_worker_actor_gets_huge_pages_from_its_runtime_env(ray_local, synt
 @needs_thp
 def test_the_cli_latches_huge_pages_for_its_process_and_passes_nothing_on():
     cli = ("from typer.testing import CliRunner; from pixelray.cli import app; "
-           "assert CliRunner().invoke(app, ['pixel-index', '--wrong', '1', '--images', '2', "
-           "'--count', '4']).exit_code == 0; import os; ")
+           "assert CliRunner().invoke(app, ['cell', 'show', 'n4-full-whole-all-per-image-seed0', '--image-id', '5', "
+           "'--size', '32']).exit_code == 0; import os; ")
     assert _faults(cli + f"assert '{HUGE_PAGES_ENV}' not in os.environ") <= PAGES_4K // 8
     # the environment's word wins: 0 turns it off (and stays as the user set it)
     assert _faults(cli + f"assert os.environ['{HUGE_PAGES_ENV}'] == '0'", env_value="0") >= PAGES_4K * 0.9

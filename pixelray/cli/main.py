@@ -37,16 +37,25 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+#: The commands that compute with torch in the CLI's own process (the demo's base model, data check's model,
+#: cell show's draws, train-augment's checks of the model): the process latches huge pages for itself before
+#: torch allocates. The others (pixel-index, sweep, report, weights) do not import torch for it: they start
+#: in a fraction of a second.
+IN_PROCESS_TORCH = frozenset({"demo", "data", "cell", "train-augment"})
+
+
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """Measure and repair the robustness of image classifiers to a few random pixel changes."""
-    from pixelray.cpu_memory import use_huge_pages_here
+    if ctx.invoked_subcommand in IN_PROCESS_TORCH:  # this process's CPU work; its Ray workers get theirs from Ray
+        from pixelray.cpu_memory import use_huge_pages_here
 
-    use_huge_pages_here()  # this process's CPU work (the demo's base model); its workers get theirs from Ray
+        use_huge_pages_here()
 
 
 def parse_amplitude(value: str) -> int | str:
