@@ -180,6 +180,13 @@ def plain_attack(data, models, cells, eps, size, attack=_fgsm):
     return out
 
 
+@pytest.fixture(scope="module")
+def expected_fgsm(synthetic_dataset, tiny_checkpoints):
+    """(the cells, what the plain loop gives) for attack_run's config: computed once for the tests that use it."""
+    cells = parse_config(raw_config(synthetic_dataset, tiny_checkpoints, "unused")).unique_cells((32, 32))
+    return cells, plain_attack(synthetic_dataset, tiny_checkpoints, cells, ATTACK["eps"], ATTACK["size"])
+
+
 def cell_of(row):
     amp = row.amplitude if row.amplitude == "full" else int(row.amplitude)
     return Cell(PixelChange(int(row["count"]), amp, None), int(row.seed))
@@ -197,10 +204,8 @@ def _tables(out: Path):
 
 
 @pytest.mark.slow
-def test_attack_counts_equal_an_independent_plain_loop(attack_run, synthetic_dataset, tiny_checkpoints):
-    cfg = parse_config(raw_config(synthetic_dataset, tiny_checkpoints, "unused"))
-    cells = cfg.unique_cells((32, 32))
-    expected = plain_attack(synthetic_dataset, tiny_checkpoints, cells, ATTACK["eps"], ATTACK["size"])
+def test_attack_counts_equal_an_independent_plain_loop(attack_run, expected_fgsm, synthetic_dataset, tiny_checkpoints):
+    cells, expected = expected_fgsm
     tables = _tables(attack_run.out_dir)
 
     attack = tables["attack"]
@@ -260,11 +265,9 @@ def test_attack_counts_equal_an_independent_plain_loop(attack_run, synthetic_dat
 
 
 @pytest.mark.slow
-def test_saved_examples_are_a_dataset_holding_the_kept_examples(attack_run, synthetic_dataset, tiny_checkpoints):
+def test_saved_examples_are_a_dataset_holding_the_kept_examples(attack_run, expected_fgsm, synthetic_dataset):
     adv_root = attack_run.out_dir.parent / "adv" / "fgsm"
-    cfg = parse_config(raw_config(synthetic_dataset, tiny_checkpoints, "unused"))
-    expected = plain_attack(synthetic_dataset, tiny_checkpoints, cfg.unique_cells((32, 32)), ATTACK["eps"],
-                            ATTACK["size"])
+    _, expected = expected_fgsm
     dirs = sorted(p.parent for p in adv_root.glob("*/eps*/manifest.json"))
     assert len(dirs) == 2 * 4
     for (model, k), (kept_ids, kept_images) in expected["examples"].items():
@@ -280,37 +283,21 @@ def test_saved_examples_are_a_dataset_holding_the_kept_examples(attack_run, synt
 
 
 @pytest.mark.slow
-def test_same_counts_across_runs_batch_sizes_workers_and_report_float(attack_run, synthetic_dataset, tiny_checkpoints,
-                                                                      tmp_path):
-    attack = {**ATTACK, "report_float": False}
-    raw = raw_config(synthetic_dataset, tiny_checkpoints, tmp_path / "out", batch_size=17, workers=2, threads=1,
-                     attack=attack)
-    raw["run"]["cells_per_pass"] = 3  # three cells per forward pass: the tiny CNN gives the same verdicts
-    result = run_sweep(parse_config(raw), progress=False)
-    first, second = _tables(attack_run.out_dir), _tables(result.out_dir)
-    floats = ["n_success_float", "success_rate_float"]
-    assert second["attack"][floats].isna().all().all()  # not asked for: null, the columns kept
-    assert first["attack"][floats].notna().all().all()
-    for name in first:
-        drop = floats + ["config_hash"] if name == "attack" else ["config_hash"]
-        pd.testing.assert_frame_equal(first[name].drop(columns=drop, errors="ignore"),
-                                      second[name].drop(columns=drop, errors="ignore"), obj=name)
-
-
-
-
-@pytest.mark.slow
-def test_a_killed_driver_resumes_only_missing_units_in_every_phase(ray_local, attack_run, synthetic_dataset,
-                                                                   tiny_checkpoints, tmp_path):
-    """The driver, a process of its own on the session's Ray (the cluster outlives it), is killed twice: once
-    units are written (early: among the clean ones), and, run again, once attack units are; the third run
-    finishes. A finished unit is never redone (its file keeps its inode and mtime), each run computes exactly
-    the units missing, and the tables equal those of the uninterrupted run."""
+def test_a_killed_driver_resumes_only_missing_units_and_the_counts_do_not_depend_on_how_it_ran(
+        ray_local, attack_run, synthetic_dataset, tiny_checkpoints, tmp_path):
+    """attack_run's sweep again, run otherwise: two workers of one thread, batches of 17, three cells per forward
+    pass, no unrounded verdicts (report_float = false). Its driver, a process of its own on the session's Ray
+    (the cluster outlives it), is killed twice: once units are written (early: among the clean ones), and,
+    run again, once attack units are; the third run finishes. A finished unit is never redone (its file keeps
+    its inode and mtime), each run computes exactly the units missing, and the counts are attack_run's."""
     import tomli_w
 
     out = tmp_path / "out"
     config = tmp_path / "sweep.toml"
-    config.write_text(tomli_w.dumps(raw_config(synthetic_dataset, tiny_checkpoints, out, threads=1)))
+    raw = raw_config(synthetic_dataset, tiny_checkpoints, out, batch_size=17, workers=2, threads=1,
+                     attack={**ATTACK, "report_float": False})
+    raw["run"]["cells_per_pass"] = 3  # three cells per forward pass: the tiny CNN gives the same verdicts
+    config.write_text(tomli_w.dumps(raw))
     cmd = sweep_command(config, ray_local)  # a driver of its own on the session's Ray (the cluster outlives it)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     phases = ("clean", "cells", "attack")
@@ -348,9 +335,14 @@ def test_a_killed_driver_resumes_only_missing_units_in_every_phase(ray_local, at
     n_models = len(tiny_checkpoints)
     assert sum("/units/clean/" in str(p) for p in final) == len(shard_uris(synthetic_dataset)) * n_models
     assert not list(out.rglob(".*.tmp-*")), "temp files of the killed runs were left behind"
-    first, resumed = _tables(attack_run.out_dir), _tables(out)
-    for name in first:
-        pd.testing.assert_frame_equal(first[name], resumed[name], obj=name)
+    first, second = _tables(attack_run.out_dir), _tables(out)
+    floats = ["n_success_float", "success_rate_float"]
+    assert second["attack"][floats].isna().all().all()  # not asked for: null, the columns kept
+    assert first["attack"][floats].notna().all().all()
+    for name in first:  # the config hash differs (the batch size is part of the config): all else is the same
+        drop = floats + ["config_hash"] if name == "attack" else ["config_hash"]
+        pd.testing.assert_frame_equal(first[name].drop(columns=drop, errors="ignore"),
+                                      second[name].drop(columns=drop, errors="ignore"), obj=name)
 
 
 PGD = {"kind": "pgd", "eps": [4, 16], "keep": "successful", "size": 20, "steps": 3, "step": 2, "seed": 1}

@@ -384,7 +384,7 @@ def test_worker_deaths_are_counted_and_the_final_state_is_scrapeable(
 
     _, ref = reference
     out = tmp_path / "out"
-    cfg = config(synthetic_dataset, tiny_checkpoints, out, metrics_port=0, metrics_linger=10)
+    cfg = config(synthetic_dataset, tiny_checkpoints, out, metrics_port=0, metrics_linger=4)  # scraped at once
     messages, box = [], {}
 
     def target():
