@@ -21,6 +21,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -38,6 +39,7 @@ class Scenario:
         self.fn, self.fixture, self.module = fn, fixture, fn.__module__
         self.name = fixture or fn.__name__
         self.future: Future | None = None
+        self.started = self.finished = None  # time.monotonic() in the lane
 
     def wanted_by(self, item) -> bool:
         """Whether a collected test needs it: it is in the test's module, or a fixture the test uses."""
@@ -81,10 +83,12 @@ class _Lane:
                     self._ready.wait()
                 scenario = self._work[0]
             if scenario.future.set_running_or_notify_cancel():
+                scenario.started = time.monotonic()
                 try:
                     scenario.future.set_result(scenario.fn())
                 except BaseException as exc:  # noqa: BLE001 - raised again in the test that waits for it
                     scenario.future.set_exception(exc)
+                scenario.finished = time.monotonic()
             with self._ready:
                 self._work.pop(0)
                 self._ready.notify_all()
@@ -114,6 +118,12 @@ def in_background(fixture: str | None = None):
 def wanted(items) -> list[Scenario]:
     """The declared scenarios the collected tests need, in declaration order."""
     return [s for s in _SCENARIOS if any(s.wanted_by(item) for item in items)]
+
+
+def timeline(t0: float) -> list[str]:
+    """When each scenario of the session ran, in seconds since ``t0`` (a time.monotonic())."""
+    return [f"{s.name}: {s.started - t0:.0f}-{s.finished - t0:.0f} s ({s.finished - s.started:.0f} s)"
+            for s in _SCENARIOS if s.started is not None and s.finished is not None]
 
 
 def run(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import background  # noqa: E402
@@ -111,5 +112,16 @@ def pytest_collection_finish(session):
             scenario.start()
 
 
+SESSION_STARTED = time.monotonic()  # when conftest.py is imported: the session's start
+
+
 def pytest_sessionfinish(session):
     background.finish()
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = background.timeline(SESSION_STARTED)
+    if lines:
+        terminalreporter.write_sep("=", "background scenarios (seconds since the session started)")
+        for line in lines:
+            terminalreporter.write_line(line)
