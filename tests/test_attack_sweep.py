@@ -28,7 +28,6 @@ from pixelray.shards import check_dataset, load_manifest, read_shard, shard_uris
 from pixelray.sweep import run_sweep
 
 VERSIONS = ["pixelray_version", "torch_version"]
-raw_config = attack_config
 
 
 # ---------------------------------------------------------------------------- config
@@ -183,7 +182,7 @@ def plain_attack(data, models, cells, eps, size, attack=_fgsm):
 @pytest.fixture(scope="module")
 def expected_fgsm(synthetic_dataset, tiny_checkpoints):
     """(the cells, what the plain loop gives) for attack_run's config: computed once for the tests that use it."""
-    cells = parse_config(raw_config(synthetic_dataset, tiny_checkpoints, "unused")).unique_cells((32, 32))
+    cells = parse_config(attack_config(synthetic_dataset, tiny_checkpoints, "unused")).unique_cells((32, 32))
     return cells, plain_attack(synthetic_dataset, tiny_checkpoints, cells, ATTACK["eps"], ATTACK["size"])
 
 
@@ -196,17 +195,13 @@ def _k(eps):
     return round(eps * 255)
 
 
-def _tables(out: Path):
-    return attack_tables(out, VERSIONS)
-
-
 # ---------------------------------------------------------------------------- integration
 
 
 @pytest.mark.slow
 def test_attack_counts_equal_an_independent_plain_loop(attack_run, expected_fgsm, synthetic_dataset, tiny_checkpoints):
     cells, expected = expected_fgsm
-    tables = _tables(attack_run.out_dir)
+    tables = attack_tables(attack_run.out_dir, VERSIONS)
 
     attack = tables["attack"]
     assert len(attack) == 2 * 4 and (attack.attack == "fgsm").all() and (attack.keep == "successful").all()
@@ -294,7 +289,7 @@ def test_a_killed_driver_resumes_only_missing_units_and_the_counts_do_not_depend
 
     out = tmp_path / "out"
     config = tmp_path / "sweep.toml"
-    raw = raw_config(synthetic_dataset, tiny_checkpoints, out, batch_size=17, workers=2, threads=1,
+    raw = attack_config(synthetic_dataset, tiny_checkpoints, out, batch_size=17, workers=2, threads=1,
                      attack={**ATTACK, "report_float": False})
     raw["run"]["cells_per_pass"] = 3  # three cells per forward pass: the tiny CNN gives the same verdicts
     config.write_text(tomli_w.dumps(raw))
@@ -335,7 +330,7 @@ def test_a_killed_driver_resumes_only_missing_units_and_the_counts_do_not_depend
     n_models = len(tiny_checkpoints)
     assert sum("/units/clean/" in str(p) for p in final) == len(shard_uris(synthetic_dataset)) * n_models
     assert not list(out.rglob(".*.tmp-*")), "temp files of the killed runs were left behind"
-    first, second = _tables(attack_run.out_dir), _tables(out)
+    first, second = attack_tables(attack_run.out_dir, VERSIONS), attack_tables(out, VERSIONS)
     floats = ["n_success_float", "success_rate_float"]
     assert second["attack"][floats].isna().all().all()  # not asked for: null, the columns kept
     assert first["attack"][floats].notna().all().all()
@@ -350,7 +345,7 @@ PGD = {"kind": "pgd", "eps": [4, 16], "keep": "successful", "size": 20, "steps":
 
 @pytest.mark.slow
 def test_a_pgd_sweep_equals_an_independent_plain_loop(ray_local, synthetic_dataset, tiny_checkpoints, tmp_path):
-    raw = raw_config(synthetic_dataset, tiny_checkpoints, tmp_path / "out", attack=PGD)
+    raw = attack_config(synthetic_dataset, tiny_checkpoints, tmp_path / "out", attack=PGD)
     result = run_sweep(parse_config(raw), progress=False)
     cfg = parse_config(raw)
 
@@ -370,7 +365,7 @@ def test_a_pgd_sweep_equals_an_independent_plain_loop(ray_local, synthetic_datas
         return _pixels(adv)
 
     expected = plain_attack(synthetic_dataset, tiny_checkpoints, cfg.unique_cells((32, 32)), PGD["eps"], 20, attack)
-    tables = _tables(result.out_dir)
+    tables = attack_tables(result.out_dir, VERSIONS)
     attack_rows = tables["attack"]
     assert (attack_rows.attack == "pgd").all()
     assert set(attack_rows.attack_params) == {'{"random_start": true, "seed": 1, "step": 2.0, "steps": 3}'}
