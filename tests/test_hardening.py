@@ -183,6 +183,27 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(synthetic_dataset, ti
     assert any("stale lock" in m and "fedcba9876543210" in m for m in messages), messages
 
 
+def test_a_directory_another_run_creates_between_look_and_mkdir_is_used_not_refused(tmp_path, monkeypatch):
+    """Two runs racing into a missing directory: both see it missing, one mkdir wins. The other's
+    mkdir meets the folder (EEXIST) and goes on to the lock, which decides; it does not own the folder."""
+    from pixelray.store import rundir
+
+    out = tmp_path / "a" / "out"
+    seen = rundir._first_existing(out.absolute())  # what the loser saw: both folders missing
+    assert seen[1] == [tmp_path / "a", out]
+
+    def racing(path):  # ... and then the winner made them, before the loser's mkdir
+        out.mkdir(parents=True, exist_ok=True)
+        return seen
+
+    monkeypatch.setattr(rundir, "_first_existing", racing)
+    loser = rundir.RunDir(out)
+    loser.claim("0123456789abcdef")
+    assert loser._created == [] and (out / "run.lock").exists()
+    loser.abandon()
+    assert out.is_dir(), "the folders were the winner's: the loser leaves them"
+
+
 # ---------------------------------------------------------------------------- 3. path traversal
 
 

@@ -115,7 +115,12 @@ class RunDir:
         _, missing = _first_existing(self.path.absolute())
         try:
             for folder in missing:
-                folder.mkdir()
+                try:
+                    folder.mkdir()
+                except FileExistsError:
+                    if not folder.is_dir():  # a file appeared there: the error below names it
+                        raise
+                    continue  # another run created it between our look and our mkdir: it is not ours
                 self._created.append(folder)
         except OSError as exc:
             self._remove_created()
