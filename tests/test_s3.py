@@ -66,8 +66,9 @@ def upload(fs, local: str, bucket_path: str) -> None:
 
 
 class Reader(threading.Thread):
-    """Reads every final object under a prefix again and again, each in one GET (boto3, as any S3 client
-    would), and records any that does not parse whole."""
+    """Lists a prefix again and again (every 50 ms) and reads each object version it lists (a new key or a
+    new ETag) in one GET (boto3, as any S3 client would); records any that does not parse whole. A version
+    is read as soon as it is listed: the moment a half-written object would be seen."""
 
     def __init__(self, endpoint, bucket, prefix):
         import boto3
@@ -77,20 +78,22 @@ class Reader(threading.Thread):
                                    aws_access_key_id=ENV["AWS_ACCESS_KEY_ID"],
                                    aws_secret_access_key=ENV["AWS_SECRET_ACCESS_KEY"])
         self.bucket, self.prefix, self.bad, self.seen = bucket, prefix, [], set()
+        self.versions: set[tuple[str, str]] = set()
         self.stop = threading.Event()
 
     def run(self):
-        while not self.stop.is_set():
+        while not self.stop.wait(0.05):
             listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix).get("Contents", [])
             for item in listing:
                 key, name = item["Key"], posixpath.basename(item["Key"])
-                if fnmatch.fnmatch(name, TMP_GLOB):
+                if fnmatch.fnmatch(name, TMP_GLOB) or (key, item["ETag"]) in self.versions:
                     continue  # temporary keys are never read: the final key appears by a server-side copy
                 try:
                     data = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
                 except self.client.exceptions.NoSuchKey:
                     continue  # moved aside or released meanwhile
                 self.seen.add(key)
+                self.versions.add((key, item["ETag"]))
                 try:
                     if name.endswith(".parquet"):
                         pq.read_table(pa.BufferReader(data))

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 from pixelray.core.check import is_int
@@ -48,6 +47,8 @@ def _check_loadable(name: str, label: str, path: Path) -> None:
 
 
 def load_torchvision(name: str, kind: Weights | str, num_classes: int | None, init_seed: int) -> Classifier:
+    import torchvision  # here, not at the top: ~1.5 s that the tiny CNN and user factories never need
+
     entry = weights_entry(name, kind)
     label = weights_label(kind)
     meta_entry = entry if entry is not None else torchvision.models.get_model_weights(name).DEFAULT

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 from pixelray.core.check import is_int
@@ -182,6 +181,12 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> str:
     return _sha256(path)
 
 
+def _torchvision_version() -> str:
+    import torchvision  # here, not at the top: loading a checkpoint of the tiny CNN never imports it
+
+    return torchvision.__version__
+
+
 def save_checkpoint(
     model: Classifier,
     path: str | os.PathLike[str],
@@ -242,7 +247,7 @@ def save_checkpoint(
         "weights_from": model.source,
         "metadata": dict(metadata or {}),
         "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
+        "torchvision_version": _torchvision_version(),
     }
     if label_map is not None:
         sidecar["label_map"] = label_map

@@ -13,7 +13,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 
 #: Named model lists; a preset name may stand wherever a list of model specs is expected.
 PRESETS: dict[str, tuple[str, ...]] = {
@@ -46,6 +45,8 @@ class WeightsDownloadError(RuntimeError):
 @functools.lru_cache(maxsize=1)
 def torchvision_models() -> tuple[str, ...]:
     """Every torchvision classification model name, sorted."""
+    import torchvision  # here, not above: ~1.5 s that checkpoints of built-in architectures never need
+
     return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
 
 
@@ -151,6 +152,8 @@ def check_weights_entry(weights: str | Weights | None, names: Sequence[str]) -> 
 @functools.lru_cache(maxsize=1)
 def weights_entries() -> frozenset[str]:
     """Every weights entry name of a torchvision classification model (IMAGENET1K_V1, IMAGENET1K_V2, ...)."""
+    import torchvision
+
     return frozenset(e.name for name in torchvision_models() for e in torchvision.models.get_model_weights(name))
 
 
@@ -158,6 +161,8 @@ def weights_entry(name: str, weights: Weights | str) -> Any:
     """The torchvision weights enum entry for a model, or None for random init."""
     if weights is Weights.NONE:
         return None
+    import torchvision
+
     enum = torchvision.models.get_model_weights(name)
     entries = [e.name for e in enum]
     if weights is Weights.DEFAULT:
