@@ -172,13 +172,10 @@ def plain_attack(data, models, cells, eps, size, attack=_fgsm, floats=True):
             out["attack"][(m, k)] = (int(upto.sum()), int(fooled[upto].sum()), len(kept))
             if not floats:
                 continue
-            # the unrounded example of each image, made and judged one image at a time
-            float_fooled = 0
-            for i in torch.nonzero(upto).flatten().tolist():
-                unrounded = _fgsm_float(nets[m], cand_images[i : i + 1], cand_labels[i : i + 1], k / 255)
-                with torch.inference_mode():
-                    float_fooled += int(nets[m](unrounded).argmax(1)[0] != cand_labels[i])
-            out["attack_float"][(m, k)] = float_fooled
+            # the unrounded examples, made and judged in one batch (as the rounded ones above)
+            unrounded = _fgsm_float(nets[m], cand_images[upto], cand_labels[upto], k / 255)
+            with torch.inference_mode():
+                out["attack_float"][(m, k)] = int((nets[m](unrounded).argmax(1) != cand_labels[upto]).sum())
     return out
 
 
