@@ -73,7 +73,7 @@ def main(
         result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True), address=address)
     except (ConfigError, SweepError, TrainError) as exc:
         typer.echo(f"error: {one_line(exc)}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(getattr(exc, "exit_code", 2)) from None  # SweepStopped (ray job stop): 128 + SIGTERM
     typer.echo(f"results: {result.cells_path}")
 
 

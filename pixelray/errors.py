@@ -6,11 +6,20 @@ inside such a line.
 
 from __future__ import annotations
 
-__all__ = ["SweepError", "TrainError", "first_line", "one_line"]
+__all__ = ["SweepError", "SweepStopped", "TrainError", "first_line", "one_line"]
 
 
 class SweepError(RuntimeError):
     """A sweep that cannot go on; the message says why and what to do."""
+
+
+class SweepStopped(SweepError):
+    """A sweep ended by a signal (SIGTERM from ``ray job stop``, SIGINT from Ctrl-C) after cleaning up:
+    its finished units are kept. ``exit_code`` is the shell's 128 + the signal's number."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class TrainError(RuntimeError):

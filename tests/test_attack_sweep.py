@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -282,9 +283,11 @@ def test_a_killed_driver_resumes_only_missing_units_and_the_counts_do_not_depend
         ray_local, attack_run, synthetic_dataset, tiny_checkpoints, tmp_path):
     """attack_run's sweep again, run otherwise: two workers of one thread, batches of 17, three cells per forward
     pass, no unrounded verdicts (report_float = false). Its driver, a process of its own on the session's Ray
-    (the cluster outlives it), is killed twice: once units are written (early: among the clean ones), and,
-    run again, once attack units are; the third run finishes. A finished unit is never redone (its file keeps
-    its inode and mtime), each run computes exactly the units missing, and the counts are attack_run's."""
+    (the cluster outlives it), is stopped twice: SIGKILLed once units are written (early: among the clean ones),
+    and, run again, sent SIGTERM (what ``ray job stop`` sends) once attack units are; the third run finishes.
+    SIGTERM ends the driver within seconds, in one line, exit 143, its output directory released (a SIGKILLed
+    driver leaves its lock behind). A finished unit is never redone (its file keeps its inode and mtime), each
+    run computes exactly the units missing, and the counts are attack_run's."""
     import tomli_w
 
     out = tmp_path / "out"
@@ -304,15 +307,23 @@ def test_a_killed_driver_resumes_only_missing_units_and_the_counts_do_not_depend
         return len(units()) > max(len(kept), 2) and (not attack or bool(unit_files(out, "attack")))
 
     kept: dict = {}
-    for attack in (False, True):  # the first driver: killed once units exist; the second: once attack units do
+    for attack in (False, True):  # the first driver: SIGKILL once units exist; the second: SIGTERM once attack units do
         until = functools.partial(ready, kept, attack)
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
         try:
-            assert wait_for(until, timeout=240), proc.stdout.read().decode()[-3000:]
+            assert wait_for(until, timeout=240), proc.stderr.read()[-3000:]
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver; Ray ends its workers
-            proc.wait()
+            os.killpg(proc.pid, signal.SIGTERM if attack else signal.SIGKILL)  # SIGKILL: Ray ends its workers
+            stopped_at = time.monotonic()
+            _, err = proc.communicate(timeout=60)
+        if attack:  # stopped as by `ray job stop`: quickly, in one line, its directory released
+            took = time.monotonic() - stopped_at
+            assert took < 30 and proc.returncode == 128 + signal.SIGTERM, (took, proc.returncode, err[-3000:])
+            assert err.strip().splitlines()[-1].startswith("error: stopped by SIGTERM: the finished units are kept")
+            assert "Traceback" not in err and not (out / "run.lock").exists(), err[-3000:]
+        else:
+            assert (out / "run.lock").exists()  # SIGKILL: nothing could run; the next driver takes the lock over
         assert not (out / "attack.parquet").exists(), "the sweep finished before the kill; make it longer"
         now = units()
         assert all(now[p] == kept[p] for p in kept), "finished units were redone"

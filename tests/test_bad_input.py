@@ -100,7 +100,7 @@ class Case:
             "eval": {"size": 50, "batch_size": 50},
             "grid": {"counts": [8]},
             "output": {"dir": str(self.out)},
-            "run": {"threads": 2},
+            "run": {"device": "cpu", "threads": 2},  # said: no note that auto computes on CPU
         }
 
     def manifest(self, edit):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -248,3 +249,58 @@ def test_cpu_workers_reserve_the_cores_they_use(ray_local, synthetic_dataset, ti
     finally:
         pool.shutdown()
     assert wait_for(lambda: ray.available_resources().get("CPU", 0) == total, timeout=60)
+
+
+# The rules, as the cluster issue states them: GPUs present are used; where the autoscaler can add GPU nodes,
+# auto and cuda wait for them; where none can ever come, cuda fails at once and auto computes on CPU, saying so.
+DEVICE_CASES = [
+    # device, gpus, (now, most, embedded) -> device, words of the note (None: no note) or the error
+    ("cpu", None, (0, None, True), "cpu", None),
+    ("cpu", None, (4, 8, False), "cpu", None),
+    ("auto", None, (2, None, False), "cuda", None),
+    ("cuda", 3, (1, None, False), "cuda", None),
+    ("auto", None, (0, 8, False), "cuda", "waiting for the autoscaler to add GPU nodes (up to 8 GPUs"),
+    ("cuda", None, (0, 8, False), "cuda", "waiting for the autoscaler to add GPU nodes (up to 8 GPUs"),
+    ("auto", "all", (0, 3, False), "cuda", "[run] gpus = 'all': no GPU in the cluster yet"),
+    ("auto", None, (0, None, True), "cpu", "embedded Ray (no cluster, no autoscaler) has no GPU: computing on CPU"),
+    ("auto", None, (0, 0, False), "cpu", "its autoscaler has no GPU node type: computing on CPU"),
+    ("auto", None, (0, None, False), "cpu", "the Ray cluster has no GPU now: computing on CPU"),
+    ("cuda", None, (0, None, False), "cuda", "waiting up to 600 s ([run] placement_timeout)"),
+    ("cuda", None, (0, None, True), SweepError, "[run] device = 'cuda': this embedded Ray"),
+    ("auto", 2, (0, 0, False), SweepError, "[run] gpus = 2: the Ray cluster has no GPU and its autoscaler has no GPU"),
+]
+
+
+@pytest.mark.parametrize(("device", "gpus", "outlook", "chosen", "words"), DEVICE_CASES)
+def test_the_device_follows_what_the_cluster_has_and_can_get(device, gpus, outlook, chosen, words):
+    from pixelray.sweep.pool import GpuOutlook, choose_device
+
+    if chosen is SweepError:
+        with pytest.raises(SweepError, match=re.escape(words)) as err:
+            choose_device(device, gpus, GpuOutlook(*outlook), 600)
+        assert "\n" not in str(err.value) and "set device = 'cpu'" in str(err.value)
+        return
+    got, note = choose_device(device, gpus, GpuOutlook(*outlook), 600)
+    assert got == chosen
+    assert note is None if words is None else (words in note and "\n" not in note), note
+
+
+def test_cuda_on_an_embedded_ray_without_a_gpu_fails_at_once_in_one_line(ray_local, synthetic_dataset,
+                                                                         tiny_checkpoints, tmp_path):
+    """The session's Ray is this process's own (no autoscaler, no GPU): `cuda` can never be placed there."""
+    import tomli_w
+    from typer.testing import CliRunner
+
+    from pixelray.cli import app
+    from pixelray.sweep.pool import GpuOutlook, gpu_outlook
+
+    assert gpu_outlook() == GpuOutlook(now=0, most=None, embedded=True)
+    raw = {"data": {"path": synthetic_dataset}, "models": {"names": tiny_checkpoints[:1], "weights": "none"},
+           "grid": {"counts": [4]}, "output": {"dir": str(tmp_path / "out")}, "run": {"device": "cuda"}}
+    (tmp_path / "c.toml").write_text(tomli_w.dumps(raw))
+    result = CliRunner().invoke(app, ["sweep", str(tmp_path / "c.toml"), "--no-progress"], prog_name="pixelray")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: [run] device = 'cuda': this embedded Ray (no cluster, no autoscaler) has no GPU and cannot get one; "
+        "set device = 'cpu' (or 'auto'), or join a cluster with GPUs (--address ADDRESS)"]
+    assert not (tmp_path / "out").exists()

@@ -152,7 +152,7 @@ def sweep_cmd(
         cfg = load_config(config, sweep_overrides(out, data, metrics_port, metrics_linger, save_adversarial))
         result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True), address=address)
     except (ConfigError, SweepError) as exc:
-        fail(str(exc))
+        fail(str(exc), getattr(exc, "exit_code", 2))  # SweepStopped: 128 + the signal
     _summary(result.out_dir)
 
 

@@ -48,7 +48,7 @@ how units are resumed or run), ``pool`` (workers, scheduling, retries), ``clean`
 ``cells``, ``attack`` (the phases), ``results`` and ``attack_results`` (the tables).
 """
 
-from pixelray.errors import SweepError
+from pixelray.errors import SweepError, SweepStopped
 from pixelray.sweep.attack import select_kept
 from pixelray.sweep.clean import select_eval_set
 from pixelray.sweep.driver import SweepResult, run_sweep
@@ -60,6 +60,7 @@ __all__ = [
     "CELLS_SCHEMA",
     "TRANSFER_SCHEMA",
     "SweepError",
+    "SweepStopped",
     "SweepResult",
     "connect",
     "run_sweep",

@@ -16,9 +16,12 @@ Order matters for "nothing wrong is ever silent, nothing half-done is ever left"
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ import pyarrow as pa
 
 from pixelray.config.sweep import SweepConfig
 from pixelray.core.metrics import aggregate
-from pixelray.errors import SweepError, one_line
+from pixelray.errors import SweepError, SweepStopped, one_line
 from pixelray.shards import Manifest, ShardError, check_shards, load_manifest, shard_uris
 from pixelray.store.rundir import RunDir
 from pixelray.sweep.attack import run_attack
@@ -101,6 +104,43 @@ def _start_telemetry(config: SweepConfig, progress: bool) -> SweepTelemetry:
                          f"({exc.strerror or exc}); pick another port, or 0 for any free one") from None
 
 
+class _StopOnSignals:
+    """SIGTERM (``ray job stop``, a pod ending) and SIGINT (Ctrl-C) end the sweep as an error would.
+
+    The signal raises :class:`SweepStopped` where the driver is (between units): scheduling stops,
+    the ``finally`` blocks end the workers, clear any autoscaler request and release the output
+    directory, and the finished units stay for a rerun. Only the first signal counts, so that the
+    clean-up is not cut short by a second one. Main thread only (where Python delivers signals);
+    :meth:`arm` again after ``ray.init``, which installs a SIGTERM handler of its own (``sys.exit``).
+    """
+
+    def __init__(self):
+        self.caught: list[int] = []
+        self.before: dict = {}
+
+    def _stop(self, signum, _frame):
+        if self.caught:
+            return  # cleaning up after the first one
+        self.caught.append(signum)
+        raise SweepStopped(f"stopped by {signal.Signals(signum).name}: the finished units are kept; run the "
+                           "same command again to resume", 128 + signum)
+
+    def arm(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous = signal.signal(sig, self._stop)
+                self.before.setdefault(sig, previous)
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[_StopOnSignals]:
+        self.arm()
+        try:
+            yield self
+        finally:
+            for sig, handler in self.before.items():
+                signal.signal(sig, handler)
+
+
 def run_sweep(
     config: SweepConfig,
     *,
@@ -112,9 +152,15 @@ def run_sweep(
 
     ``address``: None/``local`` starts an embedded Ray, ``auto`` or an address joins a
     cluster; an already connected Ray is used as it is. Raises ConfigError first when a path
-    still holds an example's placeholder (``s3://YOUR-BUCKET/...``), SweepError for the rest.
+    still holds an example's placeholder (``s3://YOUR-BUCKET/...``), SweepError for the rest, and
+    :class:`~pixelray.errors.SweepStopped` (a SweepError) after SIGTERM or SIGINT (:class:`_StopOnSignals`).
     """
-    say = log or (lambda msg: None)
+    with _StopOnSignals().armed() as signals:
+        return _run_sweep(config, progress, log or (lambda msg: None), address, signals)
+
+
+def _run_sweep(config: SweepConfig, progress: bool, say: Callable[[str], None], address: str | None,
+               signals: _StopOnSignals) -> SweepResult:
     t_start = time.perf_counter()
     config.check_placeholders()  # ConfigError: an example's s3://YOUR-BUCKET left in a path
     manifest, uris = _check_data(config)
@@ -130,7 +176,8 @@ def run_sweep(
         if telemetry.port:
             say(f"metrics: http://{config.metrics_host}:{telemetry.port}/metrics")
         connect(address)
-        pool = WorkerPool(config, telemetry)
+        signals.arm()  # ray.init has just put its own SIGTERM handler (sys.exit) in place of ours
+        pool = WorkerPool(config, telemetry, say=say)
         pool.call("preflight", list(config.models), config.weights, manifest.num_classes)
         run_dir.start({
             "config_hash": config.config_hash, "config": config.identity(), **versions(), "created": time.time(),
