@@ -8,7 +8,7 @@ GPUs are logical (``num_gpus`` of a node); the workers compute on CPU
 
 - ``grow-then-stuck``: the cluster starts with no GPU; two 1-GPU nodes join while the sweep waits
   (grow); then, on the same cluster, ``gpus = 4`` on those two nodes that cannot grow: the sweep
-  must stop in time (stuck).
+  must stop in time (stuck); then ``gpus = "1..4"`` there: it goes on with two, with a warning (range).
 - ``node-loss``: the node holding the only worker is removed mid-sweep.
 """
 
@@ -69,8 +69,8 @@ def in_thread(cfg):
     return thread, box
 
 
-def cells(out) -> list[dict]:
-    df = pd.read_parquet(Path(out) / "cells.parquet").drop(columns=["pixelray_version", "torch_version"])
+def cells(out, drop=()) -> list[dict]:
+    df = pd.read_parquet(Path(out) / "cells.parquet").drop(columns=["pixelray_version", "torch_version", *drop])
     return json.loads(df.to_json(orient="records"))
 
 
@@ -78,7 +78,8 @@ def grow_then_stuck(data, out, models):
     """``grow``, then ``stuck`` on the same cluster (one cluster start for both)."""
     cluster = CLUSTERS[0] = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     ray.init(address=cluster.address, log_to_driver=False)
-    thread, box = in_thread(config(data, models, out + "-grow", device="cuda", gpus="all", placement_timeout=120))
+    thread, box = in_thread(config(data, models, out + "-grow", size=600, device="cuda", gpus="all",
+                                   placement_timeout=120))
     time.sleep(4)  # the sweep has started and waits for a GPU
     started_waiting = "result" not in box and "error" not in box
     gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1).node_id for _ in range(2)]
@@ -93,7 +94,21 @@ def grow_then_stuck(data, out, models):
         error = None
     except SweepError as exc:
         error = str(exc)
-    return {"grow": grown, "stuck": {"error": error, "seconds": time.monotonic() - start}}
+    stuck = {"error": error, "seconds": time.monotonic() - start}
+    # and as a range, at least one of up to four: goes on with the two it gets, saying so; the same rows
+    said: list[str] = []
+    try:
+        ranged = run_sweep(config(data, models, out + "-range", LONG_GRID, 600, device="cuda", gpus="1..4",
+                                  placement_timeout=5), progress=False, log=said.append)
+        error = None
+    except SweepError as exc:
+        ranged, error = None, str(exc)
+    # LONG_GRID holds GRID's cells: their rows are grow's (but the config hash: the grids differ)
+    same = ranged is not None and [r for r in cells(out + "-range", drop=["config_hash"])
+                                   if r["cell_id"] in {g["cell_id"] for g in cells(out + "-grow")}] == cells(
+        out + "-grow", drop=["config_hash"])
+    ranged = {"error": error, "said": said, "stats": ranged.stats if ranged else None, "same_cells": same}
+    return {"grow": grown, "stuck": stuck, "range": ranged}
 
 
 def node_loss(data, out, models):

@@ -68,6 +68,19 @@ def test_more_gpus_than_the_cluster_can_give_stop_with_a_clear_message(grow_then
 
 
 @pytest.mark.slow
+def test_a_range_of_gpus_goes_on_with_what_the_cluster_gives_saying_so(grow_then_stuck):
+    got = grow_then_stuck["range"]
+    assert got["error"] is None, got
+    workers = got["stats"]["workers"]
+    assert len(workers["used"]) == 2 and workers["given_up"] == 2, workers  # the two GPUs there were, two given up
+    warnings = [line for line in got["said"] if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "\n" not in warnings[0], got["said"]
+    assert re.match(r"warning: \[run\] gpus = '1\.\.4': 2 worker\(s\) not placed within 5 s .*going on with 2 placed$",
+                    warnings[0]), warnings
+    assert got["same_cells"]  # the rows of the sweep that had every GPU it asked for
+
+
+@pytest.mark.slow
 def test_a_node_lost_mid_sweep_changes_nothing():
     got = cluster_runs.result()["node-loss"]
     assert got["error"] is None and not got["finished_early"] and got["victim_was_a_worker_node"], got

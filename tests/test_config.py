@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from pixelray.config.sweep import ConfigError, Filter, load_config, parse_config
+from pixelray.config.sweep import ConfigError, Filter, gpu_range, load_config, parse_config
 from pixelray.core.spec import PixelChange
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -71,6 +72,9 @@ def test_paper_config_is_tables_6_to_8_on_the_five_models():
         (base(grid={"counts": [4], "channels": [["X"]]}), r"unknown channel 'X'"),
         (base(grid={"counts": [4], "colour": 1}), r"\[grid\] unknown key\(s\) \['colour'\]"),
         (base(run={"device": "tpu"}), r"device = 'tpu': allowed"),
+        *[(base(run={"gpus": bad}), rf"\[run\] gpus = {re.escape(repr(bad))}: must be a number of GPU workers >= 1, "
+           r"a range 'M..N' with 1 <= M <= N") for bad in (0, -2, "3..1", "0..2", "2..", "some")],
+        (base(run={"device": "cpu", "gpus": "1..2"}), r"gpus = '1..2' with device = 'cpu'"),
         (base(bogus={}), r"unknown key\(s\) \['bogus'\]"),
         ({k: v for k, v in base().items() if k != "grid"}, "no grid"),
         ({k: v for k, v in base().items() if k != "output"}, "no output directory"),
@@ -79,6 +83,13 @@ def test_paper_config_is_tables_6_to_8_on_the_five_models():
 def test_invalid_configs_are_refused_with_key_value_and_fix(raw, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(raw)
+
+
+@pytest.mark.parametrize(("gpus", "fewest_most"), [(1, (1, 1)), (4, (4, 4)), ("2..5", (2, 5)), (" 1 .. 1 ", (1, 1)),
+                                                   ("all", (1, None))])
+def test_gpus_is_a_number_a_range_or_all(gpus, fewest_most):
+    cfg = parse_config(base(run={"gpus": gpus}))
+    assert cfg.gpus == gpus and gpu_range(cfg.gpus) == fewest_most
 
 
 def test_a_cell_larger_than_the_images_is_refused_at_planning():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -110,8 +111,8 @@ class SweepConfig:
     batch_size: int = 64
     device: str = "auto"
     workers: int | None = None  # CPU workers
-    gpus: int | str | None = None  # GPU workers: a number, or "all" (one per GPU as the cluster grows)
-    placement_timeout: float = 600.0  # seconds a worker may wait for its resources before the sweep stops
+    gpus: int | str | None = None  # GPU workers: N, "M..N" (at least M, up to N) or "all" (see gpu_range)
+    placement_timeout: float = 600.0  # seconds a worker may wait to be placed: then given up, or the sweep stops
     threads: int | None = None
     amp: bool | str = False  # autocast: True (fp16 on CUDA, bf16 on CPU), "bf16" or "fp16"
     metrics_port: int | None = None
@@ -404,7 +405,7 @@ def _run_fields(raw: dict, source: str) -> dict[str, Any]:
     return {
         "device": device,
         "workers": get_value(run, "workers", "run", int, None),
-        "gpus": get_value(run, "gpus", "run", (int, str), None, fix="a number of GPUs, or 'all'"),
+        "gpus": get_value(run, "gpus", "run", (int, str), None, fix="a number of GPUs, 'M..N' or 'all'"),
         "placement_timeout": get_value(run, "placement_timeout", "run", (int, float), 600.0, fix="seconds, e.g. 600"),
         "threads": get_value(run, "threads", "run", int, None),
         "amp": _amp(get_value(run, "amp", "run", (bool, str), False, fix="true, false, 'bf16' or 'fp16'")),
@@ -417,6 +418,27 @@ def _run_fields(raw: dict, source: str) -> dict[str, Any]:
     }
 
 
+_GPU_RANGE = re.compile(r"^\s*(\d+)\s*\.\.\s*(\d+)\s*$")
+
+
+def gpu_range(gpus: int | str) -> tuple[int, int | None]:
+    """``[run] gpus`` as (the fewest GPU workers the sweep goes on with, the most it runs; None: as many as
+    the cluster gives). ``N``: exactly N; ``"M..N"``: at least M, up to N; ``"all"``: at least one.
+
+        >>> gpu_range(4), gpu_range("1..3"), gpu_range("all")
+        ((4, 4), (1, 3), (1, None))
+    """
+    if gpus == "all":
+        return 1, None
+    if is_int(gpus):
+        if gpus >= 1:
+            return gpus, gpus
+    elif isinstance(gpus, str) and (m := _GPU_RANGE.match(gpus)) and 1 <= int(m[1]) <= int(m[2]):
+        return int(m[1]), int(m[2])
+    raise ConfigError(f"[run] gpus = {gpus!r}: must be a number of GPU workers >= 1, a range 'M..N' with "
+                      "1 <= M <= N (at least M, up to N), or 'all' (as many as the cluster gives)")
+
+
 def _check_run(fields: dict[str, Any]) -> None:
     """The ``[run]`` values (from the file or the command line): positive counts, a real port."""
     for key in ("workers", "threads", "cells_per_pass"):
@@ -424,8 +446,8 @@ def _check_run(fields: dict[str, Any]) -> None:
         if value is not None and (not is_int(value) or value < 1):
             raise ConfigError(f"[run] {key} = {value!r}: must be an integer >= 1, or omit it for the default")
     gpus = fields["gpus"]
-    if gpus is not None and gpus != "all" and (not is_int(gpus) or gpus < 1):
-        raise ConfigError(f"[run] gpus = {gpus!r}: must be an integer >= 1 or 'all' (one worker per GPU)")
+    if gpus is not None:
+        gpu_range(gpus)
     if gpus is not None and fields["device"] == "cpu":
         raise ConfigError(f"[run] gpus = {gpus!r} with device = 'cpu': GPU workers need device 'cuda' or 'auto'")
     timeout = fields["placement_timeout"]

@@ -190,7 +190,7 @@ def _run_sweep(config: SweepConfig, progress: bool, say: Callable[[str], None], 
         counts = run_cells(ctx, clean, eval_ids)
         attacks = [run_attack(ctx, clean, attack) for attack in config.attacks]
         telemetry.close_bar()
-        ctx.stats["workers"] = {"used": pool.used, "restarts": pool.restarts}
+        ctx.stats["workers"] = {"used": pool.used, "restarts": pool.restarts, "given_up": pool.given_up}
         pool.shutdown()
         result = _write_results(ctx, clean, eval_ids, counts, attacks, t_start)
         telemetry.close(linger=config.metrics_linger)

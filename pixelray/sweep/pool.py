@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pixelray.config.sweep import SweepConfig
+from pixelray.config.sweep import SweepConfig, gpu_range
 from pixelray.cpu_memory import worker_env
 from pixelray.engine.units import Unit
 from pixelray.engine.worker import ModelWorker
@@ -167,11 +167,13 @@ class WorkerPool:
     """ModelWorker actors, each with up to ``depth`` units in flight (the second one prefetches).
 
     GPU workers (``device`` cuda, or auto with GPUs or ``[run] gpus``) reserve one GPU each:
-    ``gpus = N`` keeps N, ``gpus = "all"`` one per GPU the cluster has, growing with it. The
-    autoscaler is asked for what is missing (``request_resources``). CPU workers reserve the
-    cores they compute on (``num_cpus`` = their torch threads). A worker gets units only once
-    placed (its ``ping`` answered); one still unplaced after ``placement_timeout`` seconds stops
-    the sweep with the resources asked for and those the cluster has.
+    ``gpus = N`` runs N, ``"M..N"`` up to N and ``"all"`` one per GPU free for it, growing as GPUs
+    appear (up to what the autoscaler can add, where it publishes that). The autoscaler is asked
+    only through the workers waiting to be placed (their demand; nothing outlives the driver). CPU
+    workers reserve the cores they compute on (``num_cpus`` = their torch threads). A worker gets
+    units only once placed (its ``ping`` answered); one still unplaced after ``placement_timeout``
+    seconds is given up with a one-line warning while at least the fewest (M; N for ``gpus = N``; all
+    CPU workers) are placed, else the sweep stops with the resources asked for and those the cluster has.
     """
 
     def __init__(self, config: SweepConfig, telemetry: SweepTelemetry, depth: int = 2,
@@ -179,17 +181,22 @@ class WorkerPool:
         import ray
 
         resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        device, note = choose_device(config.device, config.gpus, gpu_outlook(), config.placement_timeout)
-        if note and say is not None:
-            say(note)
+        outlook = gpu_outlook()
+        device, note = choose_device(config.device, config.gpus, outlook, config.placement_timeout)
+        self.say = say or (lambda msg: None)
+        if note:
+            self.say(note)
         self.device = device
         self.gpus = (config.gpus or "all") if device == "cuda" else None
+        self.workers: list[_Worker] = []
         cpus = int(resources.get("CPU", 1))
         if device == "cuda":
-            n = self._gpu_target(gpus)
+            self.fewest, self.most = gpu_range(self.gpus)
+            if self.most is None and outlook.can_come:
+                self.most = outlook.most  # "all" on an autoscaling cluster: every GPU it can add
+            n = self._gpu_target()
         else:
-            n = config.workers or 1
+            n = self.fewest = self.most = config.workers or 1
         threads = config.threads or max(1, cpus // n)
         self.options = dict(
             num_gpus=1 if device == "cuda" else 0,
@@ -209,19 +216,23 @@ class WorkerPool:
         self.telemetry = telemetry
         self._serial = 0
         self.restarts = 0  # workers replaced after dying
+        self.given_up = 0  # workers never placed within the timeout, given up while enough others work
+        self._grow_after = 0.0  # monotonic time before which "all" does not spawn again (after a give-up)
         self.used: dict[str, dict] = {}  # every worker placed, by name: node, device (for stats.json)
-        self.workers: list[_Worker] = []
         self._grow(n)
 
-    def _gpu_target(self, gpus_now: int) -> int:
-        return self.gpus if isinstance(self.gpus, int) else max(1, gpus_now)
+    def _gpu_target(self) -> int:
+        """How many GPU workers to have: the most asked for, or for "all" one per GPU free for us now
+        (the GPUs our placed workers hold and those nobody holds; never fewer than one)."""
+        if self.most is not None:
+            return self.most
+        import ray
+
+        free = int(ray.available_resources().get("GPU", 0))
+        return max(1, len(self.placed) + free)
 
     def _grow(self, n: int) -> None:
-        """Spawn workers up to ``n``; for GPU workers, ask the autoscaler for ``n`` GPUs."""
-        if self.device == "cuda":
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=[{"GPU": 1}] * n)
+        """Spawn workers up to ``n``: those that cannot be placed yet are the autoscaler's demand."""
         while len(self.workers) < n:
             self.workers.append(self._spawn())
 
@@ -259,19 +270,32 @@ class WorkerPool:
                     self.used[w.name] = {"node": w.node, "device": self.args["device"], "reserves": self.reserves}
                 except RayActorError:  # it died being built (its node went away): build another
                     self.replace(w)
-        if self.gpus == "all":
-            self._grow(self._gpu_target(int(ray.cluster_resources().get("GPU", 0))))
+        if self.gpus is not None and self.most is None and time.monotonic() >= self._grow_after:
+            self._grow(self._gpu_target())  # "all" without an autoscaler's word: follow the free GPUs
         late = [w for w in self.workers if not w.placed and time.monotonic() - w.spawned > self.timeout]
-        if late:
-            asked = self.reserves
-            have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-            free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
-            what = f"[run] gpus = {self.gpus!r}" if self.device == "cuda" else f"{len(self.workers)} CPU worker(s)"
+        if not late:
+            return
+        asked = self.reserves
+        have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        what = f"[run] gpus = {self.gpus!r}" if self.device == "cuda" else f"{len(self.workers)} CPU worker(s)"
+        if len(self.placed) < self.fewest:
             raise SweepError(
                 f"{what}: {len(late)} of {len(self.workers)} workers could not be placed within {self.timeout:g} s "
                 f"(each asks for {asked}; the cluster has {have}, {free} free); add nodes, ask for fewer workers "
                 "or threads, or raise [run] placement_timeout"
             )
+        for w in late:  # enough others work: go on without them
+            self.workers.remove(w)
+            ray.kill(w.handle, no_restart=True)
+            self.given_up += 1
+        self._grow_after = time.monotonic() + self.timeout
+        if self.most is not None:
+            self.most = len(self.workers)  # a range's upper end that the cluster cannot give: not asked again
+        self.say(f"warning: {what}: {len(late)} worker(s) not placed within {self.timeout:g} s (each asks for "
+                 f"{asked}; the cluster has {have}, {free} free): going on with {len(self.placed)} placed"
+                 + (f" and {len(self.workers) - len(self.placed)} waiting" if len(self.workers) > len(self.placed)
+                    else ""))
 
     def wait_placed(self) -> _Worker:
         """The first placed worker, waiting (and polling) for one."""
@@ -308,10 +332,6 @@ class WorkerPool:
         for w in self.workers:
             ray.kill(w.handle, no_restart=True)
         self.workers = []
-        if self.device == "cuda":
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=[])  # let the autoscaler scale down
 
 
 def schedule(
