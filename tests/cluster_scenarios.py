@@ -97,9 +97,12 @@ def grow_then_stuck(data, out, models):
     stuck = {"error": error, "seconds": time.monotonic() - start}
     # and as a range, at least one of up to four: goes on with the two it gets, saying so; the same rows
     said: list[str] = []
+    deadline = time.monotonic() + 120  # the stuck run's workers gone: both GPUs free for the two that can start
+    while ray.available_resources().get("GPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
     try:
         ranged = run_sweep(config(data, models, out + "-range", LONG_GRID, 600, device="cuda", gpus="1..4",
-                                  placement_timeout=5), progress=False, log=said.append)
+                                  placement_timeout=8), progress=False, log=said.append)
         error = None
     except SweepError as exc:
         ranged, error = None, str(exc)

@@ -12,6 +12,7 @@ at once with that error's message.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -29,6 +30,8 @@ from pixelray.telemetry import SweepTelemetry
 
 __all__ = ["DEVICE_OVERRIDE", "MAX_UNIT_FAILURES", "GpuOutlook", "WorkerPool", "cause", "choose_device", "connect",
            "gpu_outlook", "reserved_cpus", "schedule"]
+
+_WORKER_SERIAL = itertools.count(1)
 
 #: How many worker deaths one unit may see before the sweep stops.
 MAX_UNIT_FAILURES = 3
@@ -173,7 +176,8 @@ class WorkerPool:
     workers reserve the cores they compute on (``num_cpus`` = their torch threads). A worker gets
     units only once placed (its ``ping`` answered); one still unplaced after ``placement_timeout``
     seconds is given up with a one-line warning while at least the fewest (M; N for ``gpus = N``; all
-    CPU workers) are placed, else the sweep stops with the resources asked for and those the cluster has.
+    CPU workers) are placed or still within their own timeout (a replacement's starts when it is
+    spawned), else the sweep stops with the resources asked for and those the cluster has.
     """
 
     def __init__(self, config: SweepConfig, telemetry: SweepTelemetry, depth: int = 2,
@@ -214,7 +218,6 @@ class WorkerPool:
         self.depth = depth
         self.timeout = config.placement_timeout
         self.telemetry = telemetry
-        self._serial = 0
         self.restarts = 0  # workers replaced after dying
         self.given_up = 0  # workers never placed within the timeout, given up while enough others work
         self._grow_after = 0.0  # monotonic time before which "all" does not spawn again (after a give-up)
@@ -239,8 +242,9 @@ class WorkerPool:
     def _spawn(self) -> _Worker:
         import ray
 
-        self._serial += 1
-        name = f"pixelray-worker-{os.getpid()}-{self._serial}"
+        # numbered across the pools of this process: a sweep right after another must not reuse the name of an
+        # actor that Ray is still ending (creating the new one would fail, and the worker be replaced)
+        name = f"pixelray-worker-{os.getpid()}-{next(_WORKER_SERIAL)}"
         handle = ray.remote(ModelWorker).options(name=name, **self.options).remote(**self.args)
         return _Worker(handle, name, handle.ping.remote(), time.monotonic())
 
@@ -279,7 +283,7 @@ class WorkerPool:
         have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
         what = f"[run] gpus = {self.gpus!r}" if self.device == "cuda" else f"{len(self.workers)} CPU worker(s)"
-        if len(self.placed) < self.fewest:
+        if len(self.workers) - len(late) < self.fewest:  # the placed and the younger (a replacement has its own time)
             raise SweepError(
                 f"{what}: {len(late)} of {len(self.workers)} workers could not be placed within {self.timeout:g} s "
                 f"(each asks for {asked}; the cluster has {have}, {free} free); add nodes, ask for fewer workers "
