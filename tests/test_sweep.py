@@ -273,7 +273,7 @@ DEVICE_CASES = [
 
 @pytest.mark.parametrize(("device", "gpus", "outlook", "chosen", "words"), DEVICE_CASES)
 def test_the_device_follows_what_the_cluster_has_and_can_get(device, gpus, outlook, chosen, words):
-    from pixelray.sweep.pool import GpuOutlook, choose_device
+    from pixelray.sweep.devices import GpuOutlook, choose_device
 
     if chosen is SweepError:
         with pytest.raises(SweepError, match=re.escape(words)) as err:
@@ -292,7 +292,7 @@ def test_cuda_on_an_embedded_ray_without_a_gpu_fails_at_once_in_one_line(ray_loc
     from typer.testing import CliRunner
 
     from pixelray.cli import app
-    from pixelray.sweep.pool import GpuOutlook, gpu_outlook
+    from pixelray.sweep.devices import GpuOutlook, gpu_outlook
 
     assert gpu_outlook() == GpuOutlook(now=0, most=None, embedded=True)
     raw = {"data": {"path": synthetic_dataset}, "models": {"names": tiny_checkpoints[:1], "weights": "none"},
