@@ -44,9 +44,9 @@ Layout of an output directory::
 
 The attack's tables are described in :mod:`pixelray.sweep.attack_results`. The modules:
 ``driver`` (run_sweep: the order of things), ``context`` (what the phases share, and
-how units are resumed or run), ``pool`` (workers, scheduling, retries), ``devices`` (which device, from what the
-cluster has and can get), ``clean``,
-``cells``, ``attack`` (the phases), ``results`` and ``attack_results`` (the tables).
+how units are resumed or run), ``pool`` (workers, scheduling, retries), ``devices`` (the
+device, from what the cluster has and can get), ``clean``, ``cells``, ``attack`` (the
+phases), ``results`` and ``attack_results`` (the tables).
 """
 
 from pixelray.errors import SweepError, SweepStopped
