@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pixelray.config.sweep import ConfigError, Filter, gpu_range, load_config, parse_config
+from pixelray.config.run import gpu_range
+from pixelray.config.sweep import ConfigError, Filter, load_config, parse_config
 from pixelray.core.spec import PixelChange
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"

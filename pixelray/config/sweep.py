@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from pixelray.config.attack import AttackConfig, Keep
+from pixelray.config.run import check_run, run_fields
 from pixelray.config.tomlcheck import ConfigError, check_keys, check_placeholder, get_value, int_list, read_toml
-from pixelray.core.check import is_int
 from pixelray.core.spec import CORRUPTIONS, PIXEL_CHANGE, Cell, Corruption, PixelChange, parse_channels
 
 __all__ = [
@@ -111,7 +110,7 @@ class SweepConfig:
     batch_size: int = 64
     device: str = "auto"
     workers: int | None = None  # CPU workers
-    gpus: int | str | None = None  # GPU workers: N, "M..N" (at least M, up to N) or "all" (see gpu_range)
+    gpus: int | str | None = None  # GPU workers: N, "M..N" (at least M, up to N) or "all" (config.run.gpu_range)
     placement_timeout: float = 600.0  # seconds a worker may wait to be placed: then given up, or the sweep stops
     threads: int | None = None
     amp: bool | str = False  # autocast: True (fp16 on CUDA, bf16 on CPU), "bf16" or "fp16"
@@ -242,13 +241,6 @@ def _weights(value: Any, names: tuple[str, ...]) -> str | None:
     return None if label == "none" else label
 
 
-def _amp(value: bool | str) -> bool | str:
-    """``[run] amp``: false, true (fp16 on CUDA, bf16 on CPU), 'bf16' or 'fp16'."""
-    if isinstance(value, str) and value not in ("bf16", "fp16"):
-        raise ConfigError(f"[run] amp = {value!r}: allowed: true, false, 'bf16', 'fp16'")
-    return value
-
-
 def _attack(table: dict, where: str) -> AttackConfig:
     kind = get_value(table, "kind", where, str, fix="e.g. kind = 'fgsm'")
     eps = get_value(table, "eps", where, list, [1, 2, 4, 8],
@@ -278,12 +270,12 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
         "experiments": _experiments(raw, source),
         "attacks": _attacks(raw, source),
         **_output_fields(raw, source),
-        **_run_fields(raw, source),
+        **run_fields(raw, source),
     }
     for key, value in (overrides or {}).items():
         if value is not None:
             fields[key] = value
-    _check_run(fields)
+    check_run(fields)
     if fields["save_adversarial"] and not fields["attacks"]:
         raise ConfigError(f"{source}: save_adversarial = {fields['save_adversarial']!r} but there is no [attack] "
                           "section; add [attack] kind = 'fgsm' or drop the option")
@@ -389,80 +381,6 @@ def _output_fields(raw: dict, source: str) -> dict[str, Any]:
     output_dir = get_value(out, "dir", "output", str, None)
     save_adversarial = get_value(out, "save_adversarial", "output", str, None, fix="a directory for adversarial shards")
     return {"output_dir": output_dir, "save_adversarial": save_adversarial}
-
-
-_RUN_KEYS = {"device", "workers", "gpus", "placement_timeout", "threads", "amp", "metrics_port", "metrics_host",
-             "metrics_linger", "cells_per_pass", "cuda_graphs", "huge_pages"}
-
-
-def _run_fields(raw: dict, source: str) -> dict[str, Any]:
-    """``[run]``: device, workers and the rest, typed here; their ranges are :func:`_check_run`'s."""
-    run = get_value(raw, "run", source, dict, {})
-    check_keys(run, _RUN_KEYS, "run")
-    device = get_value(run, "device", "run", str, "auto")
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"[run] device = {device!r}: allowed: 'auto', 'cpu', 'cuda'")
-    return {
-        "device": device,
-        "workers": get_value(run, "workers", "run", int, None),
-        "gpus": get_value(run, "gpus", "run", (int, str), None, fix="a number of GPUs, 'M..N' or 'all'"),
-        "placement_timeout": get_value(run, "placement_timeout", "run", (int, float), 600.0, fix="seconds, e.g. 600"),
-        "threads": get_value(run, "threads", "run", int, None),
-        "amp": _amp(get_value(run, "amp", "run", (bool, str), False, fix="true, false, 'bf16' or 'fp16'")),
-        "metrics_port": get_value(run, "metrics_port", "run", int, None),
-        "metrics_host": get_value(run, "metrics_host", "run", str, "127.0.0.1"),
-        "metrics_linger": get_value(run, "metrics_linger", "run", (int, float), 5.0),
-        "cells_per_pass": get_value(run, "cells_per_pass", "run", int, 1),
-        "cuda_graphs": get_value(run, "cuda_graphs", "run", bool, False),
-        "huge_pages": get_value(run, "huge_pages", "run", bool, True),
-    }
-
-
-_GPU_RANGE = re.compile(r"^\s*(\d+)\s*\.\.\s*(\d+)\s*$")
-
-
-def gpu_range(gpus: int | str) -> tuple[int, int | None]:
-    """``[run] gpus`` as (the fewest GPU workers the sweep goes on with, the most it runs; None: as many as
-    the cluster gives). ``N``: exactly N; ``"M..N"``: at least M, up to N; ``"all"``: at least one.
-
-        >>> gpu_range(4), gpu_range("1..3"), gpu_range("all")
-        ((4, 4), (1, 3), (1, None))
-    """
-    if gpus == "all":
-        return 1, None
-    if is_int(gpus):
-        if gpus >= 1:
-            return gpus, gpus
-    elif isinstance(gpus, str) and (m := _GPU_RANGE.match(gpus)) and 1 <= int(m[1]) <= int(m[2]):
-        return int(m[1]), int(m[2])
-    raise ConfigError(f"[run] gpus = {gpus!r}: must be a number of GPU workers >= 1, a range 'M..N' with "
-                      "1 <= M <= N (at least M, up to N), or 'all' (as many as the cluster gives)")
-
-
-def _check_run(fields: dict[str, Any]) -> None:
-    """The ``[run]`` values (from the file or the command line): positive counts, a real port."""
-    for key in ("workers", "threads", "cells_per_pass"):
-        value = fields[key]
-        if value is not None and (not is_int(value) or value < 1):
-            raise ConfigError(f"[run] {key} = {value!r}: must be an integer >= 1, or omit it for the default")
-    gpus = fields["gpus"]
-    if gpus is not None:
-        gpu_range(gpus)
-    if gpus is not None and fields["device"] == "cpu":
-        raise ConfigError(f"[run] gpus = {gpus!r} with device = 'cpu': GPU workers need device 'cuda' or 'auto'")
-    timeout = fields["placement_timeout"]
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
-        raise ConfigError(f"[run] placement_timeout = {timeout!r}: must be a number of seconds > 0")
-    if fields["cuda_graphs"] and fields["device"] == "cpu":
-        raise ConfigError("[run] cuda_graphs = true needs a CUDA device, but device = 'cpu'; drop cuda_graphs "
-                          "(with device = 'auto' it applies only where the workers have a GPU)")
-    port = fields["metrics_port"]
-    if port is not None and (not is_int(port) or not 0 <= port <= 65535):
-        raise ConfigError(f"[run] metrics_port = {port!r}: must be in 0..65535 (0 = any free port)")
-    linger = fields["metrics_linger"]
-    if isinstance(linger, bool) or not isinstance(linger, (int, float)) or not 0 <= linger < float("inf"):
-        raise ConfigError(f"[run] metrics_linger = {linger!r}: must be a number of seconds >= 0 "
-                          "(--metrics-linger)")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:

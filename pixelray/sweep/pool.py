@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pixelray.config.sweep import SweepConfig, gpu_range
+from pixelray.config.run import gpu_range
+from pixelray.config.sweep import SweepConfig
 from pixelray.cpu_memory import worker_env
 from pixelray.engine.units import Unit
 from pixelray.engine.worker import ModelWorker
