@@ -1,1 +1,2 @@
-"""Configs: TOML files -> frozen, validated dataclasses (the sweep, its ``[run]`` section, its attacks, the fine-tune)."""
+"""Configs: TOML files -> frozen, validated dataclasses (the sweep, its ``[run]`` section, its attacks,
+the fine-tune)."""
