@@ -107,9 +107,9 @@ def _start_telemetry(config: SweepConfig, progress: bool) -> SweepTelemetry:
 class _StopOnSignals:
     """SIGTERM (``ray job stop``, a pod ending) and SIGINT (Ctrl-C) end the sweep as an error would.
 
-    The signal raises :class:`SweepStopped` where the driver is (between units): scheduling stops,
-    the ``finally`` blocks end the workers, clear any autoscaler request and release the output
-    directory, and the finished units stay for a rerun. Only the first signal counts, so that the
+    The signal raises :class:`SweepStopped` where the driver is (waiting on its workers): scheduling
+    stops, the ``finally`` blocks end the workers and release the output directory, and the finished
+    units stay for a rerun. Only the first signal counts, so that the
     clean-up is not cut short by a second one. Main thread only (where Python delivers signals);
     :meth:`arm` again after ``ray.init``, which installs a SIGTERM handler of its own (``sys.exit``).
     """

@@ -169,8 +169,8 @@ class WorkerPool:
     def _spawn(self) -> _Worker:
         import ray
 
-        # numbered across the pools of this process: a sweep right after another must not reuse the name of an
-        # actor that Ray is still ending (creating the new one would fail, and the worker be replaced)
+        # numbered across the pools of this process: a sweep right after another never names a worker after
+        # one that Ray may still be ending
         name = f"pixelray-worker-{os.getpid()}-{next(_WORKER_SERIAL)}"
         handle = ray.remote(ModelWorker).options(name=name, **self.options).remote(**self.args)
         return _Worker(handle, name, handle.ping.remote(), time.monotonic())
