@@ -588,3 +588,26 @@ def test_cli_weights_bad_arguments(args, offline, torch_home):
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert offline == []
 
+
+
+def test_checkpoints_of_built_in_bases_load_and_check_without_torchvision(synthetic_dataset, tiny_checkpoints):
+    """torchvision costs ~1.5 CPU-s to import (torchvision.ops pulls in torch._dynamo): a driver that checks a
+    sweep of tiny-CNN checkpoints and a worker that loads them never import it; a torchvision name does."""
+    import subprocess
+
+    spec = tiny_checkpoints[0]
+    code = textwrap.dedent(f"""
+        import sys
+        from pixelray.config.sweep import parse_config
+        from pixelray.engine.worker import ModelWorker
+        parse_config({{"data": {{"path": {str(synthetic_dataset)!r}}}, "models": {{"names": [{spec!r}],
+                      "weights": "none"}}, "grid": {{"counts": [4]}}, "output": {{"dir": "unused"}}}})
+        ModelWorker(device="cpu", threads=1).preflight([{spec!r}], None, 10)
+        before = "torchvision" in sys.modules
+        from pixelray.models import load_model
+        load_model("squeezenet1_1", weights="none", num_classes=10)
+        print(before, "torchvision" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True"], done.stdout
