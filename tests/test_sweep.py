@@ -254,20 +254,27 @@ def test_cpu_workers_reserve_the_cores_they_use(ray_local, synthetic_dataset, ti
 # The rules, as the cluster issue states them: GPUs present are used; where the autoscaler can add GPU nodes,
 # auto and cuda wait for them; where none can ever come, cuda fails at once and auto computes on CPU, saying so.
 DEVICE_CASES = [
-    # device, gpus, (now, most, embedded) -> device, words of the note (None: no note) or the error
+    # device, gpus, (now, most, embedded[, autoscaler]) -> device, words of the note (None: no note) or the error
     ("cpu", None, (0, None, True), "cpu", None),
     ("cpu", None, (4, 8, False), "cpu", None),
     ("auto", None, (2, None, False), "cuda", None),
     ("cuda", 3, (1, None, False), "cuda", None),
     ("auto", None, (0, 8, False), "cuda", "waiting for the autoscaler to add GPU nodes (up to 8 GPUs"),
     ("cuda", None, (0, 8, False), "cuda", "waiting for the autoscaler to add GPU nodes (up to 8 GPUs"),
-    ("auto", "all", (0, 3, False), "cuda", "[run] gpus = 'all': no GPU in the cluster yet"),
+    ("auto", "all", (0, 3, False), "cuda", "[run] device = 'auto', gpus = 'all': no GPU in the cluster yet"),
     ("auto", None, (0, None, True), "cpu", "embedded Ray (no cluster, no autoscaler) has no GPU: computing on CPU"),
     ("auto", None, (0, 0, False), "cpu", "its autoscaler has no GPU node type: computing on CPU"),
     ("auto", None, (0, None, False), "cpu", "the Ray cluster has no GPU now: computing on CPU"),
     ("cuda", None, (0, None, False), "cuda", "waiting up to 600 s ([run] placement_timeout)"),
     ("cuda", None, (0, None, True), SweepError, "[run] device = 'cuda': this embedded Ray"),
-    ("auto", 2, (0, 0, False), SweepError, "[run] gpus = 2: the Ray cluster has no GPU and its autoscaler has no GPU"),
+    # auto never fails for want of a GPU: [run] gpus sizes the pool only where it is on GPUs
+    ("auto", 2, (0, 0, False), "cpu", "[run] device = 'auto', gpus = 2: the Ray cluster has no GPU and its autoscaler"),
+    ("auto", "1..8", (0, None, True), "cpu", "gpus = '1..8': this embedded Ray (no cluster, no autoscaler) has no"),
+    ("cuda", 2, (0, 0, False), SweepError, "[run] device = 'cuda', gpus = 2: the Ray cluster has no GPU and its"),
+    # an autoscaler that runs but does not publish its node types (v1): the pending workers ask
+    ("auto", None, (0, None, False, True), "cuda", "GPU nodes (it does not say how many it can add; [run] placement"),
+    ("auto", "1..3", (0, None, False, True), "cuda", "gpus = '1..3': no GPU in the cluster yet; waiting"),
+    ("cuda", None, (0, None, True, True), SweepError, "[run] device = 'cuda': this embedded Ray"),
 ]
 
 

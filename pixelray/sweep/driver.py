@@ -122,8 +122,12 @@ class _StopOnSignals:
         if self.caught:
             return  # cleaning up after the first one
         self.caught.append(signum)
-        raise SweepStopped(f"stopped by {signal.Signals(signum).name}: the finished units are kept; run the "
-                           "same command again to resume", 128 + signum)
+        raise self.stopped()
+
+    def stopped(self) -> SweepStopped:
+        signum = self.caught[0]
+        return SweepStopped(f"stopped by {signal.Signals(signum).name}: the finished units are kept; run the "
+                            "same command again to resume", 128 + signum)
 
     def arm(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -156,7 +160,15 @@ def run_sweep(
     :class:`~pixelray.errors.SweepStopped` (a SweepError) after SIGTERM or SIGINT (:class:`_StopOnSignals`).
     """
     with _StopOnSignals().armed() as signals:
-        return _run_sweep(config, progress, log or (lambda msg: None), address, signals)
+        try:
+            return _run_sweep(config, progress, log or (lambda msg: None), address, signals)
+        except SweepStopped:
+            raise
+        except BaseException:
+            # raised inside Ray's compiled code (ray.wait), the stop arrives as a SystemError around it
+            if signals.caught:
+                raise signals.stopped() from None
+            raise
 
 
 def _run_sweep(config: SweepConfig, progress: bool, say: Callable[[str], None], address: str | None,

@@ -125,6 +125,9 @@ class WorkerPool:
             self.fewest, self.most = gpu_range(self.gpus)
             if self.most is None and outlook.can_come:
                 self.most = outlook.most  # "all" on an autoscaling cluster: every GPU it can add
+                if self.most is None:
+                    self.say("[run] gpus = 'all': the autoscaler does not publish how many GPUs it can add: one "
+                             "worker per GPU present, from one; set gpus = 'M..N' to have up to N GPU nodes added")
             n = self._gpu_target()
         else:
             n = self.fewest = self.most = config.workers or 1
