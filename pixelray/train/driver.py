@@ -55,6 +55,7 @@ from pixelray.train.loop import (
     skeleton,
     train_loop_per_worker,
 )
+from pixelray.train.shared import check_output_seen
 
 __all__ = ["EPOCHS_SCHEMA", "TrainError", "TrainResult", "prepare_run", "run_train_augment"]
 
@@ -202,17 +203,36 @@ def _versions() -> dict[str, str]:
     return {"pixelray": __version__, "torch": torch.__version__, "ray": ray.__version__}
 
 
-class _Progress:
-    """Prints one line per finished epoch, read from the checkpoints Ray Train persists under RUN_DIR/train."""
+def _epochs_to_driver(queue):
+    """A ``ray.train.UserCallback`` for Ray Train's controller: each epoch's row, as rank 0 reported it,
+    into the driver's queue (defined here: ``ray.train`` is imported only where a fine-tune runs)."""
+    from ray.train import UserCallback
 
-    def __init__(self, prepared: Prepared, say: Callable[[str], None], interval: float = 0.5):
-        self.folder = Path(prepared.run.output_dir).resolve() / _TRAIN_NAME
+    class EpochsToDriver(UserCallback):
+        def __init__(self, queue):
+            self.queue = queue
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0]:
+                self.queue.put(metrics[0])
+
+    return EpochsToDriver(queue)
+
+
+class _Progress:
+    """Prints one line per finished epoch as Ray Train reports it: a ``ray.train.UserCallback`` on the
+    controller hands rank 0's epoch row to this driver through a queue actor (epochs an earlier
+    invocation finished are not reported again: they are not news)."""
+
+    def __init__(self, prepared: Prepared, say: Callable[[str], None]):
+        from ray.util.queue import Queue
+
         self.name, self.epochs = prepared.name, prepared.run.epochs
         change = prepared.run.augment.change
         self.probe = f"n{change.count}" if change is not None else None
-        self.say, self.interval = say, interval
-        self.printed: set[int] = set()
-        self.poll(quiet=True)  # epochs an earlier invocation finished are not news
+        self.say = say
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.callback = _epochs_to_driver(self.queue)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="pixelray-train-progress", daemon=True)
 
@@ -221,25 +241,27 @@ class _Progress:
         return self
 
     def __exit__(self, *exc) -> None:
+        import ray
+        from ray.util.queue import Empty
+
         self._stop.set()
         self._thread.join()
-        self.poll()
+        try:
+            while True:
+                self.say(self.line(self.queue.get_nowait()))
+        except Empty:
+            pass
+        ray.kill(self.queue.actor)
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.poll()
+        from ray.util.queue import Empty
 
-    def poll(self, quiet: bool = False) -> None:
-        for folder in sorted(self.folder.glob("epoch-*"), reverse=True)[:1]:
+        while not self._stop.is_set():
             try:
-                rows = json.loads((folder / CHECKPOINT_HISTORY).read_text())["epochs"]
-            except (OSError, ValueError, KeyError):
-                continue  # still being written
-            for row in rows:
-                if row["epoch"] not in self.printed:
-                    self.printed.add(row["epoch"])
-                    if not quiet:
-                        self.say(self.line(row))
+                row = self.queue.get(timeout=0.5)
+            except Empty:
+                continue
+            self.say(self.line(row))
 
     def line(self, row: dict[str, Any]) -> str:
         aug = row.get("augmented_accuracy")
@@ -261,7 +283,7 @@ def _failure_message(exc: BaseException) -> str:
     return one_line(exc, 400)
 
 
-def _fit(prepared: Prepared, hooks: TrainHooks | None):
+def _fit(prepared: Prepared, hooks: TrainHooks | None, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -278,6 +300,7 @@ def _fit(prepared: Prepared, hooks: TrainHooks | None):
             storage_path=str(Path(run.output_dir).resolve()), name=_TRAIN_NAME,
             failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks or [],
             # huge pages for CPU workers, set where Ray starts them (not in this process)
             worker_runtime_env={"env_vars": worker_env("cuda" if run.use_gpu else "cpu", run.huge_pages)},
         ),
@@ -344,9 +367,9 @@ def _run_one(prepared: Prepared, say, progress: bool, hooks: TrainHooks | None) 
             f"({run.workers} worker{'s' if run.workers > 1 else ''}), {prepared.plan.n_heldout} held out, "
             f"{run.epochs} epochs" + (f"; checkpoints found ({done[-1]}): resuming" if done else ""))
         t0 = time.time()
-        with _Progress(prepared, say) if progress else _nothing():
+        with _Progress(prepared, say) if progress else _nothing() as watch:
             try:
-                result = _fit(prepared, hooks)
+                result = _fit(prepared, hooks, [watch.callback] if progress else None)
             except Exception as exc:  # noqa: BLE001 - Ray Train's errors: worker group or controller
                 raise TrainError(f"{prepared.name}: training failed ({_failure_message(exc)}); rerun the same "
                                  "command to resume from the last checkpoint") from None
@@ -415,6 +438,9 @@ def run_train_augment(
             say(device_line(todo, gpus))
         connect(address)
         check_cluster_gpus(gpus, say)
+        for run in todo:  # a local directory on several nodes: every one must see it (a shared mount)
+            if "://" not in run.output_dir:
+                check_output_seen(run.output_dir)
         if gpus:
             say(device_line(todo, gpus))
     connect_s = time.time() - t0

@@ -50,8 +50,8 @@ def check_local_gpus(needed: int) -> None:
 
 
 def _gpu_ceiling() -> int | None:
-    """The most GPUs the connected cluster's autoscaler may grow to, from the node groups it reports (the
-    check Ray Train itself makes); None when no autoscaler reports any, -1 when that cannot be read."""
+    """The most GPUs the connected cluster's autoscaler may grow to, from the node groups it publishes (the
+    check Ray Train itself makes); None when none are published, -1 when that cannot be read."""
     try:
         from ray._private.state import state
 
@@ -59,6 +59,17 @@ def _gpu_ceiling() -> int | None:
     except Exception:  # noqa: BLE001 - an internal API of Ray: if it moves, wait as Ray Train would
         return -1
     return None if most is None else int(most.get("GPU", 0))
+
+
+def _adds_nodes() -> bool:
+    """An autoscaler that can add nodes runs on the joined cluster, though it does not publish its node types
+    (Ray's v1 autoscaler, the launcher's and KubeRay's default): :func:`pixelray.sweep.devices.autoscaler_runs`."""
+    import ray._private.worker as ray_worker
+
+    from pixelray.sweep.devices import REPORT_WAIT, autoscaler_runs
+
+    node = getattr(ray_worker.global_worker, "node", None)
+    return not (node is not None and node.is_head()) and autoscaler_runs(wait=REPORT_WAIT)
 
 
 def check_cluster_gpus(needed: int, say: Callable[[str], None]) -> None:
@@ -72,6 +83,11 @@ def check_cluster_gpus(needed: int, say: Callable[[str], None]) -> None:
     if have >= needed:
         return
     ceiling = _gpu_ceiling()
+    if ceiling is None and _adds_nodes():
+        say(f"[run] use_gpu = true: the Ray cluster has {have} of the {needed} GPU(s) the workers need; waiting "
+            "for its autoscaler to add GPU nodes (it does not say how many it can add; Ctrl-C to stop; --cpu "
+            "trains on CPU)")
+        return
     if ceiling is not None and (ceiling < 0 or ceiling >= needed):
         say(f"[run] use_gpu = true: the Ray cluster has {have} of the {needed} GPU(s) the workers need; waiting "
             "for its autoscaler to add them (Ctrl-C to stop; --cpu trains on CPU)")
