@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,9 +54,10 @@ from pixelray.train.loop import (
     skeleton,
     train_loop_per_worker,
 )
+from pixelray.train.progress import EpochLines
 from pixelray.train.shared import check_output_seen
 
-__all__ = ["EPOCHS_SCHEMA", "TrainError", "TrainResult", "prepare_run", "run_train_augment"]
+__all__ = ["EPOCHS_SCHEMA", "TrainError", "TrainResult", "prepare_run", "run_train_augment", "side_by_side"]
 
 EPOCHS_SCHEMA = pa.schema([
     ("run", pa.string()), ("aug", pa.string()), ("count", pa.int64()), ("seed", pa.int64()),
@@ -203,76 +203,6 @@ def _versions() -> dict[str, str]:
     return {"pixelray": __version__, "torch": torch.__version__, "ray": ray.__version__}
 
 
-def _epochs_to_driver(queue):
-    """A ``ray.train.UserCallback`` for Ray Train's controller: each epoch's row, as rank 0 reported it,
-    into the driver's queue (defined here: ``ray.train`` is imported only where a fine-tune runs)."""
-    from ray.train import UserCallback
-
-    class EpochsToDriver(UserCallback):
-        def __init__(self, queue):
-            self.queue = queue
-
-        def after_report(self, run_context, metrics, checkpoint):
-            if metrics and metrics[0]:
-                self.queue.put(metrics[0])
-
-    return EpochsToDriver(queue)
-
-
-class _Progress:
-    """Prints one line per finished epoch as Ray Train reports it: a ``ray.train.UserCallback`` on the
-    controller hands rank 0's epoch row to this driver through a queue actor (epochs an earlier
-    invocation finished are not reported again: they are not news)."""
-
-    def __init__(self, prepared: Prepared, say: Callable[[str], None]):
-        from ray.util.queue import Queue
-
-        self.name, self.epochs = prepared.name, prepared.run.epochs
-        change = prepared.run.augment.change
-        self.probe = f"n{change.count}" if change is not None else None
-        self.say = say
-        self.queue = Queue(actor_options={"num_cpus": 0})
-        self.callback = _epochs_to_driver(self.queue)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="pixelray-train-progress", daemon=True)
-
-    def __enter__(self) -> _Progress:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import ray
-        from ray.util.queue import Empty
-
-        self._stop.set()
-        self._thread.join()
-        try:
-            while True:
-                self.say(self.line(self.queue.get_nowait()))
-        except Empty:
-            pass
-        ray.kill(self.queue.actor)
-
-    def _watch(self) -> None:
-        from ray.util.queue import Empty
-
-        while not self._stop.is_set():
-            try:
-                row = self.queue.get(timeout=0.5)
-            except Empty:
-                continue
-            self.say(self.line(row))
-
-    def line(self, row: dict[str, Any]) -> str:
-        aug = row.get("augmented_accuracy")
-        wrong = row.get("heldout_wrong_rate")
-        return (f"{self.name} epoch {row['epoch']}/{self.epochs}: loss {row['loss']:.4f}, train acc "
-                f"{row['train_accuracy']:.1%}" + (f" (augmented {aug:.1%})" if aug is not None else "")
-                + f", held-out acc {row['heldout_accuracy']:.1%}"
-                + (f", wrong under {self.probe} {wrong:.1%}" if wrong is not None else "")
-                + f", {row['images_per_s']:,.0f} img/s, {row['seconds']:.1f} s")
-
-
 def _failure_message(exc: BaseException) -> str:
     failures = getattr(exc, "worker_failures", None)
     if failures:
@@ -367,7 +297,7 @@ def _run_one(prepared: Prepared, say, progress: bool, hooks: TrainHooks | None) 
             f"({run.workers} worker{'s' if run.workers > 1 else ''}), {prepared.plan.n_heldout} held out, "
             f"{run.epochs} epochs" + (f"; checkpoints found ({done[-1]}): resuming" if done else ""))
         t0 = time.time()
-        with _Progress(prepared, say) if progress else _nothing() as watch:
+        with EpochLines(prepared.name, run.epochs, run.augment.change, say) if progress else _nothing() as watch:
             try:
                 result = _fit(prepared, hooks, [watch.callback] if progress else None)
             except Exception as exc:  # noqa: BLE001 - Ray Train's errors: worker group or controller
@@ -445,12 +375,50 @@ def run_train_augment(
             say(device_line(todo, gpus))
     connect_s = time.time() - t0
     for item in prepared:
+        if item.state == "done":
+            out = Path(item.run.output_dir)
+            say(f"{item.name}: already done in {out}; delete it to train again")
+    train = [item for item in prepared if item.state != "done"]
+    at_once = side_by_side([item.run for item in train]) if len(train) > 1 else 1
+    if at_once > 1:
+        say(f"{len(train)} fine-tunes, {at_once} at a time: the cluster has room for the workers of {at_once}")
+    trained = _run_all(train, at_once, lambda item: _run_one(item, say, progress, hooks))
+    for item in prepared:
         out = Path(item.run.output_dir)
         if item.state == "done":
-            say(f"{item.name}: already done in {out}; delete it to train again")
             results.append(TrainResult(out, out / RUN_MODEL_FILE, out / "epochs.parquet", skipped=True))
-            continue
-        result = _run_one(item, say, progress, hooks)
-        result.timing["connect_s"] = connect_s
-        results.append(result)
+        else:
+            result = trained[id(item)]
+            result.timing["connect_s"] = connect_s
+            results.append(result)
     return results
+
+
+def side_by_side(runs: list[FineTune]) -> int:
+    """How many of these fine-tunes the connected cluster has room for at once (from one): its CPUs and GPUs
+    over what one fine-tune's workers reserve (the most any of them does)."""
+    import ray
+
+    have = ray.cluster_resources()
+    cpus = max(run.workers * run.cpus_per_worker for run in runs)
+    gpus = max(run.workers if run.use_gpu else 0 for run in runs)
+    room = int(have.get("CPU", 0) // cpus) if cpus else len(runs)
+    if gpus:
+        room = min(room, int(have.get("GPU", 0) // gpus))
+    return max(1, min(room, len(runs)))
+
+
+def _run_all(items: list[Prepared], at_once: int, run_one: Callable[[Prepared], TrainResult]) -> dict:
+    """Each fine-tune's result by ``id(item)``, ``at_once`` at a time (threads; each a Ray Train run of its
+    own). A fine-tune that fails does not stop the others; the first failure (config order) is raised."""
+    if at_once <= 1:
+        return {id(item): run_one(item) for item in items}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="pixelray-finetune") as pool:
+        futures = [(item, pool.submit(run_one, item)) for item in items]
+        errors = [f.exception() for _, f in futures]  # waits for every one
+    for error in errors:
+        if error is not None:
+            raise error
+    return {id(item): f.result() for item, f in futures}
