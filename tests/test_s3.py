@@ -159,3 +159,58 @@ def test_a_sweep_from_and_to_s3_survives_a_killed_driver(ray_local, s3_server, a
         mine = pd.read_parquet(Path(attack_run.out_dir) / f"{name}.parquet")
         pd.testing.assert_frame_equal(remote.drop(columns=versions, errors="ignore"),
                                       mine.drop(columns=versions, errors="ignore"), obj=name)
+
+
+@pytest.mark.slow
+def test_train_augment_to_s3_resumes_a_killed_worker_from_s3_and_the_sweep_evaluates_it(
+        ray_local, s3_server, synthetic_dataset, tiny_checkpoints, tmp_path):
+    """The fine-tune's run directory in a bucket (Ray Train's storage on pyarrow's S3 filesystem): its worker
+    dies in epoch 2 and the group resumes from epoch 1's checkpoint read back from the bucket; model.pt,
+    pixelray.json and epochs.parquet land there; the network, its figures and a sweep of checkpoint:s3://...
+    equal those of the same fine-tune on a local disk, run without a fault."""
+    from pixelray.config.sweep import parse_config
+    from pixelray.config.train import parse_train_config
+    from pixelray.sweep import run_sweep
+    from pixelray.train.driver import run_train_augment
+    from pixelray.train.loop import TrainHooks
+
+    fs = s3(s3_server)
+    fs.create_dir("pxr-ft")
+    out = uri(s3_server, "pxr-ft/run")
+
+    def raw(where):
+        return {"model": {"name": tiny_checkpoints[0]}, "data": {"path": synthetic_dataset},
+                "augment": {"aug": "pixels", "count": 64}, "train": {"epochs": 2, "batch_size": 64, "seed": 0},
+                "run": {"workers": 1, "threads": 1}, "output": {"dir": where}}
+
+    died = tmp_path / "died.json"
+    said: list[str] = []
+    (remote,) = run_train_augment(parse_train_config(raw(out)), progress=True, log=said.append,
+                                  hooks=TrainHooks(die_in_epoch=2, marker=str(died)))
+    death = json.loads(died.read_text())
+    assert death["epoch"] == 2  # the worker did die, once epoch 1's checkpoint was in
+    (local,) = run_train_augment(parse_train_config(raw(str(tmp_path / "local"))), progress=False)
+
+    listed = {i.path.removeprefix("pxr-ft/run/") for i in fs.get_file_info(
+        pafs.FileSelector("pxr-ft/run", recursive=True)) if i.type == pafs.FileType.File}
+    assert {"model.pt", "pixelray.json", "epochs.parquet", "run.json"} <= listed, sorted(listed)
+    assert any(p.startswith("train/epoch-0001/") for p in listed), sorted(listed)  # Ray Train's, in the bucket
+    assert not [p for p in listed if fnmatch.fnmatch(posixpath.basename(p), TMP_GLOB)]
+    assert remote.run_dir == out and str(remote.model_path).startswith("s3://pxr-ft/run/model.pt")
+    assert [line for line in said if " epoch 2/2: loss " in line], said  # epoch 2 ran again, and said so
+
+    with fs.open_input_stream("pxr-ft/run/epochs.parquet") as f:
+        epochs = pq.read_table(pa.BufferReader(f.read())).to_pandas()
+    # resumed, not started over: epoch 1 is the one trained before the death, epoch 2 the one trained after
+    assert epochs.finished[0] < death["time"] < epochs.started[1], (epochs[["started", "finished"]], death)
+    figures = ["epoch", "loss", "train_accuracy", "heldout_accuracy", "heldout_wrong_rate"]
+    assert epochs[figures].equals(pd.read_parquet(local.epochs_path)[figures])
+
+    cells = {}
+    for name, model in (("s3", f"checkpoint:{out}"), ("local", f"checkpoint:{local.run_dir}")):
+        cfg = parse_config({"data": {"path": synthetic_dataset}, "models": {"names": [model], "weights": "none"},
+                            "eval": {"filter": "all", "size": 200}, "grid": {"counts": [64, 256]},
+                            "output": {"dir": str(tmp_path / f"sweep-{name}")}, "run": {"device": "cpu"}})
+        table = pd.read_parquet(run_sweep(cfg, progress=False).cells_path)
+        cells[name] = table[["cell_id", "n_images", "n_wrong", "accuracy"]].reset_index(drop=True)
+    assert cells["s3"].equals(cells["local"]), cells

@@ -45,7 +45,8 @@ def train_augment_cmd(
     cpu: Annotated[
         bool, typer.Option("--cpu", help="Train on CPU even where the config says [run] use_gpu = true.")
     ] = False,
-    out: Annotated[str | None, typer.Option("--out", help="Run directory (overrides the config's output dir).")] = None,
+    out: Annotated[str | None, typer.Option(
+        "--out", help="Run directory, or s3://bucket/prefix (overrides the config's output dir).")] = None,
     address: Annotated[
         str, typer.Option("--address", help="'local' starts an embedded Ray; 'auto' or ray://... joins a cluster.")
     ] = "local",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -28,6 +27,7 @@ from pixelray.config.tomlcheck import ConfigError, check_keys, check_placeholder
 from pixelray.core.augment import Aug, Augmentation
 from pixelray.core.check import is_int
 from pixelray.core.spec import PixelChange
+from pixelray.store.storage import join_uri
 
 __all__ = ["FLAG_KEYS", "FineTune", "Head", "Optimizer", "TrainAugmentConfig", "load_train_config",
            "parse_train_config"]
@@ -283,9 +283,6 @@ def parse_train_config(
     out = get_value(tables["output"], "dir", "output", str, None, fix="a directory")
     if not out:
         raise ConfigError(f"{source}: no output directory; add [output] dir = 'runs/NAME' or pass --out DIR")
-    if "://" in out:
-        raise ConfigError(f"[output] dir = {out!r} is a URI; give a directory every worker can write "
-                          "(a shared file system on a cluster)")
     many = isinstance(tables["augment"].get("count"), list)
     runs = []
     for change in changes:
@@ -293,7 +290,7 @@ def parse_train_config(
             augment = Augmentation(kind, change, fraction, sigma)
         except ValueError as exc:
             raise ConfigError(f"[augment] {exc}") from None
-        run_dir = os.path.join(out, f"n{change.count}") if many and change is not None else out
+        run_dir = join_uri(out, f"n{change.count}") if many and change is not None else out
         runs.append(FineTune(
             model=model, data=data, output_dir=run_dir, augment=augment, weights=weights, eval_data=eval_data,
             images=images, eval_images=eval_images, holdout=float(holdout), split_seed=split_seed, head=head,

@@ -48,7 +48,14 @@ def sidecar_path(path: str | os.PathLike[str]) -> Path:
 
 
 def checkpoint_file(path: str | os.PathLike[str]) -> Path:
-    """The state_dict file a ``checkpoint:PATH`` names: PATH itself, or a run directory's ``model.pt``."""
+    """The state_dict file a ``checkpoint:PATH`` names: PATH itself, or a run directory's ``model.pt``; for a
+    URI (``s3://...``), the local copy of it (:mod:`pixelray.models.remote`)."""
+    from pixelray.store.storage import is_remote
+
+    if is_remote(path):
+        from pixelray.models.remote import fetch_checkpoint
+
+        return fetch_checkpoint(os.fspath(path))
     path = Path(path).expanduser()
     if path.is_dir():
         inside = path / RUN_MODEL_FILE

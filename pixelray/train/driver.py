@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,8 +40,9 @@ from pixelray import __version__
 from pixelray.config.train import FineTune, TrainAugmentConfig
 from pixelray.cpu_memory import worker_env
 from pixelray.errors import SweepError, TrainError, one_line
-from pixelray.store.atomic import write_table_atomic, write_text_atomic
+from pixelray.store.atomic import write_table_atomic
 from pixelray.store.rundir import RunDir
+from pixelray.store.storage import Location, is_remote, join_uri
 from pixelray.train.data import DataPlan, plan_data
 from pixelray.train.gpus import check_cluster_gpus, check_local_gpus, device_line, embedded
 from pixelray.train.loop import (
@@ -88,9 +90,9 @@ class Prepared:
 class TrainResult:
     """What one fine-tune left in its run directory."""
 
-    run_dir: Path
-    model_path: Path
-    epochs_path: Path
+    run_dir: Path | str  # a URI (str) for a run in object storage
+    model_path: Path | str
+    epochs_path: Path | str
     skipped: bool = False  # it was already done
     resumed_from: int = 0  # the last epoch an earlier invocation had finished (0: none)
     timing: dict[str, float] = field(default_factory=dict)  # connect_s, fit_started (unix time), fit_s
@@ -123,26 +125,31 @@ def _for_workers(run: FineTune) -> FineTune:
                                output_dir=_local(run.output_dir))
 
 
+def _at(root: str, *parts: str) -> Path | str:
+    """A file or folder of a run directory: a Path on a file system, a URI (str) in object storage."""
+    return join_uri(root, *parts) if is_remote(root) else Path(root, *parts)
+
+
 def _run_dir_state(run: FineTune) -> str:
     """'new', 'resume' or 'done'; TrainError when the directory holds something else."""
-    out = Path(run.output_dir)
+    out = Location(run.output_dir)
     if not out.exists():
         return "new"
-    if not out.is_dir():
+    if out.is_file():
         raise TrainError(f"[output] dir: {out} is a file; give a directory")
-    run_file = out / _RUN_FILE
+    run_file = out.child(_RUN_FILE)
     if run_file.exists():
         try:
-            meta = json.loads(run_file.read_text())
+            meta = json.loads(run_file.read_bytes())
         except (OSError, json.JSONDecodeError):
             meta = {}
         previous = meta.get("config_hash") if isinstance(meta, dict) else None
         if previous != run.config_hash or meta.get("kind") != "train-augment":
             raise TrainError(f"[output] dir: {out} holds a run of another config (hash {previous} != "
                              f"{run.config_hash}); use another output directory (--out) or delete this one")
-        done = (out / "model.pt").exists() and (out / "pixelray.json").exists() and (out / "epochs.parquet").exists()
+        done = all(out.child(name).exists() for name in ("model.pt", "pixelray.json", "epochs.parquet"))
         return "done" if done else "resume"
-    if any(out.iterdir()):
+    if out.files() or (out.path is not None and any(out.path.iterdir())):
         raise TrainError(f"[output] dir: {out} is not empty and holds no train-augment run; use an empty or new "
                          "directory (--out)")
     return "new"
@@ -173,20 +180,20 @@ def prepare_run(run: FineTune) -> Prepared:
         raise TrainError(f"[model] name = {run.model!r}: {exc}") from None
     shape = shape_of(model, arch)
     if state != "new":
-        _check_same_data(Path(run.output_dir), plan)
-    return Prepared(run, plan, shape, Path(run.output_dir).name or "run", state)
+        _check_same_data(Location(run.output_dir), plan)
+    return Prepared(run, plan, shape, Location(run.output_dir).name or "run", state)
 
 
-def _check_same_data(out: Path, plan: DataPlan) -> None:
+def _check_same_data(out: Location, plan: DataPlan) -> None:
     """Refuse to resume over data that changed since the run began (same paths, other manifests)."""
-    meta = json.loads((out / _RUN_FILE).read_text())
+    meta = json.loads(out.child(_RUN_FILE).read_bytes())
     for key in ("data_manifest_sha256", "eval_manifest_sha256"):
         if meta.get(key) not in (None, getattr(plan, key.removeprefix("data_"))):
             raise TrainError(f"[data] {out} was trained on other data ({key} {meta[key][:12]}... differs from "
                              "the manifest now); use another output directory (--out) or restore the data")
 
 
-def _claim(out: Path, config_hash: str, say) -> RunDir:
+def _claim(out: str, config_hash: str, say) -> RunDir:
     """The run directory, locked for this process as a sweep's is (``run.lock``; a dead holder's is taken over)."""
     run_dir = RunDir(out, log=say)
     try:
@@ -227,7 +234,7 @@ def _fit(prepared: Prepared, hooks: TrainHooks | None, callbacks: list | None = 
                                      resources_per_worker={"CPU": run.cpus_per_worker,
                                                            **({"GPU": 1} if run.use_gpu else {})}),
         run_config=RunConfig(
-            storage_path=str(Path(run.output_dir).resolve()), name=_TRAIN_NAME,
+            **_storage(run.output_dir), name=_TRAIN_NAME,
             failure_config=FailureConfig(max_failures=run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or [],
@@ -236,6 +243,16 @@ def _fit(prepared: Prepared, hooks: TrainHooks | None, callbacks: list | None = 
         ),
     )
     return trainer.fit()
+
+
+def _storage(out: str) -> dict[str, Any]:
+    """Ray Train's ``storage_path`` (and, in object storage, its ``storage_filesystem``) for a run directory."""
+    if not is_remote(out):
+        return {"storage_path": str(Path(out).resolve())}
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(out)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def _epochs_table(history: list[dict[str, Any]], prepared: Prepared) -> pa.Table:
@@ -247,13 +264,13 @@ def _epochs_table(history: list[dict[str, Any]], prepared: Prepared) -> pa.Table
     return pa.Table.from_pylist(rows, schema=EPOCHS_SCHEMA)
 
 
-def _finish(prepared: Prepared, checkpoint, versions: dict[str, str]) -> tuple[Path, Path, list[dict[str, Any]]]:
+def _finish(prepared: Prepared, checkpoint, versions: dict[str, str]) -> tuple[Any, Any, list[dict[str, Any]]]:
     """model.pt + pixelray.json + epochs.parquet from the run's last checkpoint."""
     import torch
 
     from pixelray.models import RUN_MODEL_FILE, RUN_SIDECAR_FILE, save_checkpoint
 
-    run, out = prepared.run, Path(prepared.run.output_dir)
+    run, out = prepared.run, prepared.run.output_dir
     with checkpoint.as_directory() as folder:
         state = torch.load(os.path.join(folder, CHECKPOINT_STATE), map_location="cpu", weights_only=True)
         history = json.loads(Path(folder, CHECKPOINT_HISTORY).read_text())["epochs"]
@@ -274,25 +291,33 @@ def _finish(prepared: Prepared, checkpoint, versions: dict[str, str]) -> tuple[P
         "epochs": run.epochs, "lr": run.lr, "optimizer": run.optimizer.value, "batch_size": run.batch_size,
         "seed": run.seed, "workers": run.workers, "versions": versions, "final": final,
     }
-    model_path = save_checkpoint(model, out / RUN_MODEL_FILE, base=prepared.shape.arch, metadata=metadata,
-                                 name=prepared.name, sidecar_file=out / RUN_SIDECAR_FILE)
-    epochs_path = out / "epochs.parquet"
+    if is_remote(out):  # saved here, then each file put in place atomically (a temporary key, a copy)
+        with tempfile.TemporaryDirectory(prefix="pixelray-model-") as local:
+            save_checkpoint(model, Path(local, RUN_MODEL_FILE), base=prepared.shape.arch, metadata=metadata,
+                            name=prepared.name, sidecar_file=Path(local, RUN_SIDECAR_FILE))
+            for name in (RUN_MODEL_FILE, RUN_SIDECAR_FILE):
+                Location(join_uri(out, name)).write_bytes(Path(local, name).read_bytes())
+        Location(join_uri(out, "epochs.parquet")).write_table(_epochs_table(history, prepared))
+        return _at(out, RUN_MODEL_FILE), _at(out, "epochs.parquet"), history
+    model_path = save_checkpoint(model, Path(out, RUN_MODEL_FILE), base=prepared.shape.arch, metadata=metadata,
+                                 name=prepared.name, sidecar_file=Path(out, RUN_SIDECAR_FILE))
+    epochs_path = Path(out, "epochs.parquet")
     write_table_atomic(_epochs_table(history, prepared), epochs_path)
     return model_path, epochs_path, history
 
 
 def _run_one(prepared: Prepared, say, progress: bool, hooks: TrainHooks | None) -> TrainResult:
-    run, out = prepared.run, Path(prepared.run.output_dir)
-    lock = _claim(out, run.config_hash, say)
+    run, out = prepared.run, Location(prepared.run.output_dir)
+    lock = _claim(run.output_dir, run.config_hash, say)
     try:
         versions = _versions()
-        if not (out / _RUN_FILE).exists():
+        if not out.child(_RUN_FILE).exists():
             meta = {"kind": "train-augment", "config_hash": run.config_hash, "config": run.identity(),
                     "data_manifest_sha256": prepared.plan.manifest_sha256,
                     "eval_manifest_sha256": prepared.plan.eval_manifest_sha256,
                     "versions": versions, "created": time.time()}
-            write_text_atomic(json.dumps(meta, indent=2, default=str) + "\n", out / _RUN_FILE)
-        done = sorted(p.name for p in (out / _TRAIN_NAME).glob("epoch-*")) if (out / _TRAIN_NAME).exists() else []
+            out.child(_RUN_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        done = sorted({rel.split("/", 1)[0] for rel in out.child(_TRAIN_NAME).files() if rel.startswith("epoch-")})
         say(f"{prepared.name}: {run.augment.label}, {prepared.plan.n_train} training images "
             f"({run.workers} worker{'s' if run.workers > 1 else ''}), {prepared.plan.n_heldout} held out, "
             f"{run.epochs} epochs" + (f"; checkpoints found ({done[-1]}): resuming" if done else ""))
@@ -311,7 +336,7 @@ def _run_one(prepared: Prepared, say, progress: bool, hooks: TrainHooks | None) 
         lock.release()
     earlier = [row["epoch"] for row in history if row["finished"] < t0]
     say(f"{prepared.name}: done -> {out} (model.pt, pixelray.json, epochs.parquet)")
-    return TrainResult(out, model_path, epochs_path, resumed_from=max(earlier, default=0),
+    return TrainResult(_at(run.output_dir), model_path, epochs_path, resumed_from=max(earlier, default=0),
                        timing={"fit_started": t0, "fit_s": fit_s})
 
 
@@ -353,7 +378,7 @@ def run_train_augment(
 
     say = log or (lambda msg: None)
     config.check_placeholders()  # ConfigError: an example's s3://YOUR-BUCKET left in a path
-    if len(config.runs) > 1 and (Path(config.output_dir) / _RUN_FILE).exists():
+    if len(config.runs) > 1 and Location(join_uri(config.output_dir, _RUN_FILE)).exists():
         raise TrainError(f"[output] dir: {config.output_dir} holds a single run; a list of counts needs a "
                          "directory of its own (one sub-directory per count)")
     todo = [run for run in config.runs if _run_dir_state(run) != "done"]
@@ -376,17 +401,16 @@ def run_train_augment(
     connect_s = time.time() - t0
     for item in prepared:
         if item.state == "done":
-            out = Path(item.run.output_dir)
-            say(f"{item.name}: already done in {out}; delete it to train again")
+            say(f"{item.name}: already done in {item.run.output_dir}; delete it to train again")
     train = [item for item in prepared if item.state != "done"]
     at_once = side_by_side([item.run for item in train]) if len(train) > 1 else 1
     if at_once > 1:
         say(f"{len(train)} fine-tunes, {at_once} at a time: the cluster has room for the workers of {at_once}")
     trained = _run_all(train, at_once, lambda item: _run_one(item, say, progress, hooks))
     for item in prepared:
-        out = Path(item.run.output_dir)
+        out = item.run.output_dir
         if item.state == "done":
-            results.append(TrainResult(out, out / RUN_MODEL_FILE, out / "epochs.parquet", skipped=True))
+            results.append(TrainResult(_at(out), _at(out, RUN_MODEL_FILE), _at(out, "epochs.parquet"), skipped=True))
         else:
             result = trained[id(item)]
             result.timing["connect_s"] = connect_s
