@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import tomli_w
+import torch
 from helpers import ATTACK, attack_config, sweep_command, wait_for
 
 from pixelray.engine.units import model_slug
@@ -205,6 +206,11 @@ def test_train_augment_to_s3_resumes_a_killed_worker_from_s3_and_the_sweep_evalu
     assert epochs.finished[0] < death["time"] < epochs.started[1], (epochs[["started", "finished"]], death)
     figures = ["epoch", "loss", "train_accuracy", "heldout_accuracy", "heldout_wrong_rate"]
     assert epochs[figures].equals(pd.read_parquet(local.epochs_path)[figures])
+
+    from pixelray.models import load_model
+
+    nets = [load_model(f"checkpoint:{where}").net.state_dict() for where in (out, local.run_dir)]
+    assert nets[0].keys() == nets[1].keys() and all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
 
     cells = {}
     for name, model in (("s3", f"checkpoint:{out}"), ("local", f"checkpoint:{local.run_dir}")):
