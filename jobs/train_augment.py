@@ -52,7 +52,8 @@ def _smoke_config(root: Path):
 @app.command()
 def main(
     config: Annotated[str, typer.Option("--config", help="Fine-tune config (TOML).")] = "jobs/table10.toml",
-    out: Annotated[str | None, typer.Option("--out", help="Output directory (overrides [output] dir).")] = None,
+    out: Annotated[str | None, typer.Option(
+        "--out", help="Output directory or s3://bucket/prefix (overrides [output] dir).")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Training data (overrides [data] path).")] = None,
     cpu: Annotated[
         bool, typer.Option("--cpu", help="Train on CPU even where the config says [run] use_gpu = true.")

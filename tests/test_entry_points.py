@@ -8,6 +8,7 @@ these tests take seconds: ``pixelray`` through typer's CliRunner, the Ray job en
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import shutil
@@ -399,3 +400,27 @@ def test_the_sweep_job_takes_the_options_of_pixelray_sweep():
     assert set(job) - extra == set(cli), (set(job) ^ set(cli)) - extra
     assert {k: v for k, v in job.items() if k not in extra} == cli  # the same definitions, the same help
     assert {"--metrics-linger", "--out", "--data", "--no-progress"} <= set(job)
+
+
+@pytest.mark.parametrize(("have", "workers", "use_gpu", "reach", "runs", "at_once"), [
+    ({"CPU": 16.0}, 1, False, 0, 5, 5),  # CPU fine-tunes: the cluster's CPUs over a fine-tune's
+    ({"CPU": 2.0}, 1, False, 0, 5, 2),
+    ({"CPU": 16.0}, 4, False, 0, 5, 4),  # four one-CPU workers each
+    ({"CPU": 1.0}, 2, False, 0, 3, 1),  # never fewer than one
+    ({"CPU": 8.0}, 1, True, 0, 5, 1),  # GPU fine-tunes and no GPU to reach: one (it waits, or was refused)
+    ({"CPU": 8.0}, 1, True, 2, 5, 2),  # the GPUs present, or the autoscaler's published ceiling
+    ({"CPU": 8.0}, 2, True, 5, 5, 2),  # DDP over two GPUs each
+    ({"CPU": 8.0}, 1, True, math.inf, 5, 5),  # an autoscaler that does not say: every fine-tune asks
+])
+def test_fine_tunes_side_by_side_fill_what_the_cluster_has_or_can_add(monkeypatch, have, workers, use_gpu, reach,
+                                                                     runs, at_once):
+    import ray
+
+    from pixelray.config.train import parse_train_config
+    from pixelray.train.driver import side_by_side
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(have))
+    raw = {"model": {"name": "tiny"}, "data": {"path": "d"},
+           "augment": {"aug": "pixels", "count": [4, 8, 16, 32, 64][:runs]},
+           "run": {"workers": workers, "use_gpu": use_gpu}, "train": {"batch_size": 32}, "output": {"dir": "o"}}
+    assert side_by_side(parse_train_config(raw).runs, reach) == at_once

@@ -392,7 +392,7 @@ def run_train_augment(
         if not gpus:
             say(device_line(todo, gpus))
         connect(address)
-        check_cluster_gpus(gpus, say)
+        reach = check_cluster_gpus(gpus, say)
         for run in todo:  # a local directory on several nodes: every one must see it (a shared mount)
             if "://" not in run.output_dir:
                 check_output_seen(run.output_dir)
@@ -403,9 +403,10 @@ def run_train_augment(
         if item.state == "done":
             say(f"{item.name}: already done in {item.run.output_dir}; delete it to train again")
     train = [item for item in prepared if item.state != "done"]
-    at_once = side_by_side([item.run for item in train]) if len(train) > 1 else 1
+    at_once = side_by_side([item.run for item in train], reach) if len(train) > 1 else 1
     if at_once > 1:
-        say(f"{len(train)} fine-tunes, {at_once} at a time: the cluster has room for the workers of {at_once}")
+        say(f"{len(train)} fine-tunes, {at_once} at a time: the cluster has (or can add) room for the workers of "
+            f"{at_once}")
     trained = _run_all(train, at_once, lambda item: _run_one(item, say, progress, hooks))
     for item in prepared:
         out = item.run.output_dir
@@ -418,18 +419,20 @@ def run_train_augment(
     return results
 
 
-def side_by_side(runs: list[FineTune]) -> int:
-    """How many of these fine-tunes the connected cluster has room for at once (from one): its CPUs and GPUs
-    over what one fine-tune's workers reserve (the most any of them does)."""
+def side_by_side(runs: list[FineTune], gpus_reach: float = 0) -> int:
+    """How many of these fine-tunes can train at once (from one): the cluster's CPUs over what one fine-tune's
+    workers reserve (the most any of them does), and for GPU fine-tunes the GPUs they can reach (those present,
+    or what the autoscaler can add: their pending workers are its demand) over the GPUs one needs."""
     import ray
 
     have = ray.cluster_resources()
     cpus = max(run.workers * run.cpus_per_worker for run in runs)
     gpus = max(run.workers if run.use_gpu else 0 for run in runs)
-    room = int(have.get("CPU", 0) // cpus) if cpus else len(runs)
-    if gpus:
-        room = min(room, int(have.get("GPU", 0) // gpus))
-    return max(1, min(room, len(runs)))
+    if gpus:  # (CPUs come with the GPU nodes)
+        room = len(runs) if math.isinf(gpus_reach) else gpus_reach // gpus
+    else:
+        room = have.get("CPU", 0) // cpus
+    return int(max(1, min(room, len(runs))))
 
 
 def _run_all(items: list[Prepared], at_once: int, run_one: Callable[[Prepared], TrainResult]) -> dict:

@@ -7,6 +7,7 @@ names ``--cpu`` (Ray Train would otherwise wait for a GPU forever).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from pixelray.config.train import FineTune
@@ -72,29 +73,26 @@ def _adds_nodes() -> bool:
     return not (node is not None and node.is_head()) and autoscaler_runs(wait=REPORT_WAIT)
 
 
-def check_cluster_gpus(needed: int, say: Callable[[str], None]) -> None:
+def check_cluster_gpus(needed: int, say: Callable[[str], None]) -> float:
     """TrainError when the connected Ray has fewer GPUs than ``needed`` and no autoscaler that can add them;
-    with one that can, a line saying that the fine-tune waits for it."""
+    with one that can, a line saying that the fine-tune waits for it. Returns the GPUs the fine-tunes can
+    reach: those present, else what the autoscaler can grow to (infinite where it does not say)."""
     import ray
 
-    if not needed:
-        return
     have = int(ray.cluster_resources().get("GPU", 0))
-    if have >= needed:
-        return
+    if not needed or have >= needed:
+        return have
     ceiling = _gpu_ceiling()
     if ceiling is None and _adds_nodes():
         say(f"[run] use_gpu = true: the Ray cluster has {have} of the {needed} GPU(s) the workers need; waiting "
             "for its autoscaler to add GPU nodes (it does not say how many it can add; Ctrl-C to stop; --cpu "
             "trains on CPU)")
-        return
+        return math.inf
     if ceiling is not None and (ceiling < 0 or ceiling >= needed):
         say(f"[run] use_gpu = true: the Ray cluster has {have} of the {needed} GPU(s) the workers need; waiting "
             "for its autoscaler to add them (Ctrl-C to stop; --cpu trains on CPU)")
-        return
+        return math.inf if ceiling < 0 else ceiling
     what = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
     grow = f"its autoscaler can reach only {ceiling}" if ceiling else "no autoscaler can add any"
     raise TrainError(f"[run] use_gpu = true: the Ray cluster has {have} of the {needed} GPU(s) the workers need "
                      f"(one each; it has {what}) and {grow}; {_NO_GPU_FIX}, add GPU nodes, or lower [run] workers")
-
-
