@@ -55,6 +55,9 @@ def main(
     out: Annotated[str | None, typer.Option(
         "--out", help="Output directory or s3://bucket/prefix (overrides [output] dir).")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Training data (overrides [data] path).")] = None,
+    eval_data: Annotated[
+        str | None, typer.Option("--eval-data", help="Held-out data (overrides [data] eval_path).")
+    ] = None,
     cpu: Annotated[
         bool, typer.Option("--cpu", help="Train on CPU even where the config says [run] use_gpu = true.")
     ] = False,
@@ -71,8 +74,9 @@ def main(
             refuse_lost_output(str(root), uri_ok=False)  # before the smoke test's data and model are written
             cfg = _smoke_config(root)
         else:
-            cfg = load_train_config(config, {"output_dir": out, "data": data, "use_gpu": False if cpu else None})
-        refuse_lost_output(cfg.output_dir, uri_ok=False)
+            cfg = load_train_config(config, {"output_dir": out, "data": data, "eval_data": eval_data,
+                                             "use_gpu": False if cpu else None})
+        refuse_lost_output(cfg.output_dir)
         results = run_train_augment(cfg, address="auto" if in_job else "local",
                                     log=lambda m: typer.echo(m, err=True))
     except (ConfigError, TrainError) as exc:

@@ -89,7 +89,7 @@ def refuse_lost_output(output_dir: str, key: str = "[output] dir", *, uri_ok: bo
                        cwd: Path | None = None) -> None:
     """ConfigError for a relative ``output_dir`` inside an uploaded working directory (``ray job submit
     --working-dir``): Ray deletes that copy, and what was written into it, after the job. ``uri_ok``:
-    the fix may name an s3:// URI (a sweep's output may be one, a fine-tune's may not)."""
+    the fix may name an s3:// URI (a sweep's or a fine-tune's output may be one; a smoke test's not)."""
     cwd = cwd or Path.cwd()
     uploaded = "runtime_resources" in cwd.parts or "working_dir_files" in str(cwd)
     if uploaded and "://" not in output_dir and not Path(output_dir).is_absolute():
