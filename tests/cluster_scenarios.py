@@ -6,10 +6,12 @@ line per scenario.
 GPUs are logical (``num_gpus`` of a node); the workers compute on CPU
 (``PIXELRAY_DEVICE_OVERRIDE=cpu``), so the scheduling is the real one without a GPU.
 
-- ``grow-then-stuck``: the cluster starts with no GPU; two 1-GPU nodes join while the sweep waits
-  (grow); then, on the same cluster, ``gpus = 4`` on those two nodes that cannot grow: the sweep
-  must stop in time (stuck); then ``gpus = "1..4"`` there: it goes on with two, with a warning (range).
-- ``node-loss``: the node holding the only worker is removed mid-sweep.
+- ``grow-then-stuck``: the cluster starts with no GPU; two 1-GPU nodes join by hand while the sweep
+  waits (grow: no autoscaler, ``gpus = "all"`` follows the GPUs that appear); then, on the same
+  cluster, ``gpus = 4`` on those two nodes that cannot grow: the sweep must stop in time (stuck).
+
+A range larger than the cluster and a node lost mid-sweep run under Ray's own autoscaler
+(``tests/autoscaler_scenarios.py``).
 """
 
 from __future__ import annotations
@@ -35,9 +37,6 @@ from pixelray.sweep import SweepError, run_sweep  # noqa: E402
 #: Cluster() writes and which would otherwise point every later address-less Ray client of the machine (Ray
 #: Train's placement-group cleaner among them: 12 s per fine-tune) at a dead GCS
 CLUSTERS: list = [None]
-
-FAST_DEATH = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}
-
 
 GRID = {"counts": [4, 64, 200, 400], "amplitudes": ["full", 60]}
 #: Eight times the work: the two workers that are placed must not finish it before the timeout.
@@ -95,53 +94,13 @@ def grow_then_stuck(data, out, models):
     except SweepError as exc:
         error = str(exc)
     stuck = {"error": error, "seconds": time.monotonic() - start}
-    # and as a range, at least one of up to four: goes on with the two it gets, saying so; the same rows
-    said: list[str] = []
-    deadline = time.monotonic() + 120  # the stuck run's workers gone: both GPUs free for the two that can start
-    while ray.available_resources().get("GPU", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    try:
-        ranged = run_sweep(config(data, models, out + "-range", LONG_GRID, 600, device="cuda", gpus="1..4",
-                                  placement_timeout=8), progress=False, log=said.append)
-        error = None
-    except SweepError as exc:
-        ranged, error = None, str(exc)
-    # LONG_GRID holds GRID's cells: their rows are grow's (but the config hash: the grids differ)
-    same = ranged is not None and [r for r in cells(out + "-range", drop=["config_hash"])
-                                   if r["cell_id"] in {g["cell_id"] for g in cells(out + "-grow")}] == cells(
-        out + "-grow", drop=["config_hash"])
-    ranged = {"error": error, "said": said, "stats": ranged.stats if ranged else None, "same_cells": same}
-    return {"grow": grown, "stuck": stuck, "range": ranged}
-
-
-def node_loss(data, out, models):
-    cluster = CLUSTERS[0] = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": FAST_DEATH})
-    nodes = {cluster.add_node(num_cpus=2).node_id: None for _ in range(2)}
-    ray.init(address=cluster.address, log_to_driver=False)
-    reference = run_sweep(config(data, models, out + "-reference", device="cpu", threads=2), progress=False)
-    thread, box = in_thread(config(data, models, out, device="cpu", threads=2))
-    units = Path(out) / "units" / "cells"
-    deadline = time.monotonic() + 300
-    while not list(units.rglob("*.parquet")) and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.05)
-    finished_early = (Path(out) / "cells.parquet").exists()
-    names = [n for n in ray.util.list_named_actors() if n.startswith(f"pixelray-worker-{os.getpid()}")]
-    victim = ray.get(ray.get_actor(names[0]).ping.remote())["node"]
-    node = next(n for n in cluster.list_all_nodes() if n.node_id == victim)
-    cluster.remove_node(node, allow_graceful=False)
-    thread.join(600)
-    result = box.get("result")
-    return {
-        "finished_early": finished_early, "victim_was_a_worker_node": victim in nodes, "error": box.get("error"),
-        "stats": result.stats if result else None,
-        "same_cells": result is not None and cells(out) == cells(reference.out_dir),
-    }
+    return {"grow": grown, "stuck": stuck}
 
 
 def main(names, data, out, models):
     """Each named scenario on a cluster of its own, one after another; a ``RESULT {name: ...}`` line each."""
     for name in names:
-        run = {"grow-then-stuck": grow_then_stuck, "node-loss": node_loss}[name]
+        run = {"grow-then-stuck": grow_then_stuck}[name]
         try:
             print("RESULT " + json.dumps({name: run(data, f"{out}/{name}", models)}, default=str), flush=True)
         finally:

@@ -162,36 +162,75 @@ def test_a_sweep_from_and_to_s3_survives_a_killed_driver(ray_local, s3_server, a
                                       mine.drop(columns=versions, errors="ignore"), obj=name)
 
 
-@pytest.mark.slow
-def test_train_augment_to_s3_resumes_a_killed_worker_from_s3_and_the_sweep_evaluates_it(
-        ray_local, s3_server, synthetic_dataset, tiny_checkpoints, tmp_path):
-    """The fine-tune's run directory in a bucket (Ray Train's storage on pyarrow's S3 filesystem): its worker
-    dies in epoch 2 and the group resumes from epoch 1's checkpoint read back from the bucket; model.pt,
-    pixelray.json and epochs.parquet land there; the network, its figures and a sweep of checkpoint:s3://...
-    equal those of the same fine-tune on a local disk, run without a fault."""
-    from pixelray.config.sweep import parse_config
+def _fine_tune(base: str, data: str, out: str, count) -> dict:
+    return {"model": {"name": base}, "data": {"path": data}, "augment": {"aug": "pixels", "count": count},
+            "train": {"epochs": 2, "batch_size": 64, "seed": 0}, "run": {"workers": 1, "threads": 1},
+            "output": {"dir": out}}
+
+
+@pytest.fixture(scope="module")
+def local_pair(ray_local, synthetic_dataset, tiny_checkpoints, tmp_path_factory):
+    """Two fine-tunes of one CPU worker each (counts 16 and 64) on a local disk, on the session's Ray of two
+    CPUs: side by side. n64 is the reference of the run in a bucket."""
     from pixelray.config.train import parse_train_config
-    from pixelray.sweep import run_sweep
+    from pixelray.train.driver import run_train_augment
+
+    root = tmp_path_factory.mktemp("pair")
+    said: list[str] = []
+    raw = _fine_tune(tiny_checkpoints[0], synthetic_dataset, str(root / "pair"), [16, 64])
+    return run_train_augment(parse_train_config(raw), progress=False, log=said.append), said
+
+
+@pytest.fixture(scope="module")
+def s3_fine_tune(ray_local, s3_server, synthetic_dataset, tiny_checkpoints, tmp_path_factory):
+    """count 64 into a bucket, alone; its worker dies in epoch 2 (once epoch 1's checkpoint is in)."""
+    from pixelray.config.train import parse_train_config
     from pixelray.train.driver import run_train_augment
     from pixelray.train.loop import TrainHooks
 
-    fs = s3(s3_server)
-    fs.create_dir("pxr-ft")
+    s3(s3_server).create_dir("pxr-ft")
     out = uri(s3_server, "pxr-ft/run")
-
-    def raw(where):
-        return {"model": {"name": tiny_checkpoints[0]}, "data": {"path": synthetic_dataset},
-                "augment": {"aug": "pixels", "count": 64}, "train": {"epochs": 2, "batch_size": 64, "seed": 0},
-                "run": {"workers": 1, "threads": 1}, "output": {"dir": where}}
-
-    died = tmp_path / "died.json"
+    died = tmp_path_factory.mktemp("s3ft") / "died.json"
     said: list[str] = []
-    (remote,) = run_train_augment(parse_train_config(raw(out)), progress=True, log=said.append,
-                                  hooks=TrainHooks(die_in_epoch=2, marker=str(died)))
-    death = json.loads(died.read_text())
-    assert death["epoch"] == 2  # the worker did die, once epoch 1's checkpoint was in
-    (local,) = run_train_augment(parse_train_config(raw(str(tmp_path / "local"))), progress=False)
+    (result,) = run_train_augment(parse_train_config(_fine_tune(tiny_checkpoints[0], synthetic_dataset, out, 64)),
+                                  progress=True, log=said.append, hooks=TrainHooks(die_in_epoch=2, marker=str(died)))
+    return result, out, json.loads(died.read_text()), said
 
+
+def _same_network(a: str, b: str) -> bool:
+    from pixelray.models import load_model
+
+    nets = [load_model(f"checkpoint:{where}").net.state_dict() for where in (a, b)]
+    return nets[0].keys() == nets[1].keys() and all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
+
+
+@pytest.mark.slow
+def test_a_list_of_counts_trains_side_by_side_where_the_cluster_has_room_each_as_it_would_alone(local_pair,
+                                                                                              s3_fine_tune):
+    results, said = local_pair
+    assert "2 fine-tunes, 2 at a time: the cluster has (or can add) room for the workers of 2" in said, said
+    assert [r.run_dir.name for r in results] == ["n16", "n64"]  # the config's order
+    spans = [pd.read_parquet(r.epochs_path) for r in results]
+    spans = [(e.started.min(), e.finished.max()) for e in spans]
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans  # they overlapped
+    # n64, trained beside n16, is the network the same fine-tune gave alone (in a bucket, resumed once)
+    assert _same_network(str(results[1].run_dir), s3_fine_tune[1])
+
+
+@pytest.mark.slow
+def test_train_augment_to_s3_resumes_a_killed_worker_from_s3_and_the_sweep_evaluates_it(
+        s3_server, s3_fine_tune, local_pair, synthetic_dataset, tmp_path):
+    """The fine-tune's run directory in a bucket (Ray Train's storage on pyarrow's S3 filesystem): its worker
+    dies in epoch 2 and the group resumes from epoch 1's checkpoint read back from the bucket; model.pt,
+    pixelray.json and epochs.parquet land there; its figures, its network and a sweep of checkpoint:s3://...
+    equal those of the same fine-tune on a local disk, run without a fault."""
+    from pixelray.config.sweep import parse_config
+    from pixelray.sweep import run_sweep
+
+    remote, out, death, said = s3_fine_tune
+    local = local_pair[0][1]  # n64
+    fs = s3(s3_server)
+    assert death["epoch"] == 2  # the worker did die, once epoch 1's checkpoint was in
     listed = {i.path.removeprefix("pxr-ft/run/") for i in fs.get_file_info(
         pafs.FileSelector("pxr-ft/run", recursive=True)) if i.type == pafs.FileType.File}
     assert {"model.pt", "pixelray.json", "epochs.parquet", "run.json"} <= listed, sorted(listed)
@@ -206,11 +245,7 @@ def test_train_augment_to_s3_resumes_a_killed_worker_from_s3_and_the_sweep_evalu
     assert epochs.finished[0] < death["time"] < epochs.started[1], (epochs[["started", "finished"]], death)
     figures = ["epoch", "loss", "train_accuracy", "heldout_accuracy", "heldout_wrong_rate"]
     assert epochs[figures].equals(pd.read_parquet(local.epochs_path)[figures])
-
-    from pixelray.models import load_model
-
-    nets = [load_model(f"checkpoint:{where}").net.state_dict() for where in (out, local.run_dir)]
-    assert nets[0].keys() == nets[1].keys() and all(torch.equal(nets[0][k], nets[1][k]) for k in nets[0])
+    assert _same_network(out, str(local.run_dir))
 
     cells = {}
     for name, model in (("s3", f"checkpoint:{out}"), ("local", f"checkpoint:{local.run_dir}")):

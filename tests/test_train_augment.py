@@ -263,29 +263,6 @@ def test_two_workers_train_with_ddp_on_disjoint_images(ray_local, synthetic_data
 
 
 @pytest.mark.slow
-def test_a_list_of_counts_trains_side_by_side_where_the_cluster_has_room_each_as_it_would_alone(
-        ray_local, synthetic_dataset, heldout_dataset, tiny_checkpoints, tmp_path):
-    """Two fine-tunes of one CPU worker each on the session's Ray of two CPUs: both at once (their epochs
-    overlap in time), and each the same network, bit for bit, as the same fine-tune run by itself."""
-    raw = _raw(tiny_checkpoints[0], synthetic_dataset, heldout_dataset, tmp_path / "both", epochs=1)
-    raw["augment"]["count"] = [16, 64]
-    said: list[str] = []
-    results = run_train_augment(parse_train_config(raw), progress=False, log=said.append)
-    assert "2 fine-tunes, 2 at a time: the cluster has (or can add) room for the workers of 2" in said, said
-    assert [r.run_dir.name for r in results] == ["n16", "n64"]  # the config's order
-    spans = [pd.read_parquet(r.epochs_path) for r in results]
-    spans = [(e.started.min(), e.finished.max()) for e in spans]
-    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans  # they overlapped
-    alone = _raw(tiny_checkpoints[0], synthetic_dataset, heldout_dataset, tmp_path / "alone", epochs=1)
-    alone["augment"]["count"] = 64
-    (solo,) = run_train_augment(parse_train_config(alone), progress=False)
-    together = torch.load(results[1].model_path, weights_only=True)
-    by_itself = torch.load(solo.model_path, weights_only=True)
-    assert together.keys() == by_itself.keys()
-    assert all(torch.equal(together[k], by_itself[k]) for k in together)
-
-
-@pytest.mark.slow
 def test_killing_the_driver_then_rerunning_resumes_from_the_last_checkpoint(finetunes):
     """The augmented fine-tune's driver was killed (SIGKILL) in epoch 3, once epoch 2's checkpoint was registered;
     the same command, run again from the same directory (relative paths), went on from there."""
