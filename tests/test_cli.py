@@ -274,3 +274,11 @@ def test_demo_runs_from_any_directory(demo_run):
     assert not (tmp_path / "jobs").exists()
     assert (tmp_path / "demo-out" / "results" / "cells.parquet").is_file()
     assert "report: " in done.stdout and (tmp_path / "demo-out" / "results" / "report" / "report.html").is_file()
+    # the report knows the fine-tunes from the sidecars `pixelray train-augment` wrote (pixelray.json in each run
+    # directory): Table 10 holds the augmented one, Table 11 the base model's examples judged by it
+    md = (demo / "results" / "report" / "report.md").read_text()
+    sections = {head.split("\n", 1)[0]: head for head in md.split("\n### ")[1:]}
+    t10 = next(v for k, v in sections.items() if k.startswith("Table 10:"))
+    t11 = next(v for k, v in sections.items() if k.startswith("Table 11:"))
+    assert "*Absent" not in t10 and "| tiny-aug384 | 384 pixels |" in t10, t10
+    assert "*Absent" not in t11 and "| tiny-aug384 |" in t11 and "tiny (attacked)" in t11, t11

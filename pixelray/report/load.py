@@ -171,7 +171,10 @@ def _image_id_files(path: Path) -> dict[str, int]:
 def _sidecar(spec: str) -> dict[str, Any]:
     """The JSON sidecar of a ``checkpoint:PATH`` model, if it can be found ({} otherwise); never the weights."""
     raw = Path(spec.split(":", 1)[1]).expanduser()
-    for side in (raw.with_name(raw.name + ".json"), raw.with_suffix(".json")):  # as models.sidecar_path looks
+    if raw.is_dir():  # a `pixelray train-augment` run directory: its model.pt and pixelray.json
+        raw = raw / "model.pt"
+    # as models.sidecar_path looks: PATH.json, the same stem .json, a run directory's pixelray.json
+    for side in (raw.with_name(raw.name + ".json"), raw.with_suffix(".json"), raw.with_name("pixelray.json")):
         try:
             value = json.loads(side.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -182,13 +185,18 @@ def _sidecar(spec: str) -> dict[str, Any]:
 
 
 def _augment_count(metadata: Any) -> int | None:
-    """n of the augmentation a checkpoint was trained with: ``augment_count`` (the demo) or ``augment.count``."""
+    """n of the augmentation a checkpoint was trained with: ``augment_count``, ``augment.count``, or what
+    ``pixelray train-augment`` writes, ``augment.change.count`` with ``augment.aug = "pixels"`` (its
+    ``aug = "none"`` control and its other augmentations have none)."""
     if not isinstance(metadata, dict):
         return None
     value = metadata.get("augment_count")
     augment = metadata.get("augment")
     if value is None and isinstance(augment, dict):
         value = augment.get("count")
+        change = augment.get("change")
+        if value is None and augment.get("aug") == "pixels" and isinstance(change, dict):
+            value = change.get("count")
     if value is None and isinstance(augment, int):
         value = augment
     return value if is_int(value) and value >= 1 else None
