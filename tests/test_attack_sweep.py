@@ -237,6 +237,7 @@ def test_attack_counts_equal_an_independent_plain_loop(attack_run, expected_fgsm
     assert (transfer.n_fooled + transfer.n_correct == transfer.n_images).all()
 
     ids = tables["attack_ids"]
+    assert set(ids.attack) == {"fgsm"} and ids.attack_params.notna().all()  # the attack that kept them
     for (model, k), (kept_ids, _) in expected["examples"].items():
         assert ids[(ids.model == model) & (ids.eps.mul(255).round() == k)].image_id.tolist() == kept_ids.tolist()
     # the images never enter a results table

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -282,3 +283,16 @@ def test_demo_runs_from_any_directory(demo_run):
     t11 = next(v for k, v in sections.items() if k.startswith("Table 11:"))
     assert "*Absent" not in t10 and "| tiny-aug384 | 384 pixels |" in t10, t10
     assert "*Absent" not in t11 and "| tiny-aug384 |" in t11 and "tiny (attacked)" in t11, t11
+    assert "tiny-none" not in t11  # the control is a fine-tune too: neither an attacked base nor an augmented judge
+    for line in t11.splitlines():  # tiny-aug384 judges exactly the examples kept on tiny, at each attack and eps
+        if line.startswith("| ") and "| tiny (attacked) |" in line:
+            kept = line.split(" | ")[3].split(" · ")[0].split("/")[1]
+            judged = next(x for x in t11.splitlines() if x.startswith(line.split(" | ")[0] + " | tiny-aug384 |"))
+            assert judged.split(" | ")[3].split(" · ")[0].split("/")[1] == kept, (line, judged)
+    assert not re.search(r"n = \d+\.\d", md)  # counts are integers in every header
+    # FGSM and PGD at one eps keep their own examples: attack_ids.parquet says which kept which
+    ids = pq.read_table(demo / "results" / "attack_ids.parquet").to_pandas()
+    kept = ids.groupby(["model", "attack", "attack_params", "eps"]).size()
+    attack = pq.read_table(demo / "results" / "attack.parquet").to_pandas()
+    assert {"fgsm", "pgd"} <= set(ids.attack)
+    assert all(kept.get((r.model, r.attack, r.attack_params, r.eps), 0) == r.n_kept for r in attack.itertuples())

@@ -9,6 +9,7 @@ read as plain JSON for their name, base architecture and augmentation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +49,27 @@ class ModelInfo:
     base: str
     augment_count: int | None = None
     sidecar: dict[str, Any] = field(default_factory=dict)
+    started_from: str | None = None  # the model a `pixelray train-augment` fine-tune started from
 
     @property
     def fine_tuned(self) -> bool:
+        """Trained with n-pixel-change augmentation."""
         return self.augment_count is not None
+
+    @property
+    def derived(self) -> bool:
+        """Fine-tuned from another model (augmented, or the ``aug = "none"`` control)."""
+        return self.fine_tuned or self.started_from is not None
+
+    def fine_tuned_from(self, base: ModelInfo) -> bool:
+        """This model was fine-tuned from ``base``: the model its sidecar says it started from (the same spec,
+        or a checkpoint of the same file name), else, where it does not say, the same architecture."""
+        if self.started_from is None:
+            return self.base == base.base
+        if self.started_from == base.spec:
+            return True
+        ours, theirs = self.started_from.split(":", 1), base.spec.split(":", 1)
+        return ours[0] == theirs[0] == "checkpoint" and Path(ours[1]).name == Path(theirs[1]).name
 
 
 @dataclass
@@ -210,7 +228,9 @@ def _model_info(spec: str) -> ModelInfo:
     name = side.get("name") if isinstance(side.get("name"), str) else path.stem
     base = side.get("base") if isinstance(side.get("base"), str) else "unknown"
     shown = {k: side[k] for k in ("file", "base", "sha256", "weights_from", "metadata") if k in side}
-    return ModelInfo(spec, name or path.name, base, _augment_count(side.get("metadata")), shown)
+    metadata = side.get("metadata") if isinstance(side.get("metadata"), dict) else {}
+    started = metadata.get("started_from") if isinstance(metadata.get("started_from"), str) else None
+    return ModelInfo(spec, name or path.name, base, _augment_count(metadata), shown, started)
 
 
 def load_run(path: str | Path) -> Run:
@@ -255,7 +275,7 @@ def _unique_labels(runs: list[Run]) -> None:
             label = f"{label} [{spec.split(':', 1)[-1]}]"  # two specs, one name: show the path
         if len({r for r, _ in seen[info.label]}) > 1:
             label = f"{label} ({run_name})"
-        infos[(run_name, spec)] = ModelInfo(info.spec, label, info.base, info.augment_count, info.sidecar)
+        infos[(run_name, spec)] = dataclasses.replace(info, label=label)
     for r in runs:
         r.models = {m: infos[(r.name, m)] for m in specs[r.name]}
 

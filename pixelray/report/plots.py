@@ -125,7 +125,7 @@ def _panels(df: pd.DataFrame, x: str, xlabel: str, key: str, title: str, caption
         mine = df[df["who"] == who]
         for count, g in mine.groupby("count"):
             g = g.sort_values(x)
-            _line(ax, g[x], g["n_wrong"], g["n_images"], f"n = {count}")
+            _line(ax, g[x], g["n_wrong"], g["n_images"], f"n = {int(count)}")
         if log2:
             _log2_x(ax, mine[x])
         _style(ax, xlabel, _WRONG_Y, who)
@@ -195,7 +195,7 @@ def plot_fgsm(c: pd.DataFrame, runs: list[Run]) -> Plot | None:
         mine = adv[(adv["who"] == who) & (adv["attack"] == name)]
         for count, g in mine.groupby("count"):
             g = g.sort_values("eps")
-            _line(ax, g["eps_k"], g["n_restored"], g["n_images"], f"n = {count}")
+            _line(ax, g["eps_k"], g["n_restored"], g["n_images"], f"n = {int(count)}")
         _log2_x(ax, mine["eps_k"])
         _style(ax, eps_x, "restored to the true class (% of kept)", f"{who}, {name.upper()}: n changed pixels")
     return Plot("fgsm", "Attack success and restored rate against ε (Table 9)",

@@ -141,8 +141,9 @@ def prepare_cells(runs: list[Run]) -> pd.DataFrame:
     return df
 
 
-def _count_col(count: int) -> str:
-    return f"n = {count}"
+def _count_col(count: int | float) -> str:
+    """A count's column: an integer, whatever the column's dtype (a count column with nulls reads as float)."""
+    return f"n = {int(count)}"
 
 
 def _eps_label(eps: float, attack: str = "fgsm") -> str:
@@ -356,11 +357,11 @@ def table_11(runs: list[Run]) -> Table:
         weights = run.cells["weights"].iloc[0] if len(run.cells) else None
         for r in run.transfer.sort_values("eps", kind="stable").itertuples():
             src, tgt = run.models.get(r.source_model), run.models.get(r.target_model)
-            if src is None or tgt is None or src.fine_tuned:
+            if src is None or tgt is None or src.derived:  # the examples of base models only
                 continue
             if r.source_model == r.target_model:
                 aug, label = None, f"{src.label} (attacked)"
-            elif tgt.fine_tuned and tgt.base == src.base:
+            elif tgt.fine_tuned and tgt.fine_tuned_from(src):
                 aug, label = tgt.augment_count, tgt.label
             else:
                 continue

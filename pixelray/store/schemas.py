@@ -54,5 +54,8 @@ TRANSFER_SCHEMA = pa.schema([
     *_RUN_COLUMNS,
 ])
 
-#: attack_ids.parquet: which adversarial examples were kept, per model and eps.
-IDS_SCHEMA = pa.schema([("model", pa.string()), ("eps", pa.float64()), ("image_id", pa.int64())])
+#: attack_ids.parquet: which adversarial examples were kept, per model, attack (its name and parameters, as
+#: in attack.parquet: FGSM and PGD at one eps keep different images) and eps. Runs written before the attack
+#: columns read as they did (no such columns).
+IDS_SCHEMA = pa.schema([("model", pa.string()), ("attack", pa.string()), ("attack_params", pa.string()),
+                        ("eps", pa.float64()), ("image_id", pa.int64())])

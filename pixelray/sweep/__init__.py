@@ -38,7 +38,7 @@ Layout of an output directory::
                              and with an attack one more per experiment x model x eps x cell
     attack.parquet           one row per model x eps: the attack's success rate (ATTACK_SCHEMA)
     transfer.parquet         one row per source model x target model x eps (TRANSFER_SCHEMA)
-    attack_ids.parquet       model, eps, image_id of every kept adversarial example
+    attack_ids.parquet       model, attack, attack_params, eps, image_id of every kept adversarial example
     stats.json               shard reads per phase, units run, timings
     rejected/                unit files that could not be used (unreadable, another plan), kept for a look
 

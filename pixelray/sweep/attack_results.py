@@ -113,7 +113,8 @@ def attack_results(config: SweepConfig, cell_pairs, done: AttackPass, size, comm
                 "success_rate": n_ok / n_att if n_att else math.nan, "ci_low": low, "ci_high": high,
                 "n_kept": len(c), "image_size": size[0],
             })
-            out["ids"] += [{"model": model, "eps": eps, "image_id": int(i)} for i in ids_all[c]]
+            out["ids"] += [{"model": model, "attack": name, "attack_params": params, "eps": eps, "image_id": int(i)}
+                           for i in ids_all[c]]
             restored = restored_all[c].sum(axis=0)
             for cell_id, n_restored in zip(cell_ids, restored.tolist(), strict=True):
                 for exp in names[cell_id]:
