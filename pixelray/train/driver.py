@@ -57,6 +57,7 @@ from pixelray.train.loop import (
     train_loop_per_worker,
 )
 from pixelray.train.progress import EpochLines
+from pixelray.train.schedule import run_all, side_by_side
 from pixelray.train.shared import check_output_seen
 
 __all__ = ["EPOCHS_SCHEMA", "TrainError", "TrainResult", "prepare_run", "run_train_augment", "side_by_side"]
@@ -407,7 +408,7 @@ def run_train_augment(
     if at_once > 1:
         say(f"{len(train)} fine-tunes, {at_once} at a time: the cluster has (or can add) room for the workers of "
             f"{at_once}")
-    trained = _run_all(train, at_once, lambda item: _run_one(item, say, progress, hooks))
+    trained = run_all(train, at_once, lambda item: _run_one(item, say, progress, hooks))
     for item in prepared:
         out = item.run.output_dir
         if item.state == "done":
@@ -417,35 +418,3 @@ def run_train_augment(
             result.timing["connect_s"] = connect_s
             results.append(result)
     return results
-
-
-def side_by_side(runs: list[FineTune], gpus_reach: float = 0) -> int:
-    """How many of these fine-tunes can train at once (from one): the cluster's CPUs over what one fine-tune's
-    workers reserve (the most any of them does), and for GPU fine-tunes the GPUs they can reach (those present,
-    or what the autoscaler can add: their pending workers are its demand) over the GPUs one needs."""
-    import ray
-
-    have = ray.cluster_resources()
-    cpus = max(run.workers * run.cpus_per_worker for run in runs)
-    gpus = max(run.workers if run.use_gpu else 0 for run in runs)
-    if gpus:  # (CPUs come with the GPU nodes)
-        room = len(runs) if math.isinf(gpus_reach) else gpus_reach // gpus
-    else:
-        room = have.get("CPU", 0) // cpus
-    return int(max(1, min(room, len(runs))))
-
-
-def _run_all(items: list[Prepared], at_once: int, run_one: Callable[[Prepared], TrainResult]) -> dict:
-    """Each fine-tune's result by ``id(item)``, ``at_once`` at a time (threads; each a Ray Train run of its
-    own). A fine-tune that fails does not stop the others; the first failure (config order) is raised."""
-    if at_once <= 1:
-        return {id(item): run_one(item) for item in items}
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="pixelray-finetune") as pool:
-        futures = [(item, pool.submit(run_one, item)) for item in items]
-        errors = [f.exception() for _, f in futures]  # waits for every one
-    for error in errors:
-        if error is not None:
-            raise error
-    return {id(item): f.result() for item, f in futures}
