@@ -51,24 +51,20 @@ def _gpu_workers(stats: dict) -> dict:
     return used
 
 
-def test_auto_on_an_idle_cluster_waits_for_a_gpu_node_and_never_computes_on_the_head(runs):
-    got = runs["auto"]
-    assert got["gpus_before"] == 0  # the GPU type starts at zero: no GPU when the sweep starts
-    notes = [line for line in got["said"] if "waiting for the autoscaler to add GPU nodes" in line]
-    assert len(notes) == 1 and notes[0].startswith("[run] device = 'auto': no GPU in the cluster yet"), got["said"]
-    used = _gpu_workers(got["stats"])
-    nodes = {w["node"] for w in used.values()}
-    assert used and got["head"] not in nodes and nodes <= set(got["gpu_nodes"]), (used, got["gpu_nodes"])
-    assert got["same"]  # the rows of the solo in-process run
-
-
-def test_a_range_grows_the_pool_to_its_top_as_the_autoscaler_adds_gpu_nodes(runs):
+def test_auto_on_an_idle_cluster_waits_for_gpu_nodes_and_the_pool_grows_to_the_top_of_its_range(runs):
+    """jobs/paper.toml's [run] (device = "auto", a range of GPUs) on a cluster whose GPU type starts at zero and
+    whose autoscaler does not publish its node types (Ray's v1): it waits for GPU nodes, never computing on the
+    head's CPU, and grows to three workers on the three nodes the autoscaler adds."""
     got = runs["grow"]
+    assert got["gpus_before"] == 0  # no GPU when the sweep starts
+    notes = [line for line in got["said"] if "waiting for the autoscaler to add GPU nodes" in line]
+    assert len(notes) == 1 and notes[0].startswith(
+        "[run] device = 'auto', gpus = '1..3': no GPU in the cluster yet"), got["said"]
     used = _gpu_workers(got["stats"])
     nodes = {w["node"] for w in used.values()}
     assert len(used) == 3 and len(nodes) == 3, used  # three workers on three GPU nodes
-    assert got["head"] not in nodes and nodes <= set(got["gpu_nodes"])
-    assert got["same"]
+    assert got["head"] not in nodes and nodes <= set(got["gpu_nodes"])  # never on the head
+    assert got["same"]  # the rows of the solo in-process run
 
 
 def test_a_range_larger_than_the_cluster_can_give_goes_on_with_what_comes(runs):
