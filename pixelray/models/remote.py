@@ -18,13 +18,11 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from pixelray.errors import one_line
+from pixelray.models.checkpoints import RUN_MODEL_FILE, RUN_SIDECAR_FILE
 from pixelray.store.atomic import write_bytes_atomic, write_text_atomic
 from pixelray.store.storage import Location, join_uri
 
 __all__ = ["cache_root", "fetch_checkpoint"]
-
-RUN_MODEL_FILE = "model.pt"  # as pixelray.models.checkpoints names them
-RUN_SIDECAR_FILE = "pixelray.json"
 
 
 def cache_root() -> Path:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from pixelray.errors import SweepError
 
-__all__ = ["GpuOutlook", "adds_nodes", "autoscaler_runs", "choose_device", "gpu_outlook"]
+__all__ = ["GpuOutlook", "adds_nodes", "autoscaler_runs", "choose_device", "embedded_ray", "gpu_outlook"]
 
 
 @dataclass(frozen=True)
@@ -52,19 +52,25 @@ def gpu_outlook() -> GpuOutlook:
     """The connected cluster's :class:`GpuOutlook` (the autoscaler's published config, as Ray Data reads it)."""
     import ray
     import ray._private.state as ray_state
-    import ray._private.worker as ray_worker
 
     now = int(ray.cluster_resources().get("GPU", 0))
     try:
         most = (ray_state.state.get_max_resources_from_cluster_config() or {}).get("GPU")
     except Exception:  # an older or a remote GCS without the key: unknown, as without an autoscaler
         most = None
-    node = getattr(ray_worker.global_worker, "node", None)
-    embedded = bool(node is not None and node.is_head())
+    embedded = embedded_ray()
     # without a GPU, what the autoscaler can do decides: on a head that has just started, its first report
     # (within one update, 5 s) is waited for
     autoscaler = not embedded and autoscaler_runs(wait=REPORT_WAIT if now == 0 else 0)
     return GpuOutlook(now, None if most is None else int(most), embedded, autoscaler)
+
+
+def embedded_ray() -> bool:
+    """The connected Ray is this process's own (it started the head): no autoscaler, only this machine."""
+    import ray._private.worker as ray_worker
+
+    node = getattr(ray_worker.global_worker, "node", None)
+    return bool(node is not None and node.is_head())
 
 
 #: seconds a driver without GPUs waits for the autoscaler's first report on a cluster that has just started

@@ -150,7 +150,7 @@ def _run_dir_state(run: FineTune) -> str:
                              f"{run.config_hash}); use another output directory (--out) or delete this one")
         done = all(out.child(name).exists() for name in ("model.pt", "pixelray.json", "epochs.parquet"))
         return "done" if done else "resume"
-    if out.files() or (out.path is not None and any(out.path.iterdir())):
+    if any(out.path.iterdir()) if out.path is not None else out.files():
         raise TrainError(f"[output] dir: {out} is not empty and holds no train-augment run; use an empty or new "
                          "directory (--out)")
     return "new"

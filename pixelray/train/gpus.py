@@ -65,12 +65,9 @@ def _gpu_ceiling() -> int | None:
 def _adds_nodes() -> bool:
     """An autoscaler that can add nodes runs on the joined cluster, though it does not publish its node types
     (Ray's v1 autoscaler, the launcher's and KubeRay's default): :func:`pixelray.sweep.devices.autoscaler_runs`."""
-    import ray._private.worker as ray_worker
+    from pixelray.sweep.devices import REPORT_WAIT, autoscaler_runs, embedded_ray
 
-    from pixelray.sweep.devices import REPORT_WAIT, autoscaler_runs
-
-    node = getattr(ray_worker.global_worker, "node", None)
-    return not (node is not None and node.is_head()) and autoscaler_runs(wait=REPORT_WAIT)
+    return not embedded_ray() and autoscaler_runs(wait=REPORT_WAIT)
 
 
 def check_cluster_gpus(needed: int, say: Callable[[str], None]) -> float:
