@@ -207,3 +207,65 @@ def apply_pixel_changes(
     index = torch.broadcast_tensors(*index)
     out.index_put_(index, draw_values(cell, ids, out[index]))
     return out
+
+
+# --- Ladders (pixels to failure), written from the README's "Ladders" section, not from pixelray.core.ladder_draws:
+# the engine's draws must equal these bit for bit.
+
+def ladder_id(amplitude: str, area: int | None, channels: str, seed: int, image_side: int) -> str:
+    """The id that keys a ladder's draws, from failure.parquet's columns (area = the side means the whole image)."""
+    amp = "full" if amplitude == "full" else f"a{int(amplitude)}"
+    whole = area is None or area == image_side
+    ch = "all" if channels == "all" else "c" + "".join(channels.split(","))
+    return f"ladder-{amp}-{'whole' if whole else f's{area}'}-{ch}-seed{seed}"
+
+
+def ladder_points(size: int, steps_per_octave: int, max_count: int) -> list[int]:
+    """floor(2 ** (i / steps) + 0.5) for i = 0, 1, ... while <= max_count, each once, then max_count."""
+    import math
+
+    out, i = [], 0
+    while math.floor(2 ** (i / steps_per_octave) + 0.5) <= max_count:
+        k = math.floor(2 ** (i / steps_per_octave) + 0.5)
+        if k not in out:
+            out.append(k)
+        i += 1
+    return out if out[-1] == max_count else [*out, max_count]
+
+
+def ladder_changes(image: torch.Tensor, image_id: int, k: int, the_id: str, amplitude: str, area: int | None,
+                   channels: str) -> list[tuple[int, int, int, int]]:
+    """The first ``k`` changes of the ladder ``the_id`` in one (H, W, 3) uint8 image: (y, x, channel, new value)."""
+    import hashlib
+
+    height, width = image.shape[:2]
+    side_h, side_w = (height, width) if area is None or area == height == width else (area, area)
+    top, left = (height - side_h) // 2, (width - side_w) // 2
+    size = side_h * side_w
+    key = int.from_bytes(hashlib.sha256(the_id.encode()).digest()[:8], "little") & (2**63 - 1)
+    image_key = hash64(hash64(torch.tensor([image_id]) * _STREAM_MUL + _i64(key)))  # (1,)
+    scores = (hash64(image_key + hash64(torch.arange(size) + (_STREAM_POSITION << 40))) & ((1 << 63) - 1)).tolist()
+    b = max(1, (size - 1).bit_length())
+    order = sorted(range(size), key=lambda q: (scores[q] >> b, q))
+    chans = [0, 1, 2] if channels == "all" else [int(c) for c in channels.split(",")]
+    index = torch.tensor([j * 4 + c for j in range(k) for c in chans], dtype=torch.int64)
+    draws = (hash64(image_key + hash64(index + (_STREAM_VALUE << 40))) & ((1 << 63) - 1)).tolist()
+    out = []
+    for n, (j, c) in enumerate((j, c) for j in range(k) for c in chans):
+        y, x = top + order[j] // side_w, left + order[j] % side_w
+        if amplitude == "full":
+            new = draws[n] % 256
+        else:
+            a = int(amplitude)
+            new = min(255, max(0, int(image[y, x, c]) + draws[n] % (2 * a + 1) - a))
+        out.append((y, x, c, new))
+    return out
+
+
+def ladder_image(image: torch.Tensor, image_id: int, k: int, the_id: str, amplitude: str, area: int | None,
+                 channels: str) -> torch.Tensor:
+    """One (H, W, 3) uint8 image with its first ``k`` changes of the ladder ``the_id``."""
+    out = image.clone()
+    for y, x, c, new in ladder_changes(image, image_id, k, the_id, amplitude, area, channels):
+        out[y, x, c] = new
+    return out

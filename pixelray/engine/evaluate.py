@@ -21,7 +21,8 @@ from pixelray.core.perturb import Perturber, image_layout
 from pixelray.core.spec import Cell, PixelChange
 
 __all__ = [
-    "CellGraphs", "correct_under_cells", "count_wrong", "image_size", "pick_device", "pixel_change_cells", "predict",
+    "CellGraphs", "amp_autocast", "correct_under_cells", "count_wrong", "image_size", "pick_device",
+    "pixel_change_cells", "predict",
 ]
 
 
@@ -32,7 +33,7 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _autocast(device: torch.device, amp: bool | str):
+def amp_autocast(device: torch.device, amp: bool | str):
     """Autocast for ``amp``: False (fp32), True (fp16 on CUDA, bf16 on CPU), "bf16" or "fp16"."""
     if not amp:
         return contextlib.nullcontext()
@@ -46,7 +47,7 @@ def _autocast(device: torch.device, amp: bool | str):
 def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int, amp: bool = False) -> torch.Tensor:
     """Top-1 predictions (int64, on the images' device) for a uint8 batch, in slices of ``batch_size``."""
     preds = []
-    with torch.inference_mode(), _autocast(images.device, amp):
+    with torch.inference_mode(), amp_autocast(images.device, amp):
         for start in range(0, images.shape[0], batch_size):
             preds.append(model(images[start : start + batch_size]).argmax(dim=1))
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64, device=images.device)
@@ -96,7 +97,7 @@ def correct_under_cells(
         perturber = Perturber(pixel_change_cells(cells), *image_size(images), images.device)
     correct = torch.empty((len(cells), n), dtype=torch.bool, device=images.device)
     step = max(1, int(cells_per_pass))
-    with torch.inference_mode(), _autocast(images.device, amp):
+    with torch.inference_mode(), amp_autocast(images.device, amp):
         for start in range(0, n, batch_size):
             part = slice(start, start + batch_size)
             batch, ids, truth = images[part], image_ids[part], labels[part]
