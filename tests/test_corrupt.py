@@ -120,7 +120,7 @@ def test_a_noise_experiment_parses_and_plans_its_cells():
 
 
 @pytest.mark.parametrize(("experiment", "message"), [
-    ({"family": "fog"}, r"family = 'fog': unknown; allowed: \['pixel_change', 'impulse_noise'\]"),
+    ({"family": "fog"}, r"family = 'fog': unknown; allowed: \['pixel_change', 'pixels_to_failure', 'impulse_noise'\]"),
     ({"family": "impulse_noise", "severities": [0, 2]}, r"severities = \[0, 2\]: distinct values from \[1, 2, 3"),
     ({"family": "impulse_noise", "severities": [2, 2]}, r"severities = \[2, 2\]: distinct values"),
     ({"family": "impulse_noise", "counts": [4]}, r"unknown key\(s\) \['counts'\]"),

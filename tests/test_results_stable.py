@@ -93,3 +93,42 @@ def test_five_random_rows_recount_from_their_columns_alone(demo_run):
         with torch.inference_mode():
             wrong = int((model(changed).argmax(1) != labels).sum())
         assert (len(ids), wrong) == (row.n_images, row.n_wrong), row.cell_id
+
+
+@pytest.mark.slow
+def test_failure_rows_rebuild_from_their_columns_alone_and_every_count_below_is_classified_correctly(demo_run):
+    """A few failure.parquet rows of the demo's ladder, rebuilt from their columns with the reference draws
+    (tests/reference_perturb.py, written from the README), and scanned count by count with the model."""
+    rows = pd.read_parquet(demo_run / "out" / "failure.parquet")
+    wrong = rows[rows.target == "wrong"]
+    ids, labels, images = _evaluated_images(demo_run)
+    assert set(wrong.model) == {"exact_models:make0", "exact_models:make1"}
+    assert len(wrong) == 2 * len(ids) and wrong.n_fail.notna().any() and wrong.n_fail.isna().any()
+    rng = np.random.default_rng(5)
+    chosen = pd.concat([wrong[wrong.n_fail.notna()].sample(4, random_state=rng),
+                        wrong[wrong.n_fail.isna()].sample(1, random_state=rng)])
+    place = {int(i): k for k, i in enumerate(ids.tolist())}
+    for _, row in chosen.iterrows():
+        the_id = reference_perturb.ladder_id(row.amplitude, row.area, row.channels, row.seed, row.image_size)
+        assert the_id == row.ladder_id
+        side = row.image_size if row.area is None else row.area
+        points = reference_perturb.ladder_points(side * side, row.steps_per_octave, row.max_count)
+        image, label = images[place[row.image_id]], int(labels[place[row.image_id]])
+        assert label == row.label
+        top = int(row.max_count if pd.isna(row.n_fail) else row.n_fail)
+        changes = reference_perturb.ladder_changes(image, row.image_id, top, the_id, row.amplitude, row.area,
+                                                   row.channels)
+        per, changed = len(changes) // top, image.clone()
+        model = load_model(row.model, None, num_classes=10)
+        verdicts = []
+        for k in range(1, top + 1):
+            for y, x, c, new in changes[(k - 1) * per : k * per]:
+                changed[y, x, c] = new
+            with torch.inference_mode():
+                verdicts.append(int(model(changed.permute(2, 0, 1)[None]).argmax()) == label)
+        failing = [k for k in points if k <= top and not verdicts[k - 1]]
+        assert (failing[0] if failing else None) == (None if pd.isna(row.n_fail) else int(row.n_fail)), row.image_id
+        assert all(verdicts[k - 1] for k in points if k < top or pd.isna(row.n_fail))  # correct below n_fail
+        if not pd.isna(row.n_fail):  # refine = true: correct just below the refined count, wrong at it
+            r = int(row.n_fail_refined)
+            assert row.n_last_correct < r <= row.n_fail and not verdicts[r - 1] and (r == 1 or verdicts[r - 2])

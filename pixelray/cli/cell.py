@@ -57,12 +57,20 @@ def show_cmd(
         typer.Option("--data", help="The data set (shards + manifest): adds the image's old and new values."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
+    count: Annotated[
+        int | None, typer.Option("--count", help="A ladder's first COUNT changes (with a ladder_id; e.g. n_fail).")
+    ] = None,
 ) -> None:
     """The pixels CELL_ID changes in image IMAGE_ID: position, channel, and the new value (or shift).
+
+    CELL_ID is a cells.parquet cell_id, or a failure.parquet ladder_id with --count K: the image's
+    first K changes on that ladder, in ladder order.
 
     Example: pixelray cell show n64-full-whole-all-per-image-seed0 --image-id 17 --size 224
     """
     from pixelray.core.corrupt import describe_cell
+    from pixelray.core.ladder import Ladder
+    from pixelray.core.ladder_draws import describe_ladder
     from pixelray.core.spec import Cell, Corruption
 
     image = None
@@ -78,15 +86,27 @@ def show_cmd(
             fail(f"--size {size}: the images of --data are {image.shape[0]}x{image.shape[1]}")
     elif data is None:
         height = width = 224
+    ladder = cell_id.startswith("ladder-")
+    if ladder and count is None:
+        fail(f"--count: {cell_id!r} is a ladder; add --count K for its first K changes (e.g. the row's n_fail)")
+    if not ladder and count is not None:
+        fail(f"--count {count}: only a ladder id (ladder-...) takes --count; a cell id names its own count")
     try:
-        cell = Cell.from_id(cell_id, (height, width))
-        record = describe_cell(cell, image_id, height, width, image)
+        if ladder:
+            cell = Ladder.from_id(cell_id).for_image(height, width)
+            record = describe_ladder(cell, image_id, count, height, width, image)
+        else:
+            cell = Cell.from_id(cell_id, (height, width))
+            record = describe_cell(cell, image_id, height, width, image)
     except ValueError as exc:
         fail(str(exc))
     if as_json:
         typer.echo(json.dumps({**asdict(record), "height": height, "width": width}))
         return
-    if isinstance(cell.change, Corruption):
+    if ladder:
+        typer.echo(f"ladder {record.cell_id}, image {image_id} ({height}x{width}): its first {count} positions x "
+                   f"{len(cell.channel_indices)} channels, amplitude {cell.amplitude}, in ladder order")
+    elif isinstance(cell.change, Corruption):
         typer.echo(f"cell {record.cell_id}, image {image_id} ({height}x{width}): {cell.change.family} at severity "
                    f"{cell.change.severity}, {len(record.y)} of {height * width * 3} values replaced")
     else:

@@ -192,6 +192,28 @@ def _summary(out_dir) -> None:
             typer.echo("\nattack success rate (%), eps in k/255 (restored counts per cell: cells.parquet, n_restored):")
             table = attack.pivot_table(index=["attack", "eps"], columns="model", values="success_rate", sort=False)
             typer.echo((100 * table).round(2).to_string())
+        failure_path = run.child("failure.parquet")
+        if failure_path.exists():
+            _failure_summary(failure_path.read_table().to_pandas().assign(model=lambda d: d.model.map(short)))
+
+
+def _failure_summary(fail) -> None:
+    """Median pixels to failure (clean images) and to restore (attacks) per ladder and model; "> N": survives."""
+    import numpy as np
+    import pandas as pd
+
+    fail = fail.assign(eps=(fail.eps * 255).round().astype("Int64"), n=fail.n_fail.fillna(np.inf))
+    keys = ["experiment", "ladder_id", "attack", "eps"]
+    rows: dict[tuple, dict[str, str]] = {}
+    for key, group in fail.groupby(keys, dropna=False, sort=False):
+        for model, part in group.groupby("model", sort=False):
+            median = float(np.median(part.n))
+            text = f"> {int(part.max_count.max())}" if median == np.inf else f"{median:g}"
+            rows.setdefault(tuple("" if pd.isna(k) else k for k in key), {})[model] = text
+    typer.echo("\npixels to failure, median per image (attack rows: pixels to restore its examples; failure.parquet):")
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index = pd.MultiIndex.from_tuples(list(rows), names=keys)
+    typer.echo(table.to_string())
 
 
 @app.command("report")

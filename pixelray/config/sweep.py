@@ -25,6 +25,8 @@ from typing import Any
 from pixelray.config.attack import AttackConfig, Keep
 from pixelray.config.run import check_run, run_fields
 from pixelray.config.tomlcheck import ConfigError, check_keys, check_placeholder, get_value, int_list, read_toml
+from pixelray.core.ladder import FAMILY as LADDER_FAMILY
+from pixelray.core.ladder import SEARCHES, Ladder
 from pixelray.core.spec import CORRUPTIONS, PIXEL_CHANGE, Cell, Corruption, PixelChange, parse_channels
 
 __all__ = [
@@ -61,7 +63,9 @@ class Experiment:
     """A named grid: counts x amplitudes x areas x channels (x the config's seeds).
 
     With ``family`` other than ``pixel_change`` (e.g. ``impulse_noise``) the grid is the
-    corruption's ``severities`` instead.
+    corruption's ``severities`` instead. With ``family = "pixels_to_failure"`` it is one ladder
+    (:class:`~pixelray.core.ladder.Ladder`) per seed: the one amplitude, area and channels, and
+    ``ladder`` = (steps_per_octave, max_count, search, refine).
     """
 
     name: str
@@ -72,16 +76,34 @@ class Experiment:
     positions: str = "per-image"
     family: str = PIXEL_CHANGE
     severities: tuple[int, ...] = ()
+    ladder: tuple[int, int | None, str, bool] | None = None
 
     def identity(self) -> dict[str, Any]:
-        """What determines its cells; a pixel-change grid's reads as before corruptions existed (same hash)."""
+        """What determines its cells; a pixel-change grid's reads as before corruptions existed (same hash),
+        and every grid's as before ladders existed."""
         out = asdict(self)
         if self.family == PIXEL_CHANGE:
             del out["family"], out["severities"]
+        if self.ladder is None:
+            del out["ladder"]
+        return out
+
+    def ladders(self, seeds: tuple[int, ...], image_size: tuple[int, int] | None = None) -> list[Ladder]:
+        """This experiment's ladders, one per seed (none unless ``family = "pixels_to_failure"``)."""
+        if self.ladder is None:
+            return []
+        steps, top, search, refine = self.ladder
+        out = []
+        for seed in seeds:
+            ladder = Ladder(self.amplitudes[0], self.areas[0], self.channels[0], seed, steps, top,  # type: ignore[arg-type]
+                            search, refine)
+            out.append(ladder if image_size is None else ladder.for_image(*image_size))
         return out
 
     def changes(self, image_size: tuple[int, int] | None = None) -> list[PixelChange | Corruption]:
         """Every change of this experiment; an area equal to a square image is the whole image."""
+        if self.ladder is not None:
+            return []
         if self.family != PIXEL_CHANGE:
             return [Corruption(self.family, severity) for severity in self.severities]
         out = []
@@ -138,6 +160,19 @@ class SweepConfig:
                     pairs.append((exp.name, Cell(change, seed)))
         return pairs
 
+    def ladders(self, image_size: tuple[int, int] | None = None) -> list[tuple[str, Ladder]]:
+        """(experiment name, ladder) pairs of the ``pixels_to_failure`` experiments, in config order."""
+        pairs = []
+        for exp in self.experiments:
+            for ladder in exp.ladders(self.seeds, image_size):
+                if image_size is not None:
+                    try:
+                        ladder.check_image(*image_size)
+                    except ValueError as exc:
+                        raise ConfigError(f"experiment {exp.name!r}: {exc}") from None
+                pairs.append((exp.name, ladder))
+        return pairs
+
     def check_placeholders(self) -> None:
         """ConfigError for a path still holding an example's placeholder (``s3://YOUR-BUCKET/...``): checked
         when a sweep starts, not when a config is read (the example configs are valid templates)."""
@@ -180,7 +215,8 @@ _TOP_KEYS = {"data", "models", "eval", "grid", "experiment", "attack", "output",
 def _corruption_experiment(table: dict, where: str, name: str, family: str) -> Experiment:
     check_keys(table, {"name", "family", "severities"}, where)
     if family not in CORRUPTIONS:
-        raise ConfigError(f"[{where}] family = {family!r}: unknown; allowed: {[PIXEL_CHANGE, *sorted(CORRUPTIONS)]}")
+        raise ConfigError(f"[{where}] family = {family!r}: unknown; allowed: "
+                          f"{[PIXEL_CHANGE, LADDER_FAMILY, *sorted(CORRUPTIONS)]}")
     levels = sorted(CORRUPTIONS[family])
     severities = int_list(table, "severities", where, tuple(levels))
     bad = [v for v in severities if v not in levels]
@@ -189,8 +225,30 @@ def _corruption_experiment(table: dict, where: str, name: str, family: str) -> E
     return Experiment(name, (), family=family, severities=severities)
 
 
+def _ladder_experiment(table: dict, where: str, name: str) -> Experiment:
+    """``family = "pixels_to_failure"``: one ladder's change (amplitude, area, channels) and its search."""
+    check_keys(table, {"name", "family", "amplitude", "area", "channels", "steps_per_octave", "max_count", "search",
+                       "refine"}, where)
+    amplitude = get_value(table, "amplitude", where, (str, int), "full", fix="'full' or an integer shift 1..255")
+    area = get_value(table, "area", where, (str, int), None, fix="a square side in pixels, or 'whole'")
+    area = None if area in ("whole", "all") else area
+    channels = get_value(table, "channels", where, (str, int, list), "all", fix="'all', or e.g. ['R'] or [0, 2]")
+    steps = get_value(table, "steps_per_octave", where, int, 4, fix="ladder points per doubling, e.g. 4")
+    top = get_value(table, "max_count", where, int, None, fix="the last count, or omit it for the whole area")
+    search = get_value(table, "search", where, str, "scan", fix=f"one of {list(SEARCHES)}")
+    refine = get_value(table, "refine", where, bool, False, fix="true or false")
+    try:
+        ladder = Ladder(amplitude, area, channels, 0, steps, top, search, refine)
+    except ValueError as exc:
+        raise ConfigError(f"[{where}] {exc}") from None
+    return Experiment(name, (), (ladder.amplitude,), (ladder.area,), (ladder.channels,), family=LADDER_FAMILY,
+                      ladder=(steps, top, search, refine))
+
+
 def _experiment(table: dict, where: str, name: str) -> Experiment:
     family = get_value(table, "family", where, str, PIXEL_CHANGE, fix="e.g. family = 'impulse_noise'")
+    if family == LADDER_FAMILY:
+        return _ladder_experiment(table, where, name)
     if family != PIXEL_CHANGE:
         return _corruption_experiment(table, where, name, family)
     allowed = {"name", "family", "counts", "amplitudes", "areas", "channels", "positions"}

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from pixelray.attacks import get_attack
+from pixelray.core.ladder import Ladder
 from pixelray.core.spec import Cell
 from pixelray.engine.evaluate import correct_under_cells, predict
+from pixelray.engine.ladder import LADDER_FIELDS, ladder_outcomes
 from pixelray.engine.units import model_slug
 
 __all__ = ["AttackPlan", "attack_outcomes", "save_examples"]
@@ -40,6 +42,7 @@ class AttackPlan:
         kind: the attack (``[attack] kind``: a built-in name or ``module.path:SPEC``).
         params: its parameters, ``(key, value)`` pairs as the config checked them.
         report_float: also judge the unrounded examples (``[attack] report_float``).
+        ladders: the sweep's ladders: the pixels that restore each example that goes on.
     """
 
     eps: tuple[int, ...]
@@ -49,6 +52,7 @@ class AttackPlan:
     kind: str = "fgsm"
     params: tuple[tuple[str, Any], ...] = ()
     report_float: bool = False
+    ladders: tuple[Ladder, ...] = ()  # pixels to restore: each ladder over the examples that go on
 
 
 @contextlib.contextmanager
@@ -83,6 +87,7 @@ def attack_outcomes(
     params: Sequence[tuple[str, Any]] = (),
     report_float: bool = True,
     cell_options: dict | None = None,
+    ladders: Sequence[Ladder] = (),
 ) -> dict[str, np.ndarray | None]:
     """The attack with ``model`` at each eps, then every cell and every judge over the examples; per-image bits.
 
@@ -112,6 +117,8 @@ def attack_outcomes(
         report_float: also judge the unrounded examples (``success_float``); without it
             ``success_float`` is None and, for attacks that allow it, a forward pass is saved.
         cell_options: options of :func:`correct_under_cells` (a worker's perturber, ...).
+        ladders: pixels to restore: :func:`~pixelray.engine.ladder.ladder_outcomes` with ``target = "right"``
+            over the examples that go on (an example the model already classifies correctly: 0).
 
     Memory: the examples of every eps are kept until the cells run (E x the unit's images).
 
@@ -120,20 +127,23 @@ def attack_outcomes(
         unrounded / the uint8 example (``success_float`` None without ``report_float``);
         ``restored`` bool (E, C, N): under each cell the model predicts the true label;
         ``correct_by`` bool (E, J, N): each judge predicts the true label on the example.
-        ``restored`` and ``correct_by`` are False for images that are not eligible.
+        ``restored`` and ``correct_by`` are False for images that are not eligible. With ``ladders``, each
+        of :data:`~pixelray.engine.ladder.LADDER_FIELDS` int64 (E, L, N), -1 for images that are not eligible.
     """
     from pixelray.attacks import check_labels
 
     check_labels(labels, getattr(model, "num_classes", None))  # once per unit, not per batch
     unit = _Unit(model, images, labels, image_ids, batch_size)
     found = _attack_every_eps(unit, eps, attack, params, report_float)
-    restored, correct_by = _cells_and_judges(unit, found, cells, judges, keep_all=keep_all, amp=amp,
-                                             on_examples=on_examples, cell_options=cell_options)
+    restored, correct_by, restore = _cells_and_judges(unit, found, cells, judges, keep_all=keep_all, amp=amp,
+                                                      on_examples=on_examples, cell_options=cell_options,
+                                                      ladders=ladders)
     return {
         "success_float": None if found.success_float is None else found.success_float.cpu().numpy(),
         "success": found.success.cpu().numpy(),
         "restored": restored.cpu().numpy(),
         "correct_by": correct_by.cpu().numpy(),
+        **restore,
     }
 
 
@@ -205,9 +215,13 @@ def _cells_and_judges(
     amp: bool,
     on_examples: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None,
     cell_options: dict | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``restored`` (E, C, N) and ``correct_by`` (E, J, N): every cell and every judge over the eligible examples."""
+    ladders: Sequence[Ladder] = (),
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
+    """``restored`` (E, C, N) and ``correct_by`` (E, J, N): every cell and every judge over the eligible examples;
+    and with ``ladders`` the pixels to restore them (each field (E, L, N), -1 where not eligible)."""
     n_eps, n = found.success.shape
+    restore = {name: np.full((n_eps, len(ladders), n), -1, dtype=np.int64) for name in LADDER_FIELDS} if ladders \
+        else {}
     dev = found.success.device
     restored = torch.zeros(n_eps, len(cells), n, dtype=torch.bool, device=dev)
     correct_by = torch.zeros(n_eps, len(judges), n, dtype=torch.bool, device=dev)
@@ -222,7 +236,14 @@ def _cells_and_judges(
             verdict = (~found.success[e, chosen] if judge is None
                        else predict(judge, adv, unit.batch_size, amp) == truth)
             correct_by[e, j, chosen] = verdict
-    return restored, correct_by
+        if ladders:
+            at_zero = (~found.success[e, chosen]).cpu().numpy()  # keep = "all": already classified correctly
+            found_k = ladder_outcomes(unit.model, adv, truth, ids, ladders, unit.batch_size, amp, target="right",
+                                      flipped_at_zero=at_zero)
+            index = chosen.cpu().numpy()
+            for name in LADDER_FIELDS:
+                restore[name][e][:, index] = found_k[name]
+    return restored, correct_by, restore
 
 
 def save_examples(

@@ -19,6 +19,7 @@ class Phase(str, Enum):
     CLEAN = "clean"  # every model predicts every image once
     CELLS = "cells"  # every cell over the evaluation set
     ATTACK = "attack"  # adversarial examples, then every cell and every judge over them
+    FAILURE = "failure"  # pixels to failure: every ladder over the evaluation set
 
 
 @dataclass(frozen=True)

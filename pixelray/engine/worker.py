@@ -28,10 +28,12 @@ import numpy as np
 import torch
 
 from pixelray.attacks import get_attack
+from pixelray.core.ladder import Ladder
 from pixelray.core.perturb import Perturber
 from pixelray.core.spec import Cell
 from pixelray.engine.adversarial import AttackPlan, attack_outcomes, save_examples
 from pixelray.engine.evaluate import CellGraphs, count_wrong, image_size, pick_device, pixel_change_cells, predict
+from pixelray.engine.ladder import ladder_outcomes
 from pixelray.engine.units import Phase, Unit
 from pixelray.shards import read_count
 
@@ -174,9 +176,11 @@ class ModelWorker:
         num_classes: int,
         cells: Sequence[Cell] = (),
         attack: AttackPlan | None = None,
+        ladders: Sequence[Ladder] = (),
     ) -> dict:
         """Run one unit. Clean: per-image predictions. Cells: per-cell wrong counts.
-        Attack: per-image bits of :func:`attack_outcomes` (with ``attack``).
+        Attack: per-image bits of :func:`attack_outcomes` (with ``attack``). Failure: per (ladder, image)
+        counts of :func:`~pixelray.engine.ladder.ladder_outcomes` (with ``ladders``).
 
         Returns numpy arrays only, plus ``reads`` (the :func:`~pixelray.shards.read_shard`
         calls this unit made, counted in the reader) and timing (``read_s``: reading and
@@ -202,10 +206,15 @@ class ModelWorker:
                                     **self._cell_options(cells, images))
                 out = {"cell_index": np.arange(len(cells)), "n_images": np.full(len(cells), len(ids)), "n_wrong": wrong}
                 n_eval = len(ids) * len(cells)
+            elif unit.phase is Phase.FAILURE:
+                out = {"image_id": batch.image_ids.numpy(), "label": batch.labels.numpy(),
+                       **ladder_outcomes(model, images, labels, ids, ladders, self.batch_size, self.amp)}
+                n_eval = int(out["n_passes"].sum())
             elif unit.phase is Phase.ATTACK and attack is not None:
                 out, n_eval = self._attack(unit, model, images, labels, ids, cells, attack, weights, num_classes)
             else:
-                raise ValueError(f"unit phase {unit.phase!r}: expected 'clean', 'cells' or 'attack' (with a plan)")
+                raise ValueError(f"unit phase {unit.phase!r}: expected 'clean', 'cells', 'failure' or 'attack' (with a "
+                                 "plan)")
             t_compute = time.perf_counter() - t1
         self._metrics.record(unit.model, n_eval)
         return {**out, "reads": read_count() - reads_before, "images": n_eval, "read_s": t_read,
@@ -230,11 +239,13 @@ class ModelWorker:
             model, images, labels, ids, attack.eps, list(cells), judges, self.batch_size,
             keep_all=attack.keep_all, amp=self.amp, on_examples=save if attack.save_dir else None,
             attack=attack.kind, params=attack.params, report_float=attack.report_float,
-            cell_options=self._cell_options(cells, images),
+            cell_options=self._cell_options(cells, images), ladders=attack.ladders,
         )
         out = {"image_id": ids.cpu().numpy(), "label": labels.cpu().numpy(), **bits, "saved": saved}
         eligible = bits["success"].size if attack.keep_all else int(bits["success"].sum())
         n_eval = bits["success"].size + eligible * (len(cells) + len(judges))
+        if "n_passes" in bits:
+            n_eval += int(np.maximum(bits["n_passes"], 0).sum())  # -1: not eligible
         return out, n_eval
 
 
@@ -265,7 +276,7 @@ class _ActorMetrics:
         self._units = metrics.Counter("pixelray_worker_units", description="Units run by workers.", tag_keys=("model",))
 
     def record(self, model: str, images: int) -> None:
-        if self._images is None:
+        if self._images is None or images <= 0:
             return
         self._images.inc(images, tags={"model": model})
         self._units.inc(1, tags={"model": model})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-__all__ = ["ATTACK_SCHEMA", "CELLS_SCHEMA", "IDS_SCHEMA", "TRANSFER_SCHEMA"]
+__all__ = ["ATTACK_SCHEMA", "CELLS_SCHEMA", "FAILURE_SCHEMA", "IDS_SCHEMA", "TRANSFER_SCHEMA"]
 
 #: cells.parquet: one row per experiment x model x cell (DESIGN.md "Results schema"). ``family`` is
 #: ``pixel_change`` (count, amplitude, area, channels, positions set) or a corruption such as
@@ -59,3 +59,22 @@ TRANSFER_SCHEMA = pa.schema([
 #: columns read as they did (no such columns).
 IDS_SCHEMA = pa.schema([("model", pa.string()), ("attack", pa.string()), ("attack_params", pa.string()),
                         ("eps", pa.float64()), ("image_id", pa.int64())])
+
+#: failure.parquet: one row per experiment x model x ladder x image (pixels to failure, ``pixelray.core.ladder``).
+#: ``target`` "wrong": an evaluation-set image, and ``n_fail`` the first ladder point whose first k changes make
+#: the model misclassify it; "right": a kept adversarial example (``attack``, ``attack_params``, ``eps`` set), and
+#: ``n_fail`` the first point that brings it back to its true class (pixels to restore). ``n_fail`` null: no flip
+#: up to ``max_count``. ``n_fail_refined``: with ``refine``, the first flipped integer count (null otherwise);
+#: ``n_last_correct``: the largest count known not to flip (0: the image unchanged); ``n_passes``: forward
+#: passes spent on the image. ``Ladder.from_columns`` rebuilds the ladder from amplitude .. refine and image_size.
+FAILURE_SCHEMA = pa.schema([
+    ("experiment", pa.string()), ("model", pa.string()), ("weights", pa.string()),
+    ("attack", pa.string()), ("attack_params", pa.string()), ("eps", pa.float64()),
+    ("family", pa.string()), ("kind", pa.string()), ("target", pa.string()),
+    ("image_id", pa.int64()), ("label", pa.int64()),
+    ("ladder_id", pa.string()), ("amplitude", pa.string()), ("area", pa.int64()), ("channels", pa.string()),
+    ("seed", pa.int64()), ("steps_per_octave", pa.int64()), ("max_count", pa.int64()), ("search", pa.string()),
+    ("refine", pa.bool_()),
+    ("n_fail", pa.int64()), ("n_fail_refined", pa.int64()), ("n_last_correct", pa.int64()), ("n_passes", pa.int64()),
+    ("image_size", pa.int64()), *_RUN_COLUMNS,
+])

@@ -25,6 +25,7 @@ import pyarrow as pa
 from pixelray.config.sweep import AttackConfig, Keep
 from pixelray.core.spec import Cell
 from pixelray.engine.adversarial import AttackPlan
+from pixelray.engine.ladder import LADDER_FIELDS
 from pixelray.engine.units import Phase, Unit
 from pixelray.store.storage import is_remote, join_uri
 from pixelray.sweep.clean import CleanPass, select_eval_set
@@ -39,7 +40,8 @@ def attack_unit_table(res: dict, eps: tuple[int, ...], cells: list[Cell], judges
     """A worker's bits as one row per (eps, image): eps (k), image_id, label, success_float (null without
     ``report_float``), success,
     restored (one bool per cell, in the plan's order) and correct_by (one per judge, in the sweep's model
-    order); the cell ids, the judges and any saved shards are in the file's metadata."""
+    order), and with ladders the pixels to restore (:data:`~pixelray.engine.ladder.LADDER_FIELDS`, one int per
+    ladder); the cell ids, the judges and any saved shards are in the file's metadata."""
     n_eps, n = res["success"].shape
 
     def per_row(bits: np.ndarray) -> pa.Array:  # (E, K, N) -> (E * N) lists of K
@@ -47,7 +49,7 @@ def attack_unit_table(res: dict, eps: tuple[int, ...], cells: list[Cell], judges
         flat = np.ascontiguousarray(bits.transpose(0, 2, 1)).reshape(-1)
         return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.bool_()), k)
 
-    table = pa.table({
+    columns = {
         "eps": pa.array(np.repeat(np.asarray(eps, dtype=np.int64), n), pa.int64()),
         "image_id": pa.array(np.tile(res["image_id"], n_eps), pa.int64()),
         "label": pa.array(np.tile(res["label"], n_eps), pa.int64()),
@@ -56,8 +58,11 @@ def attack_unit_table(res: dict, eps: tuple[int, ...], cells: list[Cell], judges
         "success": pa.array(res["success"].reshape(-1), pa.bool_()),
         "restored": per_row(res["restored"]),
         "correct_by": per_row(res["correct_by"]),
-    })
-    return table.replace_schema_metadata({
+    }
+    for name in LADDER_FIELDS if "n_fail" in res else ():  # pixels to restore, one per ladder (-1: none)
+        values = np.ascontiguousarray(res[name].transpose(0, 2, 1)).reshape(-1)
+        columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(values, pa.int64()), res[name].shape[1])
+    return pa.table(columns).replace_schema_metadata({
         META_CELLS: json.dumps([c.cell_id for c in cells]),
         META_JUDGES: json.dumps(list(judges)),
         META_SAVED: json.dumps(res.get("saved") or [None] * n_eps),
@@ -122,8 +127,9 @@ def run_attack(ctx: RunContext, clean: CleanPass, attack: AttackConfig) -> Attac
     save_dir, where = None, config.save_adversarial
     if where:
         save_dir = join_uri(where if is_remote(where) else os.path.abspath(where), name)
+    ladders = tuple(dict.fromkeys(ladder for _, ladder in config.ladders(ctx.size)))
     plan = AttackPlan(attack.eps, keep_all, tuple(config.models), save_dir, attack.kind, attack.params,
-                      attack.report_float)
+                      attack.report_float, ladders)
     kept = _KeptSoFar(attack.eps, attack.size, keep_all)
     cells = ctx.cells
     weights, classes = config.weights, ctx.num_classes

@@ -46,6 +46,7 @@ from pixelray.errors import SweepError
 from pixelray.shards import MANIFEST_NAME, Manifest, ShardInfo
 from pixelray.store.storage import Location, join_uri
 from pixelray.sweep.attack import META_SAVED, AttackPass, select_kept
+from pixelray.sweep.failure import restore_rows
 from pixelray.sweep.results import cell_columns, experiments_of
 
 __all__ = ["attack_results", "write_adversarial_manifests"]
@@ -74,7 +75,8 @@ def attack_results(config: SweepConfig, cell_pairs, done: AttackPass, size, comm
     cell_ids, judges = list(by_id), list(config.models)
     exp_order = {e.name: i for i, e in enumerate(config.experiments)}
     name, params = attack.name, attack.params_label
-    out: dict[str, list[dict]] = {"cells": [], "attack": [], "transfer": [], "ids": []}
+    out: dict[str, list[dict]] = {"cells": [], "attack": [], "transfer": [], "ids": [], "failure": []}
+    ladder_pairs = config.ladders(size)
     for model in config.models:
         mine = [u for u in done.units if u.model == model]
         parts = [done.tables[u.key].replace_schema_metadata(None) for u in mine if u.key in done.tables]
@@ -115,6 +117,8 @@ def attack_results(config: SweepConfig, cell_pairs, done: AttackPass, size, comm
             })
             out["ids"] += [{"model": model, "attack": name, "attack_params": params, "eps": eps, "image_id": int(i)}
                            for i in ids_all[c]]
+            out["failure"] += restore_rows(ladder_pairs, table, c, size, {
+                **common, "model": model, "attack": name, "attack_params": params, "eps": eps})
             restored = restored_all[c].sum(axis=0)
             for cell_id, n_restored in zip(cell_ids, restored.tolist(), strict=True):
                 for exp in names[cell_id]:

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from pixelray.config.sweep import SweepConfig, Verify
+from pixelray.core.ladder import Ladder
 from pixelray.core.spec import Cell
 from pixelray.engine.units import Phase, Unit
 from pixelray.shards import Manifest, ShardExpectation, ShardInfo
@@ -55,6 +56,11 @@ class RunContext:
     @property
     def cells(self) -> list[Cell]:
         return list(dict.fromkeys(cell for _, cell in self.cell_pairs))
+
+    @property
+    def ladder_pairs(self) -> list[tuple[str, Ladder]]:
+        """(experiment, ladder) of the ``pixels_to_failure`` experiments, in config order."""
+        return self.config.ladders(self.size)
 
     @property
     def size(self) -> tuple[int, int]:

@@ -38,10 +38,12 @@ from pixelray.sweep.attack_results import attack_results, write_adversarial_mani
 from pixelray.sweep.cells import run_cells
 from pixelray.sweep.clean import run_clean, select_eval_set, write_eval_ids
 from pixelray.sweep.context import RunContext
+from pixelray.sweep.failure import failure_rows, run_failure
 from pixelray.sweep.pool import WorkerPool, connect
 from pixelray.sweep.results import (
     ATTACK_SCHEMA,
     CELLS_SCHEMA,
+    FAILURE_SCHEMA,
     IDS_SCHEMA,
     TRANSFER_SCHEMA,
     add_equivalent_pixels,
@@ -64,6 +66,7 @@ class SweepResult:
     stats: dict[str, Any] = field(default_factory=dict)
     attack_path: Path | str | None = None  # with an [attack] section
     transfer_path: Path | str | None = None
+    failure_path: Path | str | None = None  # with a pixels_to_failure experiment
 
 
 def _check_data(config: SweepConfig) -> tuple[Manifest, list[str]]:
@@ -199,12 +202,13 @@ def _run_sweep(config: SweepConfig, progress: bool, say: Callable[[str], None], 
         clean = run_clean(ctx)
         eval_ids = select_eval_set(clean.correct, config.filter, config.eval_size)
         write_eval_ids(ctx, eval_ids)
-        counts = run_cells(ctx, clean, eval_ids)
+        counts = run_cells(ctx, clean, eval_ids) if ctx.cells else None
+        failures = run_failure(ctx, clean, eval_ids, list(dict.fromkeys(lad for _, lad in ctx.ladder_pairs)))
         attacks = [run_attack(ctx, clean, attack) for attack in config.attacks]
         telemetry.close_bar()
         ctx.stats["workers"] = {"used": pool.used, "restarts": pool.restarts, "given_up": pool.given_up}
         pool.shutdown()
-        result = _write_results(ctx, clean, eval_ids, counts, attacks, t_start)
+        result = _write_results(ctx, clean, eval_ids, counts, failures, attacks, t_start)
         telemetry.close(linger=config.metrics_linger)
         return result
     except BaseException:
@@ -219,30 +223,38 @@ def _run_sweep(config: SweepConfig, progress: bool, say: Callable[[str], None], 
         run_dir.release()
 
 
-def _write_results(ctx: RunContext, clean, eval_ids, counts: pa.Table | None, attacks: list, t_start: float
-                   ) -> SweepResult:
+def _write_results(ctx: RunContext, clean, eval_ids, counts: pa.Table | None, failures: pa.Table | None,
+                   attacks: list, t_start: float) -> SweepResult:
     config, run_dir, size = ctx.config, ctx.run_dir, ctx.size
     clean_path = run_dir.file("clean.parquet")
     clean_path.write_table(clean.table())
     common = common_columns(config, ctx.manifest.name)
     rows = cell_rows(config, ctx.cell_pairs, counts, size, common)
-    attack_path = transfer_path = None
+    stats: dict[str, Any] = {}
+    attack_path = transfer_path = failure_path = None
+    failure = failure_rows(config, ctx.ladder_pairs, failures, size, common)
     if attacks:
-        tables: dict[str, list[dict]] = {"cells": [], "attack": [], "transfer": [], "ids": []}
+        tables: dict[str, list[dict]] = {"cells": [], "attack": [], "transfer": [], "ids": [], "failure": []}
         for done in attacks:
             for name, part in attack_results(config, ctx.cell_pairs, done, size, common).items():
                 tables[name] += part
             if config.save_adversarial:
                 write_adversarial_manifests(config, ctx.manifest, done)
         rows += tables["cells"]
+        failure += tables["failure"]
         attack_path, transfer_path = run_dir.file("attack.parquet"), run_dir.file("transfer.parquet")
         attack_path.write_table(pa.Table.from_pylist(tables["attack"], schema=ATTACK_SCHEMA))
         transfer_path.write_table(pa.Table.from_pylist(tables["transfer"], schema=TRANSFER_SCHEMA))
         run_dir.file("attack_ids.parquet").write_table(pa.Table.from_pylist(tables["ids"], schema=IDS_SCHEMA))
+    if ctx.ladder_pairs:
+        failure_path = run_dir.file("failure.parquet")
+        failure_path.write_table(pa.Table.from_pylist(failure, schema=FAILURE_SCHEMA))
+        stats["failure"] = {"images": sum(r["target"] == "wrong" for r in failure),
+                            "passes": sum(r["n_passes"] for r in failure if r["target"] == "wrong")}
     cells_path = run_dir.file("cells.parquet")
     rows = add_equivalent_pixels(aggregate(rows, size), size)
     cells_path.write_table(pa.Table.from_pylist(rows, schema=CELLS_SCHEMA))
-    stats: dict[str, Any] = dict(ctx.stats)
+    stats.update(ctx.stats)
     stats.update({
         "shards": len(ctx.uris), "models": len(config.models), "cells": len(ctx.cells),
         "eval_images": {m: int(len(v)) for m, v in eval_ids.items()},
@@ -252,7 +264,8 @@ def _write_results(ctx: RunContext, clean, eval_ids, counts: pa.Table | None, at
         stats["attack_units"] = {done.attack.name: done.stats() for done in attacks}
     run_dir.file("stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return SweepResult(_place(run_dir.loc), _place(cells_path), _place(clean_path), stats,
-                       attack_path and _place(attack_path), transfer_path and _place(transfer_path))
+                       attack_path and _place(attack_path), transfer_path and _place(transfer_path),
+                       failure_path and _place(failure_path))
 
 
 def _place(loc):

@@ -15,11 +15,11 @@ from pixelray import __version__
 from pixelray.config.sweep import ConfigError, SweepConfig
 from pixelray.core.metrics import equivalent_count
 from pixelray.core.spec import PIXEL_CHANGE, Cell, Corruption
-from pixelray.store.schemas import ATTACK_SCHEMA, CELLS_SCHEMA, IDS_SCHEMA, TRANSFER_SCHEMA
+from pixelray.store.schemas import ATTACK_SCHEMA, CELLS_SCHEMA, FAILURE_SCHEMA, IDS_SCHEMA, TRANSFER_SCHEMA
 
 __all__ = [
-    "ATTACK_SCHEMA", "CELLS_SCHEMA", "IDS_SCHEMA", "TRANSFER_SCHEMA", "add_equivalent_pixels", "cell_columns",
-    "cell_rows", "common_columns", "experiments_of",
+    "ATTACK_SCHEMA", "CELLS_SCHEMA", "FAILURE_SCHEMA", "IDS_SCHEMA", "TRANSFER_SCHEMA", "add_equivalent_pixels",
+    "cell_columns", "cell_rows", "common_columns", "experiments_of",
 ]
 
 def versions() -> dict[str, str]:
