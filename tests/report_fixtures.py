@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pixelray.store.schemas import FAILURE_SCHEMA
 from pixelray.sweep import ATTACK_SCHEMA, CELLS_SCHEMA, TRANSFER_SCHEMA
 
 EPS = 2 / 255
@@ -116,6 +117,43 @@ def write_tuned_run(root: Path, aug: str) -> Path:
     rows = [cell(aug, 4, n, 22), cell(aug, 8, n, 40),
             cell("resnet101", 4, n, 50)]
     pq.write_table(pa.Table.from_pylist(rows, schema=CELLS_SCHEMA), out / "cells.parquet")
+    return out
+
+
+def control_checkpoint(root: Path, name: str, base: str, started_from: str) -> str:
+    """A checkpoint fine-tuned from ``started_from`` without augmentation (``pixelray train-augment``'s
+    ``aug = "none"`` control), as its sidecar says."""
+    path = root / "models" / f"{name}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = {"base": base, "name": name, "num_classes": 1000, "sha256": "cd" * 32,
+               "metadata": {"augment": {"aug": "none"}, "started_from": started_from}}
+    path.with_name(path.name + ".json").write_text(json.dumps(sidecar))
+    return f"checkpoint:{path}"
+
+
+def failure_row(model, image_id, n_fail, *, n_fail_refined=None, refine=False, target="wrong", attack=None,
+                eps=None, attack_params=None, weights="imagenet", experiment="ladder", seed=0, steps_per_octave=1,
+                max_count=16, image_size=32, search="scan"):
+    """One failure.parquet row of a full-range, whole-image ladder on ``image_size``-square images (ladder_id
+    written out by hand); n_last_correct and n_passes are filler (the report does not read them)."""
+    return {
+        "experiment": experiment, "model": model, "weights": weights, "attack": attack,
+        "attack_params": attack_params, "eps": eps, "family": "pixels_to_failure", "kind": "random",
+        "target": target, "image_id": image_id, "label": 0, "ladder_id": f"ladder-full-whole-all-seed{seed}",
+        "amplitude": "full", "area": image_size, "channels": "all", "seed": seed,
+        "steps_per_octave": steps_per_octave, "max_count": max_count, "search": search, "refine": refine,
+        "n_fail": n_fail, "n_fail_refined": n_fail_refined, "n_last_correct": None, "n_passes": 3,
+        "image_size": image_size, **_run_columns(),
+    }
+
+
+def write_failure_run(root: Path, cells: list[dict], failure: list[dict] | None, name: str = "ladder") -> Path:
+    """A run directory of ``cells`` (cells.parquet rows) and, unless None, ``failure`` (failure.parquet rows)."""
+    out = root / name
+    out.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(cells, schema=CELLS_SCHEMA), out / "cells.parquet")
+    if failure is not None:
+        pq.write_table(pa.Table.from_pylist(failure, schema=FAILURE_SCHEMA), out / "failure.parquet")
     return out
 
 

@@ -4,8 +4,9 @@ The report reads results and never runs a model (no Ray, no torch): it loads one
 or more sweep output directories (``load``), lays their cells out in the layout of
 Zhang & Cai (2021)'s Tables 5-11 with every cell's count, rate and 95% Wilson
 interval and the paper's printed figure beside ours where the settings match
-(``tables``, ``paper``), draws the rates against changed pixels, amplitude, area
-and ε (``plots``), and writes ``report.md``, a self-contained ``report.html`` and
+(``tables``, ``paper``), adds a "Pixels to failure" section where a run holds
+failure.parquet (``survival``, ``failure_section``), draws the rates against
+changed pixels, amplitude, area and ε (``plots``), and writes ``report.md``, a self-contained ``report.html`` and
 ``plots/*.png`` (``render``). Every run directory is checked before anything is
 written, so a wrong one leaves no half-written report.
 
@@ -20,11 +21,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from pixelray.report.failure_section import failure_section
 from pixelray.report.load import ModelInfo, ReportError, Run, load_runs
 from pixelray.report.paper import citation, header_notes
 from pixelray.report.plots import Plot, build_plots
 from pixelray.report.provenance import provenance
-from pixelray.report.render import Document, render_html, render_markdown
+from pixelray.report.render import Document, Section, render_html, render_markdown
 from pixelray.report.tables import Table, build_tables, prepare_cells
 from pixelray.store.atomic import write_bytes_atomic, write_text_atomic
 
@@ -35,6 +37,7 @@ __all__ = [
     "Plot",
     "ReportError",
     "Run",
+    "Section",
     "Table",
     "build_document",
     "load_runs",
@@ -59,9 +62,11 @@ def build_document(runs: list[Run]) -> Document:
     """Tables, plots and provenance of the loaded runs (in memory; nothing is written)."""
     tables = build_tables(runs)
     plots = build_plots(prepare_cells(runs), runs, tables)
+    section = failure_section(runs)
     return Document(
         title="pixelray report", runs=[(r.name, str(r.path)) for r in runs], tables=tables, plots=plots,
         provenance=[provenance(r) for r in runs], citation=citation(), paper_notes=header_notes(),
+        sections=[section] if section is not None else [],
     )
 
 
@@ -83,7 +88,7 @@ def write_report(
         raise ReportError(f"--out {out} is a file; give a directory for the report")
     written: dict[str, Path] = {}
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    for plot in doc.plots:
+    for plot in doc.every_plot:
         path = out / "plots" / f"{plot.key}.png"
         write_bytes_atomic(plot.png, path)
         written[f"plot:{plot.key}"] = path

@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pixelray.core.check import is_int
+from pixelray.core.ladder import Ladder
 from pixelray.errors import first_line
-from pixelray.store.schemas import ATTACK_SCHEMA, CELLS_SCHEMA, TRANSFER_SCHEMA
+from pixelray.store.schemas import ATTACK_SCHEMA, CELLS_SCHEMA, FAILURE_SCHEMA, TRANSFER_SCHEMA
 
 __all__ = ["ModelInfo", "ReportError", "Run", "load_runs"]
 
@@ -83,6 +84,7 @@ class Run:
     attack: pd.DataFrame | None = None
     transfer: pd.DataFrame | None = None
     corruptions: pd.DataFrame | None = None  # rows of a corruption family (impulse noise, ...), not pixel changes
+    failure: pd.DataFrame | None = None  # failure.parquet: pixels to failure per (model, ladder, image)
     meta: dict[str, Any] = field(default_factory=dict)  # run.json
     stats: dict[str, Any] = field(default_factory=dict)  # stats.json
     image_ids: dict[str, int] = field(default_factory=dict)  # file (relative to the run) -> ids listed
@@ -129,6 +131,47 @@ def _check_counts(df: pd.DataFrame, path: Path, k: str, n: str, keys: tuple[str,
         row = bad.iloc[0]
         raise ReportError(f"{path}: {k} = {row[k]} of {n} = {row[n]} is impossible (need 0 <= {k} <= {n}); "
                           "the file is damaged: rerun the sweep into a new directory")
+
+
+_FAILURE_KEYS = ("model", "target", "image_id", "ladder_id", "amplitude", "channels", "seed", "steps_per_octave",
+                 "max_count", "search", "refine", "image_size")
+_DAMAGED = "the file is damaged: rerun the sweep into a new directory"
+
+
+def _check_ladders(df: pd.DataFrame, path: Path) -> None:
+    """Every ladder of failure.parquet rebuilds (``Ladder.from_columns``) into its own ``ladder_id``."""
+    columns = ["ladder_id", "amplitude", "area", "channels", "seed", "steps_per_octave", "max_count", "search",
+               "refine", "image_size"]
+    for row in df[columns].drop_duplicates().to_dict("records"):
+        try:
+            ladder_id = Ladder.from_columns(row).ladder_id
+        except (ValueError, TypeError) as exc:
+            raise ReportError(f"{path}: ladder {row['ladder_id']!r} has invalid columns ({first_line(exc)}); "
+                              f"{_DAMAGED}") from None
+        if ladder_id != row["ladder_id"]:
+            raise ReportError(f"{path}: ladder_id {row['ladder_id']!r} does not match its columns (amplitude .. "
+                              f"seed read as {ladder_id!r}); {_DAMAGED}")
+
+
+def _check_failure(df: pd.DataFrame, path: Path) -> None:
+    """Refuse failure.parquet rows the survival section could misread: nulls where a value is needed, an unknown
+    target, an adversarial row without its attack, counts beyond the ladder, a ladder that does not rebuild."""
+    for col in _FAILURE_KEYS:
+        if df[col].isna().any():
+            raise ReportError(f"{path}: column {col} has missing values; {_SWEEP_HINT}")
+    bad = sorted(set(df["target"]) - {"wrong", "right"})
+    if bad:
+        raise ReportError(f"{path}: column target holds {bad[0]!r}; allowed: 'wrong', 'right'; {_SWEEP_HINT}")
+    right = df[df["target"] == "right"]
+    if right["attack"].isna().any() or right["eps"].isna().any():
+        raise ReportError(f"{path}: rows with target 'right' (adversarial examples) need attack and eps; {_DAMAGED}")
+    for col in ("n_fail", "n_fail_refined"):
+        outside = df[df[col].notna() & ((df[col] < 0) | (df[col] > df["max_count"]))]
+        if len(outside):
+            row = outside.iloc[0]
+            raise ReportError(f"{path}: {col} = {row[col]} is outside 0 .. max_count = {row['max_count']}; "
+                              f"{_DAMAGED}")
+    _check_ladders(df, path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -256,6 +299,9 @@ def load_run(path: str | Path) -> Run:
         run.transfer = _read_table(path / "transfer.parquet", TRANSFER_SCHEMA)
         _check_counts(run.transfer, path / "transfer.parquet", "n_fooled", "n_images",
                       ("source_model", "target_model", "eps"))
+    if (path / "failure.parquet").exists():
+        run.failure = _read_table(path / "failure.parquet", FAILURE_SCHEMA)
+        _check_failure(run.failure, path / "failure.parquet")
     run.meta = _read_json(path / "run.json")
     run.stats = _read_json(path / "stats.json")
     run.image_ids = _image_id_files(path)
@@ -264,7 +310,8 @@ def load_run(path: str | Path) -> Run:
 
 def _unique_labels(runs: list[Run]) -> None:
     """Give every (run, model) a display label, adding the run's name where two runs share one."""
-    specs = {r.name: list(dict.fromkeys(r.cells.model)) for r in runs}
+    specs = {r.name: list(dict.fromkeys([*r.cells.model, *([] if r.failure is None else r.failure.model)]))
+             for r in runs}
     infos = {(r.name, m): _model_info(m) for r in runs for m in specs[r.name]}
     seen: dict[str, set[tuple[str, str]]] = {}
     for key, info in infos.items():

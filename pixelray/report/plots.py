@@ -20,7 +20,7 @@ from pixelray.core.metrics import wilson_interval
 from pixelray.report.load import Run
 from pixelray.report.tables import Table
 
-__all__ = ["Plot", "build_plots"]
+__all__ = ["Plot", "build_plots", "plot_survival"]
 
 _DPI = 100
 _PERCENT = FuncFormatter(lambda y, _: f"{100 * y:g}%")
@@ -223,6 +223,36 @@ def plot_fine_tuned(c: pd.DataFrame) -> Plot | None:
     return Plot("fine-tuned", "Base against augmented models (Table 10)",
                 "Per architecture: the models trained with n-pixel-change augmentation beside the others. "
                 "Bands: 95% Wilson intervals.", _png(fig), fig)
+
+
+def _log2_powers_x(ax, values) -> None:
+    """A log2 x axis ticked at the powers of two the values span (a ladder has too many points to tick each)."""
+    low, high = int(min(values)), int(max(values))
+    ax.set_xscale("log", base=2)
+    powers = [2**i for i in range(low.bit_length() - 1, high.bit_length()) if low <= 2**i <= high] or [low]
+    ax.set_xticks(powers[:: -(-len(powers) // 9)])  # at most 9 ticks: 1, 4, 16, ... on a long ladder
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda *_: ""))
+
+
+def plot_survival(curves: pd.DataFrame) -> Plot | None:
+    """Every survival curve in one figure: ``curves`` has one row per (curve ``who``, ladder point ``count``)
+    with ``survival`` and its Wilson band ``low`` .. ``high`` (``survival.survival_curves``, labelled)."""
+    if curves.empty:
+        return None
+    fig, (ax,) = _figure()
+    for who, g in curves.groupby("who", sort=False):
+        g = g.sort_values("count")
+        (line,) = ax.plot(g["count"], g["survival"], marker="o", ms=3, lw=1.5, label=who)
+        ax.fill_between(g["count"], g["low"], g["high"], color=line.get_color(), alpha=0.18, lw=0)
+    _log2_powers_x(ax, curves["count"])
+    ax.set_ylim(-0.02, 1.02)
+    _style(ax, "k, the first k changed pixels of the image's ladder (log2 scale)", "still correct (% of images)",
+           "pixels to failure: survival on the ladder")
+    return Plot("survival", "Pixels to failure: share of images still correct after their first k changes",
+                "One line per model and ladder: at each ladder point k, the share of the images the model "
+                "classifies correctly unchanged that no point up to k broke. Bands: 95% Wilson intervals.",
+                _png(fig), fig)
 
 
 def build_plots(c: pd.DataFrame, runs: list[Run], tables: list[Table]) -> list[Plot]:

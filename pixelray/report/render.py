@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -22,11 +23,22 @@ from pixelray.report.plots import Plot
 from pixelray.report.provenance import Provenance
 from pixelray.report.tables import Table
 
-__all__ = ["ABSENT", "Document", "grid", "render_html", "render_markdown"]
+__all__ = ["ABSENT", "Document", "Section", "grid", "render_html", "render_markdown"]
 
 #: What a cell the run does not hold shows (never 0).
 ABSENT = "—"
 KINDS = {"ours": "pixelray", "paper": "paper", "diff": "ours − paper"}
+
+
+@dataclass(frozen=True)
+class Section:
+    """A part of the report beyond the paper's tables: a heading, a few sentences, its tables and plots."""
+
+    key: str
+    title: str
+    text: Sequence[str]
+    tables: list[Table]
+    plots: list[Plot]
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,12 @@ class Document:
     provenance: list[Provenance]
     citation: str
     paper_notes: Sequence[str]
+    sections: list[Section] = field(default_factory=list)
+
+    @property
+    def every_plot(self) -> list[Plot]:
+        """The plots of the Plots part, then those of each section (each one a file plots/<key>.png)."""
+        return [*self.plots, *(p for s in self.sections for p in s.plots)]
 
 
 def _pct(x: float) -> str:
@@ -50,6 +68,24 @@ def _num(x: Any) -> bool:
     return x is not None and not pd.isna(x)
 
 
+def _pixel_count(x: float, top: Any) -> str:
+    """A pixel count as an integer; +infinity (beyond the ladder's last point) as "> top"."""
+    return f"> {int(top)}" if math.isinf(x) else f"{int(x)}"
+
+
+def _ours_other(entry: dict[str, Any]) -> str | None:
+    """Our cell text for the measures beyond rates and Pi (a count, a median pixel count, a word), else None."""
+    if entry["measure"] == "count":
+        return f"{int(entry['value'])}"
+    if entry["measure"] == "median":
+        top = entry["top"]
+        return (f"{_pixel_count(entry['value'], top)} [{_pixel_count(entry['low'], top)}, "
+                f"{_pixel_count(entry['high'], top)}]")
+    if entry["measure"] == "text":
+        return str(entry["text"])
+    return None
+
+
 def format_cell(entry: dict[str, Any] | None, kind: str) -> str:
     """The text of one grid cell: ours, the paper's figure, or their difference; ABSENT where there is none."""
     if entry is None:
@@ -58,6 +94,9 @@ def format_cell(entry: dict[str, Any] | None, kind: str) -> str:
     if kind == "ours":
         if not _num(entry.get("value")):
             return ABSENT
+        other = _ours_other(entry)
+        if other is not None:
+            return other
         if entry["measure"] == "pixels":
             low = f"{entry['low']:.0f}" if _num(entry.get("low")) else "<"
             high = f"{entry['high']:.0f}" if _num(entry.get("high")) else ">"
@@ -122,15 +161,25 @@ def _md_table(table: Table) -> list[str]:
     return out + [""]
 
 
+def _md_plot(plot: Plot) -> list[str]:
+    return [f"### {plot.title}", "", f"![{plot.title}](plots/{plot.key}.png)", "", plot.caption, ""]
+
+
 def render_markdown(doc: Document) -> str:
     """report.md: the tables as pipe tables, the plots as ``plots/<key>.png`` beside it."""
     out = [f"# {doc.title}", "", "Runs: " + ", ".join(f"`{p}`" for _, p in doc.runs), "",
            f"Paper: {doc.citation}", "", "## Tables", ""]
     for table in doc.tables:
         out += _md_table(table)
+    for section in doc.sections:
+        out += [f"## {_md(section.title)}", ""] + [line for text in section.text for line in (_md(text), "")]
+        for table in section.tables:
+            out += _md_table(table)
+        for plot in section.plots:
+            out += _md_plot(plot)
     out += ["## Plots", ""]
     for plot in doc.plots:
-        out += [f"### {plot.title}", "", f"![{plot.title}](plots/{plot.key}.png)", "", plot.caption, ""]
+        out += _md_plot(plot)
     out += ["## Provenance", ""]
     for prov in doc.provenance:
         out += [f"### {prov.run} (`{prov.path}`)", ""]
@@ -179,7 +228,7 @@ def _html_table(table: Table) -> list[str]:
         labels = "".join(f'<th class="label" scope="row">{_e(x)}</th>' for x in row)
         tds = []
         for col, text in zip(table.columns, cells, strict=True):
-            cls = "absent" if text == ABSENT else ("outside" if text.endswith("OUTSIDE") else "")
+            cls = "absent" if text == ABSENT else ("outside" if text.endswith("OUTSIDE") or text == "NO" else "")
             tds.append(f'<td data-col="{_e(col)}" class="{cls}">{_e(text)}</td>')
         out.append(f'<tr class="{kind}" data-kind="{kind}" data-row="{_e(" / ".join(row))}">{labels}'
                    f'<td class="label">{_e(KINDS[kind])}</td>{"".join(tds)}</tr>')
@@ -194,6 +243,12 @@ def _png_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+def _html_plot(plot: Plot) -> list[str]:
+    return [f'<figure id="plot-{_e(plot.key)}">', f"<h3>{_e(plot.title)}</h3>",
+            f'<img src="{_png_uri(plot.png)}" alt="{_e(plot.title)}">',
+            f'<figcaption class="caption">{_e(plot.caption)}</figcaption>', "</figure>"]
+
+
 def render_html(doc: Document) -> str:
     """report.html: one file, CSS and images inline, no script, no external source."""
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
@@ -203,16 +258,23 @@ def render_html(doc: Document) -> str:
            f"<h1>{_e(doc.title)}</h1>",
            "<p>Runs: " + ", ".join(f"<code>{_e(p)}</code>" for _, p in doc.runs) + "</p>",
            f"<p>Paper: {_e(doc.citation)}</p>",
-           '<nav><a href="#tables">Tables</a> · <a href="#plots">Plots</a> · <a href="#provenance">Provenance</a> · '
+           '<nav><a href="#tables">Tables</a> · '
+           + "".join(f'<a href="#{_e(s.key)}">{_e(s.title)}</a> · ' for s in doc.sections)
+           + '<a href="#plots">Plots</a> · <a href="#provenance">Provenance</a> · '
            '<a href="#paper-notes">About the paper\'s figures</a></nav>',
            '<h2 id="tables">Tables</h2>']
     for table in doc.tables:
         out += _html_table(table)
+    for section in doc.sections:
+        out += [f'<h2 id="{_e(section.key)}">{_e(section.title)}</h2>']
+        out += [f'<p class="section-text">{_e(text)}</p>' for text in section.text]
+        for table in section.tables:
+            out += _html_table(table)
+        for plot in section.plots:
+            out += _html_plot(plot)
     out.append('<h2 id="plots">Plots</h2>')
     for plot in doc.plots:
-        out += [f'<figure id="plot-{_e(plot.key)}">', f"<h3>{_e(plot.title)}</h3>",
-                f'<img src="{_png_uri(plot.png)}" alt="{_e(plot.title)}">',
-                f'<figcaption class="caption">{_e(plot.caption)}</figcaption>', "</figure>"]
+        out += _html_plot(plot)
     out.append('<h2 id="provenance">Provenance</h2>')
     for prov in doc.provenance:
         out += [f"<h3>{_e(prov.run)} <code>{_e(prov.path)}</code></h3>", '<dl class="prov">']

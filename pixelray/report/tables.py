@@ -1,28 +1,25 @@
 """The paper's tables from a sweep's results: every cell a count, a rate and its 95% Wilson interval.
 
-Each table is a tidy frame with one entry per (row, column): ours (``k`` of ``n``,
-``value``, ``low``, ``high``), the paper's figure where the settings match
-(``paper_k`` of ``paper_n``, ``paper_value``), their difference and whether the
-paper's figure lies inside our interval. Rendering (``render.py``) lays the frame
-out in the paper's grid; a cell the run does not hold has no entry, so it shows
-as absent, never as zero. Rows are found by their settings, not by experiment
-names: Table 6 is every plain cell with full-range values over the whole image,
-whichever experiment of the config measured it.
+Each table is a tidy frame with one entry per (row, column) (``entries.py``): ours, the
+paper's figure where the settings match, their difference and whether the paper's figure
+lies inside our interval. Rendering (``render.py``) lays the frame out in the paper's grid;
+a cell the run does not hold has no entry, so it shows as absent, never as zero. Rows are
+found by their settings, not by experiment names: Table 6 is every plain cell with full-range
+values over the whole image, whichever experiment of the config measured it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from pixelray.core.metrics import pixel_index, pixel_index_interval, wilson_interval
+from pixelray.core.metrics import pixel_index, pixel_index_interval
+from pixelray.report.entries import Entries, Table, count_col, eps_label, finish_table
 from pixelray.report.load import Run
-from pixelray.report.paper import PAPER_IMAGE_SIZE, PaperCell, lookup, paper_name
+from pixelray.report.paper import PAPER_IMAGE_SIZE, lookup, paper_name
 
 __all__ = ["PAPER_ROW", "Table", "build_tables", "prepare_cells"]
 
@@ -30,86 +27,6 @@ __all__ = ["PAPER_ROW", "Table", "build_tables", "prepare_cells"]
 PAPER_ROW = "Zhang & Cai 2021 (model not named)"
 _KEYS = ["run", "model", "weights", "attack", "eps", "count", "amplitude", "area", "channels", "positions", "seed"]
 _VARIANTS = ("weights", "channels", "positions", "seed")
-
-
-@dataclass
-class Table:
-    """One table of the report: a tidy frame of entries and what the layout needs to show it.
-
-    Attributes:
-        key: a short id (``table-6``), used as the HTML id.
-        title, caption: what the table shows and what a cell means.
-        row_names: headers of the row-label columns (each entry's ``row`` is a tuple of that length).
-        columns: the value columns, in order.
-        frame: one entry per (row, col); see the module docstring.
-        notes: footnotes (the paper's misprints touching this table, what was left out).
-        absent: why the table is empty, when it is.
-    """
-
-    key: str
-    title: str
-    caption: str
-    row_names: tuple[str, ...]
-    columns: list[str]
-    frame: pd.DataFrame
-    notes: list[str] = field(default_factory=list)
-    absent: str = ""
-
-    def rows(self) -> list[tuple[str, ...]]:
-        return list(dict.fromkeys(self.frame["row"])) if len(self.frame) else []
-
-    def cell(self, row: tuple[str, ...], col: str) -> dict[str, Any] | None:
-        """The entry at (row, col) as a dict, or None when the table has none there."""
-        hit = self.frame[(self.frame["row"] == row) & (self.frame["col"] == col)] if len(self.frame) else []
-        return None if len(hit) == 0 else hit.iloc[0].to_dict()
-
-
-class _Entries:
-    """Collects ours and the paper's figures per (row, col), in the order rows and columns first appear."""
-
-    def __init__(self) -> None:
-        self.items: dict[tuple[tuple[str, ...], str], dict[str, Any]] = {}
-        self.col_order: dict[str, float] = {}
-
-    def _at(self, row: tuple[str, ...], col: str, order: float) -> dict[str, Any]:
-        self.col_order.setdefault(col, order)
-        return self.items.setdefault((row, col), {"row": row, "col": col, "measure": "rate", "note": ""})
-
-    def ours(self, row, col, order, k: int, n: int, **extra) -> None:
-        if n < 1:
-            return  # nothing evaluated: absent, not a rate of 0
-        low, high = wilson_interval(int(k), int(n))
-        self._at(row, col, order).update(k=int(k), n=int(n), value=k / n, low=low, high=high, **extra)
-
-    def pi(self, row, col, order, value: float, low: float, high: float, k: int, n: int) -> None:
-        self._at(row, col, order).update(measure="pi", k=k, n=n, value=value, low=low, high=high)
-
-    def pixels(self, row, col, order, value: float, low: float | None, high: float | None) -> None:
-        """An equivalent pixel count and its interval (None: beyond the measured counts)."""
-        self._at(row, col, order).update(measure="pixels", value=value, low=low, high=high)
-
-    def paper(self, row, col, order, cell: PaperCell, *, k: int | None = None, pi: bool = False,
-              note: bool = True) -> None:
-        entry = self._at(row, col, order)
-        if pi:
-            entry.update(paper_value=cell.printed_pi, paper_n=cell.n_images)
-        else:
-            k = cell.wrong if k is None else k
-            entry.update(paper_k=k, paper_n=cell.n_images, paper_value=k / cell.n_images)
-        if cell.note and note:
-            entry["note"] = cell.note
-
-    def frame(self) -> tuple[pd.DataFrame, list[str]]:
-        cols = ["row", "col", "measure", "k", "n", "value", "low", "high", "paper_k", "paper_n", "paper_value",
-                "note", "diff", "inside"]
-        df = pd.DataFrame(list(self.items.values()), columns=cols)
-        both = df["value"].notna() & df["paper_value"].notna()
-        df["diff"] = np.where(both, df["value"] - df["paper_value"], np.nan)
-        df["inside"] = pd.array([(lo <= p <= hi) if b else pd.NA for b, lo, p, hi in
-                                 zip(both, df["low"], df["paper_value"], df["high"], strict=True)], dtype="boolean")
-        df["order"] = df["col"].map(self.col_order)  # the column's number (count, eps k, ...) where it has one
-        columns = sorted(self.col_order, key=lambda c: self.col_order[c])
-        return df, columns
 
 
 def _variant(df: pd.DataFrame) -> pd.Series:
@@ -141,15 +58,6 @@ def prepare_cells(runs: list[Run]) -> pd.DataFrame:
     return df
 
 
-def _count_col(count: int | float) -> str:
-    """A count's column: an integer, whatever the column's dtype (a count column with nulls reads as float)."""
-    return f"n = {int(count)}"
-
-
-def _eps_label(eps: float, attack: str = "fgsm") -> str:
-    return f"{attack.upper()} ε = {round(eps * 255)}/255"
-
-
 def _row_n(group: pd.DataFrame) -> int | None:
     """The number of evaluated images of a row, when all its cells share one."""
     ns = group["n_images"].unique()
@@ -177,25 +85,20 @@ def _plain(c: pd.DataFrame) -> pd.DataFrame:
     return c[c["attack"].isna()]
 
 
-def _finish(key, title, caption, row_names, entries: _Entries, notes=(), absent="") -> Table:
-    frame, columns = entries.frame()
-    return Table(key, title, caption, row_names, columns, frame, list(notes), "" if len(frame) else absent)
-
-
 _CELL = "Cell: misclassified of evaluated · wrong rate [95% Wilson interval]."
 
 
 def table_6(c: pd.DataFrame) -> Table:
     df = _plain(c)
     df = df[(df["amplitude"] == "full") & df["whole"]]
-    e = _Entries()
+    e = Entries()
     for who, g in _groups(df, "who"):
         for r in g.sort_values("count").itertuples():
-            e.ours((who,), _count_col(r.count), r.count, r.n_wrong, r.n_images)
+            e.ours((who,), count_col(r.count), r.count, r.n_wrong, r.n_images)
         name, n = _paper_model(g, 6), _row_n(g)
         for cell in lookup(6, name, amplitude="full", area=224, n_images=n) if name and n else []:
-            e.paper((who,), _count_col(cell.count), cell.count, cell)
-    return _finish("table-6", "Table 6: misclassified images per model and number of changed pixels",
+            e.paper((who,), count_col(cell.count), cell.count, cell)
+    return finish_table("table-6", "Table 6: misclassified images per model and number of changed pixels",
                    "Each changed value replaced by a uniform random value in [0, 255], anywhere in the image. " + _CELL,
                    ("model",), e, absent="the runs hold no cell with full-range changes over the whole image")
 
@@ -205,12 +108,12 @@ def table_5(c: pd.DataFrame, runs: list[Run]) -> Table:
     df = df[(df["amplitude"] == "full") & df["whole"]]
     clean = {(r.name, m): v for r in runs if r.clean is not None
              for m, v in r.clean.set_index("model")[["n_images", "n_correct"]].iterrows()}
-    e = _Entries()
+    e = Entries()
     for who, g in _groups(df, "who"):
         name = _paper_model(g, 5)
         for r in g.sort_values("count").itertuples():
             k, n, area, size = int(r.n_wrong), int(r.n_images), _area_arg(r), int(r.image_size)
-            col = f"Pi, {_count_col(r.count)}"
+            col = f"Pi, {count_col(r.count)}"
             if n >= 1:
                 low, high = pixel_index_interval(k, n, r.count, r.amplitude, area, size)
                 e.pi((who,), col, r.count, pixel_index(k, n, r.count, r.amplitude, area, size), low, high, k, n)
@@ -225,18 +128,18 @@ def table_5(c: pd.DataFrame, runs: list[Run]) -> Table:
              "misclassified counts are Table 6's.",
              "Clean accuracy: every image of the data set, before any change (clean.parquet). The paper's Table 5 "
              "'Recognition rate' column belongs to other models (copied from its Table 1) and is not compared."]
-    return _finish("table-5", "Table 5: Pixel-index per model",
+    return finish_table("table-5", "Table 5: Pixel-index per model",
                    "Full-range changes anywhere in the image; the paper prints Pi at n = 64. "
                    "Pi cell: Pi [95% interval]; clean accuracy: correct of predicted · rate [95% Wilson interval].",
                    ("model",), e, notes, absent="the runs hold no cell with full-range changes over the whole image")
 
 
-def _unnamed_rows(e: _Entries, table: int, keys, label_of, settings_of, n_paper: set[int]) -> None:
+def _unnamed_rows(e: Entries, table: int, keys, label_of, settings_of, n_paper: set[int]) -> None:
     """The paper's own rows of a table that names no model, for the settings (``keys``) our rows hold."""
     for key in keys:
         for n in sorted(n_paper):
             for cell in lookup(table, None, n_images=n, **settings_of(key)):
-                e.paper((PAPER_ROW, label_of(key)), _count_col(cell.count), cell.count, cell)
+                e.paper((PAPER_ROW, label_of(key)), count_col(cell.count), cell.count, cell)
 
 
 def _eligible_ns(df: pd.DataFrame, table: int) -> set[int]:
@@ -252,15 +155,15 @@ def table_7(c: pd.DataFrame) -> Table:
     df = _plain(c)
     df = df[(df["amplitude"] != "full") & df["whole"]].copy()
     df["a"] = df["amplitude"].astype(int)
-    e = _Entries()
+    e = Entries()
     label = lambda a: f"±{a}"  # noqa: E731
     for (who, a), g in _groups(df.sort_values(["who_order", "a"], kind="stable"), ["who", "a"]):
         for r in g.sort_values("count").itertuples():
-            e.ours((who, label(a)), _count_col(r.count), r.count, r.n_wrong, r.n_images)
+            e.ours((who, label(a)), count_col(r.count), r.count, r.n_wrong, r.n_images)
     ns = _eligible_ns(df, 7)
     amps = sorted(set(df["a"]))
     _unnamed_rows(e, 7, amps, label, lambda a: {"amplitude": str(a), "area": 224}, ns)
-    return _finish("table-7", "Table 7: misclassified images per shift amplitude and number of changed pixels",
+    return finish_table("table-7", "Table 7: misclassified images per shift amplitude and number of changed pixels",
                    "Each changed value shifted by a uniform random integer in [-a, +a], clipped to [0, 255], "
                    "anywhere in the image. " + _CELL, ("model", "amplitude a"), e,
                    ["The paper does not name the model of Table 7; its figures stand in their own rows."],
@@ -273,16 +176,16 @@ def table_8(c: pd.DataFrame) -> Table:
     if not (~df["whole"]).any():
         df = df.iloc[0:0]  # no area restriction: nothing beyond Table 6
     df = df.assign(side=df["area"].fillna(df["image_size"]).astype(int))
-    e = _Entries()
+    e = Entries()
     label = lambda s: f"{s} × {s}"  # noqa: E731
     df = df.sort_values(["who_order", "side"], ascending=[True, False], kind="stable")
     for (who, side), g in _groups(df, ["who", "side"]):
         for r in g.sort_values("count").itertuples():
-            e.ours((who, label(side)), _count_col(r.count), r.count, r.n_wrong, r.n_images)
+            e.ours((who, label(side)), count_col(r.count), r.count, r.n_wrong, r.n_images)
     ns = _eligible_ns(df, 8)
     sides = sorted(set(df["side"]), reverse=True)
     _unnamed_rows(e, 8, sides, label, lambda s: {"amplitude": "full", "area": s}, ns)
-    return _finish("table-8", "Table 8: misclassified images per area and number of changed pixels",
+    return finish_table("table-8", "Table 8: misclassified images per area and number of changed pixels",
                    "Changed positions inside the centred s × s square (px); values replaced by a uniform random "
                    "value in [0, 255]. " + _CELL, ("model", "area (px)"), e,
                    ["The paper does not name the model of Table 8; its figures stand in their own rows."],
@@ -291,19 +194,19 @@ def table_8(c: pd.DataFrame) -> Table:
 
 def table_9(c: pd.DataFrame) -> Table:
     df = c[c["attack"].notna() & (c["amplitude"] == "full") & c["whole"]]
-    e = _Entries()
+    e = Entries()
     for (who, eps, attack), g in _groups(df.sort_values(["who_order", "eps"], kind="stable"), ["who", "eps", "attack"]):
         for r in g.sort_values("count").itertuples():
-            col = _count_col(r.count)
-            e.ours((who, _eps_label(eps, attack), "still misclassified"), col, r.count, r.n_wrong, r.n_images)
-            e.ours((who, _eps_label(eps, attack), "restored"), col, r.count, r.n_restored, r.n_images)
+            col = count_col(r.count)
+            e.ours((who, eps_label(eps, attack), "still misclassified"), col, r.count, r.n_wrong, r.n_images)
+            e.ours((who, eps_label(eps, attack), "restored"), col, r.count, r.n_restored, r.n_images)
     ns = _eligible_ns(df, 9)
     for n in sorted(ns):
         for cell in lookup(9, None, amplitude="full", area=224, n_images=n):
-            col = _count_col(cell.count)
+            col = count_col(cell.count)
             e.paper((PAPER_ROW, "FGSM, ε not printed", "still misclassified"), col, cell.count, cell)
             e.paper((PAPER_ROW, "FGSM, ε not printed", "restored"), col, cell.count, cell, k=n - cell.wrong)
-    return _finish("table-9", "Table 9: FGSM adversarial examples under pixel changes",
+    return finish_table("table-9", "Table 9: FGSM adversarial examples under pixel changes",
                    "The kept adversarial examples of each model and ε (with keep = 'successful': those that fool the "
                    "model after rounding to uint8), "
                    "then n changed pixels (full range, whole image): still misclassified, and restored to the true "
@@ -315,7 +218,7 @@ def table_9(c: pd.DataFrame) -> Table:
 
 
 def fgsm_success(runs: list[Run]) -> Table:
-    e = _Entries()
+    e = Entries()
     for run in runs:
         if run.attack is None:
             continue
@@ -323,7 +226,7 @@ def fgsm_success(runs: list[Run]) -> Table:
             k = round(r.eps * 255)
             label = run.models[r.model].label if r.model in run.models else r.model
             e.ours((label, r.attack.upper()), f"ε = {k}/255", k, r.n_success, r.n_attacked)
-    return _finish("fgsm-success", "Attack success rate before any pixel change",
+    return finish_table("fgsm-success", "Attack success rate before any pixel change",
                    "Candidates each attack (FGSM, PGD, ...) made misclassified after rounding to uint8 "
                    "(attack.parquet). Cell: successful of attacked · success rate [95% Wilson interval].",
                    ("model", "attack"), e, absent="the runs hold no attack (no attack.parquet)")
@@ -332,16 +235,16 @@ def fgsm_success(runs: list[Run]) -> Table:
 def table_10(c: pd.DataFrame) -> Table:
     df = _plain(c)
     df = df[(df["amplitude"] == "full") & df["whole"] & df["augment_count"].notna()]
-    e = _Entries()
+    e = Entries()
     for who, g in _groups(df.sort_values(["augment_count", "who_order"], kind="stable"), "who"):
         aug = int(g["augment_count"].iloc[0])
         row = (who, f"{aug} pixels")
         for r in g.sort_values("count").itertuples():
-            e.ours(row, _count_col(r.count), r.count, r.n_wrong, r.n_images)
+            e.ours(row, count_col(r.count), r.count, r.n_wrong, r.n_images)
         name, n = _paper_model(g, 10), _row_n(g)
         for cell in lookup(10, name, train_aug_count=aug, amplitude="full", area=224, n_images=n) if name and n else []:
-            e.paper(row, _count_col(cell.count), cell.count, cell)
-    return _finish("table-10", "Table 10: models trained with pixel-change augmentation",
+            e.paper(row, count_col(cell.count), cell.count, cell)
+    return finish_table("table-10", "Table 10: models trained with pixel-change augmentation",
                    "Checkpoints whose sidecar names an n-pixel-change augmentation (row: that n), then n changed "
                    "pixels at test time (full range, whole image). " + _CELL, ("model", "trained with"), e,
                    absent="the runs hold no checkpoint trained with pixel-change augmentation (made by "
@@ -349,7 +252,7 @@ def table_10(c: pd.DataFrame) -> Table:
 
 
 def table_11(runs: list[Run]) -> Table:
-    e = _Entries()
+    e = Entries()
     for run in runs:
         if run.transfer is None:
             continue
@@ -365,14 +268,14 @@ def table_11(runs: list[Run]) -> Table:
                 aug, label = tgt.augment_count, tgt.label
             else:
                 continue
-            row = (_eps_label(r.eps, r.attack), label)
+            row = (eps_label(r.eps, r.attack), label)
             e.ours(row, "misclassified", 0, r.n_fooled, r.n_images)
             e.ours(row, "recognised", 1, r.n_correct, r.n_images)
             name = paper_name(src.base, weights, aug, table=11) if size == PAPER_IMAGE_SIZE else None
             for cell in lookup(11, name, train_aug_count=aug, n_images=r.n_images) if name else []:
                 e.paper(row, "misclassified", 0, cell)
                 e.paper(row, "recognised", 1, cell, k=cell.n_images - cell.wrong)
-    table = _finish("table-11", "Table 11: FGSM examples of a base model judged by its augmented versions",
+    table = finish_table("table-11", "Table 11: FGSM examples of a base model judged by its augmented versions",
                     "Examples made on the attacked (base) model and kept there, judged unchanged by the models "
                     "trained with pixel-change augmentation on the same architecture (transfer.parquet). "
                     "Cell: examples of kept · rate [95% Wilson interval].", ("attack", "judged by"), e,
@@ -382,17 +285,17 @@ def table_11(runs: list[Run]) -> Table:
 
 
 def transfer_matrix(runs: list[Run]) -> Table:
-    e = _Entries()
+    e = Entries()
     for run in runs:
         if run.transfer is None:
             continue
         labels = {m: info.label for m, info in run.models.items()}
         for r in run.transfer.sort_values("eps", kind="stable").itertuples():
             order = list(run.models).index(r.target_model) if r.target_model in run.models else math.inf
-            row = (_eps_label(r.eps, r.attack), labels.get(r.source_model, r.source_model))
+            row = (eps_label(r.eps, r.attack), labels.get(r.source_model, r.source_model))
             e.ours(row, labels.get(r.target_model, r.target_model), order,
                    r.n_fooled, r.n_images)
-    return _finish("transfer", "FGSM transfer matrix",
+    return finish_table("transfer", "FGSM transfer matrix",
                    "Rows: the model the examples were made on (its kept examples); columns: the model judging them. "
                    "Cell: fooled of kept · fooled rate [95% Wilson interval]. The diagonal is the attacked "
                    "model's own verdict.", ("attack", "made on"), e,
@@ -401,7 +304,7 @@ def transfer_matrix(runs: list[Run]) -> Table:
 
 def corruptions(runs: list[Run]) -> Table:
     """Beyond the paper: standard corruptions (ImageNet-C impulse noise) and the pixel count doing as much damage."""
-    e = _Entries()
+    e = Entries()
     for run in runs:
         df = run.corruptions
         if df is None or df.empty:
@@ -413,7 +316,7 @@ def corruptions(runs: list[Run]) -> Table:
             if not pd.isna(r.equivalent_pixels):
                 low, high = (None if pd.isna(v) else v for v in (r.equivalent_pixels_low, r.equivalent_pixels_high))
                 e.pixels((label, r.family, "equivalent pixels"), col, r.severity, r.equivalent_pixels, low, high)
-    return _finish("corruptions", "Corruptions: impulse noise beside the paper's pixel changes",
+    return finish_table("corruptions", "Corruptions: impulse noise beside the paper's pixel changes",
                    "ImageNet-C's impulse noise (salt and pepper over every channel value) at each severity: "
                    "misclassified images, and the number of changed pixels (full range, whole image) with the same "
                    "wrong rate, interpolated on the count axis with the interval carried ('<' and '>': beyond the "
