@@ -296,3 +296,24 @@ def test_demo_runs_from_any_directory(demo_run):
     attack = pq.read_table(demo / "results" / "attack.parquet").to_pandas()
     assert {"fgsm", "pgd"} <= set(ids.attack)
     assert all(kept.get((r.model, r.attack, r.attack_params, r.eps), 0) == r.n_kept for r in attack.itertuples())
+    # pixels to failure: the demo's ladder over the three models, its survival plot, medians side by side, and the
+    # pixels to restore every kept example
+    assert (demo / "results" / "report" / "plots" / "survival.png").is_file()
+    medians = next(v for k, v in sections.items() if k.startswith("Pixels to failure: median"))
+    for model, role in (("tiny", "base"), ("tiny-none", "control"), ("tiny-aug384", "augmented")):
+        assert re.search(rf"^\| {model} \| {role}", medians, flags=re.M), medians
+    fail = pq.read_table(demo / "results" / "failure.parquet").to_pandas()
+    clean = pq.read_table(demo / "results" / "clean.parquet").to_pandas()
+    evaluated = {int(i) for i in (demo / "results" / "image_ids.txt").read_text().split()}  # filter "all": correct
+    wrong = fail[fail.target == "wrong"]
+    assert set(wrong.model) == set(clean.model) and wrong.n_fail_refined.notna().any()
+    assert all(set(part.image_id) == evaluated for _, part in wrong.groupby("model"))
+    restore = fail[fail.target == "right"].groupby(["model", "attack", "attack_params", "eps"]).size()
+    assert restore.to_dict() == kept.to_dict()  # one row per kept example (one ladder)
+    # the survival at each grid count that is a ladder point agrees with that cell's correct rate (intervals)
+    from pixelray.report.survival import agreement
+
+    cells = pq.read_table(demo / "results" / "cells.parquet").to_pandas()
+    agree = agreement(fail, cells)
+    assert sorted(set(agree["count"])) == [16, 64, 256, 512] and len(agree) == 12  # 384 is not a ladder point
+    assert agree.agree.all(), agree

@@ -70,6 +70,8 @@ COMMANDS = {
     "make cluster-stop": ("test", "tests/test_cluster_local.py::test_cluster_local_token_job_metrics_and_stop"),
     "pixelray cell show n64-full-whole-all-per-image-seed0 --image-id 17 --data /data/imagenet-val":
         ("run", 0, "n64-full-whole-all-per-image-seed0"),
+    "pixelray cell show ladder-full-whole-all-seed0 --image-id 17 --count 64 --data /data/imagenet-val":
+        ("run", 0, "its first 64 positions"),
     "pixelray train-augment --model tiny --weights none --data demo-out/data --count 4 --epochs 2 "
     "--out runs/tiny-n4": ("run", 0, "done ->"),
     "pixelray train-augment --model tiny --weights none --data demo-out/data --count 4 --epochs 2 --aug none "
