@@ -36,6 +36,7 @@ bench: $(STAMP)  # each prints one JSON line; see the docstrings for GPU flags
 	$(BIN)/python benchmarks/perturb.py
 	$(BIN)/python benchmarks/shards.py
 	$(BIN)/python benchmarks/fgsm.py
+	$(BIN)/python benchmarks/failure.py
 	$(BIN)/python benchmarks/sweep.py
 	$(BIN)/python benchmarks/train.py
 

@@ -23,6 +23,7 @@ that finished but no results table.
 | config-count | `counts = [0]` | `count: 0 is invalid` |
 | config-amplitude | `amplitudes = [300]` | `amplitude: 300 is outside 1..255` |
 | config-area | `areas = [64]` on 32x32 images | `area: 64 is larger than the image` |
+| config-ladder | a `pixels_to_failure` experiment with `max_count = 2000` on 32x32 images | `max_count: 2000 is larger` |
 | config-attack-kind | `[attack] kind = "cw"` | `kind = 'cw': unknown attack` |
 | config-verify | `[data] verify = "md5"` | `[data] verify = 'md5'` |
 | run-device | `[run] device = "tpu"` | `[run] device = 'tpu'` |
@@ -262,6 +263,9 @@ CASES = {
     "config-count": (_set("grid", "counts", [0]), "count: 0 is invalid"),
     "config-amplitude": (_set("grid", "amplitudes", [300]), "amplitude: 300 is outside 1..255"),
     "config-area": (_set("grid", "areas", [64]), "area: 64 is larger than the image"),
+    "config-ladder": (lambda c: c.raw.update(experiment=[{"name": "f", "family": "pixels_to_failure",
+                                                          "max_count": 2000}]),
+                      "max_count: 2000 is larger than the 1024 pixels"),
     "config-attack-kind": (lambda c: c.raw.update(attack={"kind": "cw"}), "kind = 'cw': unknown attack"),
     "config-verify": (_set("data", "verify", "md5"), "[data] verify = 'md5'"),
     "run-device": (_set("run", "device", "tpu"), "[run] device = 'tpu'"),

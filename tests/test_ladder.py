@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import reference_perturb as ref
 import torch
-from exact_models import make0
+from exact_models import ExactNet, make0
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -212,3 +212,38 @@ def test_config_takes_a_ladder_experiment_and_refuses_mistakes_in_one_line():
     too_big = parse_config({**BASE, "experiment": [{"name": "f", "family": "pixels_to_failure", "max_count": 2000}]})
     with pytest.raises(ConfigError, match="max_count: 2000 is larger than the 1024 pixels"):
         too_big.ladders((32, 32))
+
+
+def test_pixels_to_restore_an_adversarial_example_is_the_first_point_that_brings_back_its_class(exact_case):
+    """The attack unit's ladders over its examples (target "right"), against the plain loop over every count."""
+    from pixelray.engine.adversarial import attack_outcomes
+    from pixelray.models import load_model
+
+    _, images, _, ids = exact_case
+    model = load_model("tiny", None, num_classes=10, init_seed=0).eval()  # differentiable (ExactNet rounds)
+    nchw = images.permute(0, 3, 1, 2)
+    with torch.no_grad():
+        labels = model(nchw).argmax(1)
+    ladder = Ladder(area=12, seed=7, refine=True)
+    kept = {}
+
+    def keep(_e, ex_ids, _labels, examples):
+        kept.update({int(i): ex.permute(1, 2, 0).clone() for i, ex in zip(ex_ids, examples, strict=True)})
+
+    bits = attack_outcomes(model, nchw, labels, ids, [32], [], [None], 5, ladders=[ladder], on_examples=keep)
+    assert kept and len(kept) < len(ids)  # some examples fool the model, some do not
+    points = ladder.points(32, 32)
+    restored = 0
+    for i, image_id in enumerate(ids.tolist()):
+        n_fail = bits["n_fail"][0, 0, i]
+        if image_id not in kept:
+            assert n_fail == -1 and bits["n_passes"][0, 0, i] == -1  # not eligible: no search
+            continue
+        still_wrong = _plain_scan(model, kept[image_id], int(labels[i]), image_id, ladder, 32)  # wrong[k - 1]
+        first = next((k for k in points if not still_wrong[k - 1]), None)
+        assert n_fail == (-1 if first is None else first)
+        if first is not None:
+            r = bits["n_fail_refined"][0, 0, i]
+            assert not still_wrong[r - 1] and (r == 1 or still_wrong[r - 2])
+            restored += 1
+    assert restored

@@ -181,6 +181,7 @@ def _run_sweep(config: SweepConfig, progress: bool, say: Callable[[str], None], 
     manifest, uris = _check_data(config)
     _check_checkpoints(config, manifest.num_classes)
     cell_pairs = config.cells((manifest.height, manifest.width))
+    config.ladders((manifest.height, manifest.width))  # ConfigError now (a max_count the images cannot hold)
     run_dir = RunDir(config.output_dir, log=say)
     run_dir.claim(config.config_hash)
     telemetry = pool = None
