@@ -207,8 +207,8 @@ def _failure_summary(fail) -> None:
     rows: dict[tuple, dict[str, str]] = {}
     for key, group in fail.groupby(keys, dropna=False, sort=False):
         for model, part in group.groupby("model", sort=False):
-            median = float(np.median(part.n))
-            text = f"> {int(part.max_count.max())}" if median == np.inf else f"{median:g}"
+            median = float(np.quantile(part.n, 0.5, method="lower"))  # the ceil(n/2)-th, as the report
+            text = f"> {int(part.max_count.max())}" if median == np.inf else f"{median:.0f}"
             rows.setdefault(tuple("" if pd.isna(k) else k for k in key), {})[model] = text
     typer.echo("\npixels to failure, median per image (attack rows: pixels to restore its examples; failure.parquet):")
     table = pd.DataFrame.from_dict(rows, orient="index")

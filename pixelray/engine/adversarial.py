@@ -42,7 +42,9 @@ class AttackPlan:
         kind: the attack (``[attack] kind``: a built-in name or ``module.path:SPEC``).
         params: its parameters, ``(key, value)`` pairs as the config checked them.
         report_float: also judge the unrounded examples (``[attack] report_float``).
-        ladders: the sweep's ladders: the pixels that restore each example that goes on.
+        ladders: the sweep's ladders: the pixels that restore each example that may be kept.
+        size: ``[attack] size``: the kept examples are the ``size`` lowest ids of all units together, so a
+            unit's ladders search only its ``size`` lowest-id eligible examples per eps (None: all).
     """
 
     eps: tuple[int, ...]
@@ -52,7 +54,8 @@ class AttackPlan:
     kind: str = "fgsm"
     params: tuple[tuple[str, Any], ...] = ()
     report_float: bool = False
-    ladders: tuple[Ladder, ...] = ()  # pixels to restore: each ladder over the examples that go on
+    ladders: tuple[Ladder, ...] = ()  # pixels to restore: each ladder over the examples that may be kept
+    size: int | None = None  # [attack] size: at most this many examples per eps can be kept from one unit
 
 
 @contextlib.contextmanager
@@ -88,6 +91,7 @@ def attack_outcomes(
     report_float: bool = True,
     cell_options: dict | None = None,
     ladders: Sequence[Ladder] = (),
+    size: int | None = None,
 ) -> dict[str, np.ndarray | None]:
     """The attack with ``model`` at each eps, then every cell and every judge over the examples; per-image bits.
 
@@ -118,7 +122,8 @@ def attack_outcomes(
             ``success_float`` is None and, for attacks that allow it, a forward pass is saved.
         cell_options: options of :func:`correct_under_cells` (a worker's perturber, ...).
         ladders: pixels to restore: :func:`~pixelray.engine.ladder.ladder_outcomes` with ``target = "right"``
-            over the examples that go on (an example the model already classifies correctly: 0).
+            over the examples that go on (an example the model already classifies correctly: 0), the ``size``
+            lowest ids of them per eps (the most the driver can keep from one unit; None: all).
 
     Memory: the examples of every eps are kept until the cells run (E x the unit's images).
 
@@ -137,7 +142,7 @@ def attack_outcomes(
     found = _attack_every_eps(unit, eps, attack, params, report_float)
     restored, correct_by, restore = _cells_and_judges(unit, found, cells, judges, keep_all=keep_all, amp=amp,
                                                       on_examples=on_examples, cell_options=cell_options,
-                                                      ladders=ladders)
+                                                      ladders=ladders, size=size)
     return {
         "success_float": None if found.success_float is None else found.success_float.cpu().numpy(),
         "success": found.success.cpu().numpy(),
@@ -216,6 +221,7 @@ def _cells_and_judges(
     on_examples: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None,
     cell_options: dict | None,
     ladders: Sequence[Ladder] = (),
+    size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]:
     """``restored`` (E, C, N) and ``correct_by`` (E, J, N): every cell and every judge over the eligible examples;
     and with ``ladders`` the pixels to restore them (each field (E, L, N), -1 where not eligible)."""
@@ -236,11 +242,13 @@ def _cells_and_judges(
             verdict = (~found.success[e, chosen] if judge is None
                        else predict(judge, adv, unit.batch_size, amp) == truth)
             correct_by[e, j, chosen] = verdict
-        if ladders:
-            at_zero = (~found.success[e, chosen]).cpu().numpy()  # keep = "all": already classified correctly
-            found_k = ladder_outcomes(unit.model, adv, truth, ids, ladders, unit.batch_size, amp, target="right",
-                                      flipped_at_zero=at_zero)
-            index = chosen.cpu().numpy()
+        if ladders:  # the examples that may be kept: the unit's `size` lowest ids (the driver keeps the lowest)
+            first = torch.argsort(ids, stable=True)[:size] if size is not None else torch.arange(len(ids))
+            first = first.to(chosen.device)
+            at_zero = (~found.success[e, chosen[first]]).cpu().numpy()  # keep = "all": already correct
+            found_k = ladder_outcomes(unit.model, adv[first], truth[first], ids[first], ladders, unit.batch_size,
+                                      amp, target="right", flipped_at_zero=at_zero)
+            index = chosen[first].cpu().numpy()
             for name in LADDER_FIELDS:
                 restore[name][e][:, index] = found_k[name]
     return restored, correct_by, restore

@@ -239,7 +239,7 @@ class ModelWorker:
             model, images, labels, ids, attack.eps, list(cells), judges, self.batch_size,
             keep_all=attack.keep_all, amp=self.amp, on_examples=save if attack.save_dir else None,
             attack=attack.kind, params=attack.params, report_float=attack.report_float,
-            cell_options=self._cell_options(cells, images), ladders=attack.ladders,
+            cell_options=self._cell_options(cells, images), ladders=attack.ladders, size=attack.size,
         )
         out = {"image_id": ids.cpu().numpy(), "label": labels.cpu().numpy(), **bits, "saved": saved}
         eligible = bits["success"].size if attack.keep_all else int(bits["success"].sum())

@@ -129,7 +129,7 @@ def run_attack(ctx: RunContext, clean: CleanPass, attack: AttackConfig) -> Attac
         save_dir = join_uri(where if is_remote(where) else os.path.abspath(where), name)
     ladders = tuple(dict.fromkeys(ladder for _, ladder in config.ladders(ctx.size)))
     plan = AttackPlan(attack.eps, keep_all, tuple(config.models), save_dir, attack.kind, attack.params,
-                      attack.report_float, ladders)
+                      attack.report_float, ladders, attack.size)
     kept = _KeptSoFar(attack.eps, attack.size, keep_all)
     cells = ctx.cells
     weights, classes = config.weights, ctx.num_classes

@@ -116,6 +116,8 @@ def restore_rows(ladder_pairs: list[tuple[str, Ladder]], table: pa.Table, kept: 
     values = {name: table[name].combine_chunks().flatten().to_numpy().reshape(-1, width)[kept]
               for name in LADDER_FIELDS}
     ids, labels = table["image_id"].to_numpy()[kept], table["label"].to_numpy()[kept]
+    if (values["n_passes"] < 0).any():  # the unit searched only the examples that could be kept: these were
+        raise ValueError("a kept adversarial example has no pixels to restore: its unit did not search it")
     rows = []
     for exp, ladder in ladder_pairs:
         j, columns = unique.index(ladder), ladder_columns(ladder, size)
