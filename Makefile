@@ -38,6 +38,7 @@ bench: $(STAMP)  # each prints one JSON line; see the docstrings for GPU flags
 	$(BIN)/python benchmarks/fgsm.py
 	$(BIN)/python benchmarks/failure.py
 	$(BIN)/python benchmarks/sweep.py
+	$(BIN)/python benchmarks/small_shards.py
 	$(BIN)/python benchmarks/train.py
 
 # A Ray head on 127.0.0.1 for `ray job submit` (token auth, Ray's metrics export), and only that one

@@ -23,7 +23,7 @@ that finished but no results table.
 | config-count | `counts = [0]` | `count: 0 is invalid` |
 | config-amplitude | `amplitudes = [300]` | `amplitude: 300 is outside 1..255` |
 | config-area | `areas = [64]` on 32x32 images | `area: 64 is larger than the image` |
-| config-ladder | a `pixels_to_failure` experiment with `max_count = 2000` on 32x32 images | `max_count: 2000 is larger` |
+| config-ladder | a `pixels_to_failure` experiment, `max_count = 2000` on 32x32 images | `max_count: 2000 is larger` |
 | config-attack-kind | `[attack] kind = "cw"` | `kind = 'cw': unknown attack` |
 | config-verify | `[data] verify = "md5"` | `[data] verify = 'md5'` |
 | run-device | `[run] device = "tpu"` | `[run] device = 'tpu'` |

@@ -60,6 +60,7 @@ def test_paper_config_is_tables_6_to_8_on_the_five_models():
         (base(models={"names": ["resnet101", "vgg16"], "weights": "IMAGENET1K_V2"}),
          r"vgg16 has no IMAGENET1K_V2 weights"),
         (base(run={"cells_per_pass": 0}), r"\[run\] cells_per_pass = 0: must be an integer >= 1"),
+        (base(run={"cells_per_pass": "max"}), r"\[run\] cells_per_pass = 'max': allowed: 'auto' or an integer"),
         (base(run={"device": "cpu", "cuda_graphs": True}), r"cuda_graphs = true needs a CUDA device"),
         (base(attack={"kind": "fgsm", "report_float": "yes"}), r"\[attack\] report_float = 'yes': expected bool"),
         (base(models={"names": ["tiny"]}), r"weights = 'imagenet': 'tiny' has no pretrained weights; set weights"),
@@ -124,7 +125,8 @@ def test_weights_names_of_the_model_registry_are_accepted(given, label):
 def test_run_options_of_the_hot_path():
     cfg = parse_config(base(run={"cells_per_pass": 4, "cuda_graphs": True}))
     assert (cfg.cells_per_pass, cfg.cuda_graphs) == (4, True)
-    assert parse_config(base()).cells_per_pass == 1 and not parse_config(base()).cuda_graphs
+    assert parse_config(base()).cells_per_pass is None and not parse_config(base()).cuda_graphs  # None: "auto"
+    assert parse_config(base(run={"cells_per_pass": "auto"})).cells_per_pass is None
     assert cfg.config_hash == parse_config(base()).config_hash  # how fast it runs is not identity
 
 

@@ -47,6 +47,21 @@ def test_correct_under_cells_equals_a_plain_loop(tiny_checkpoints, shard, cells_
     assert 0 < int((~expected).sum()) < expected.numel()  # the cells do some damage, not all
 
 
+def test_by_default_a_small_shard_fills_each_pass_with_cells_and_the_verdicts_do_not_change(tiny_checkpoints, shard):
+    """cells_per_pass = None (the sweep's default): a slice of 6 images with batch_size 40 stacks up to 6 cells per
+    pass (40 // 6; cells drawn alike stack, so the plan's groups of cells cap it), so that a small shard's passes
+    hold up to batch_size images; the verdicts equal the plain loop's."""
+    model = load_model(tiny_checkpoints[0], None).to(memory_format=torch.channels_last)
+    images, labels, ids = shard.images[:6], shard.labels[:6], shard.image_ids[:6]
+    sizes = []
+    hook = model.register_forward_hook(lambda _m, args, _out: sizes.append(args[0].shape[0]))
+    got = correct_under_cells(model, images, labels, ids, CELLS, 40, cells_per_pass=None)
+    hook.remove()
+    assert torch.equal(got, plain_loop(model, images, labels, ids, CELLS, 40))
+    assert sum(sizes) == 6 * len(CELLS) and 6 < max(sizes) <= 36 and len(sizes) < len(CELLS)
+    assert all(size % 6 == 0 for size in sizes)  # whole copies of the slice, one per cell
+
+
 def test_a_unit_reports_the_reads_it_made(synthetic_dataset, tiny_checkpoints):
     uri = shard_uris(synthetic_dataset)[0]
     worker = ModelWorker(device="cpu", threads=1, batch_size=50)

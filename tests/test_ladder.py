@@ -107,7 +107,9 @@ def _plain_scan(model, image, label, image_id, ladder, height):
             changed[y, x, c] = new
         versions.append(changed.permute(2, 0, 1).clone())
     with torch.no_grad():
-        predictions = [int(model(v[None].double() / 255).argmax()) for v in versions]  # one image per pass
+        # one image per pass: ExactNet takes [0, 1] doubles (exact sums), a Classifier uint8 as the engine gives it
+        predictions = [int(model(v[None].double() / 255 if isinstance(model, ExactNet) else v[None]).argmax())
+                       for v in versions]
     return [p != label for p in predictions]  # wrong[k - 1]
 
 

@@ -42,10 +42,20 @@ def run_fields(raw: dict, source: str) -> dict[str, Any]:
         "metrics_port": get_value(run, "metrics_port", "run", int, None),
         "metrics_host": get_value(run, "metrics_host", "run", str, "127.0.0.1"),
         "metrics_linger": get_value(run, "metrics_linger", "run", (int, float), 5.0),
-        "cells_per_pass": get_value(run, "cells_per_pass", "run", int, 1),
+        "cells_per_pass": _cells_per_pass(get_value(run, "cells_per_pass", "run", (int, str), "auto",
+                                                    fix="'auto' or a number of cells per forward pass")),
         "cuda_graphs": get_value(run, "cuda_graphs", "run", bool, False),
         "huge_pages": get_value(run, "huge_pages", "run", bool, True),
     }
+
+
+def _cells_per_pass(value: int | str) -> int | None:
+    """``[run] cells_per_pass``: "auto" (None: as many cells as fill ``batch_size`` images) or a fixed number."""
+    if value == "auto":
+        return None
+    if isinstance(value, str):
+        raise ConfigError(f"[run] cells_per_pass = {value!r}: allowed: 'auto' or an integer >= 1")
+    return value
 
 
 _GPU_RANGE = re.compile(r"^\s*(\d+)\s*\.\.\s*(\d+)\s*$")

@@ -141,7 +141,7 @@ class SweepConfig:
     metrics_linger: float = 5.0  # seconds the metrics endpoint stays up after the final tables
     verify: Verify = Verify.AUTO
     attacks: tuple[AttackConfig, ...] = ()  # [attack], or several [[attack]] tables
-    cells_per_pass: int = 1  # cells per forward pass (the batch holds cells x images)
+    cells_per_pass: int | None = None  # cells per forward pass (cells x images); None: fill batch_size images
     cuda_graphs: bool = False  # replay the cells' passes from CUDA graphs (CUDA only; off until trusted)
     huge_pages: bool = True  # CPU workers back large tensors with transparent huge pages (same bits, faster)
     save_adversarial: str | None = None  # directory for adversarial image shards (optional)

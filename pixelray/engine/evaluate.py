@@ -21,7 +21,7 @@ from pixelray.core.perturb import Perturber, image_layout
 from pixelray.core.spec import Cell, PixelChange
 
 __all__ = [
-    "CellGraphs", "amp_autocast", "correct_under_cells", "count_wrong", "image_size", "pick_device",
+    "CellGraphs", "amp_autocast", "correct_under_cells", "count_wrong", "fill_step", "image_size", "pick_device",
     "pixel_change_cells", "predict",
 ]
 
@@ -72,7 +72,7 @@ def correct_under_cells(
     batch_size: int,
     amp: bool = False,
     *,
-    cells_per_pass: int = 1,
+    cells_per_pass: int | None = 1,
     perturber: Perturber | None = None,
     graphs: CellGraphs | None = None,
 ) -> torch.Tensor:
@@ -82,7 +82,9 @@ def correct_under_cells(
     (:meth:`Perturber.passes`: one fused draw per group of cells, changes written into a
     scratch batch and undone), ``cells_per_pass`` cells per forward pass (the batch holds
     cells x images; 1 gives the forward passes of one cell at a time, the numerics of
-    earlier versions). Corruption cells (``pixelray.core.corrupt``) run one at a time beside them.
+    earlier versions; None stacks as many cells as fill ``batch_size`` images, so a shard of
+    few images still gives full passes, and one cell at a time where a slice is full). Corruption cells
+    (``pixelray.core.corrupt``) run one at a time beside them.
     Nothing is synchronised with the host.
 
     Args:
@@ -96,11 +98,11 @@ def correct_under_cells(
     if perturber is None:
         perturber = Perturber(pixel_change_cells(cells), *image_size(images), images.device)
     correct = torch.empty((len(cells), n), dtype=torch.bool, device=images.device)
-    step = max(1, int(cells_per_pass))
     with torch.inference_mode(), amp_autocast(images.device, amp):
         for start in range(0, n, batch_size):
             part = slice(start, start + batch_size)
             batch, ids, truth = images[part], image_ids[part], labels[part]
+            step = min(fill_step(cells_per_pass, batch_size, len(batch)), max(1, len(changes)))
             if graphs is not None and len(batch) == batch_size:
                 if others:  # the graphs write the pixel-change cells' rows, in the perturber's order
                     rows = torch.empty((len(changes), len(batch)), dtype=torch.bool, device=images.device)
@@ -118,6 +120,18 @@ def correct_under_cells(
             for i in others:  # corruptions: one cell at a time
                 correct[i, part] = model(apply_cell(batch, cells[i], ids)).argmax(dim=1) == truth
     return correct
+
+
+def fill_step(cells_per_pass: int | None, batch_size: int, n: int) -> int:
+    """Cells per forward pass over a slice of ``n`` images: ``cells_per_pass``, or with None as many as fill
+    ``batch_size`` images (at least one).
+
+    >>> fill_step(None, 500, 5), fill_step(None, 500, 500), fill_step(None, 500, 180), fill_step(4, 500, 5)
+    (100, 1, 2, 4)
+    """
+    if cells_per_pass is not None:
+        return max(1, int(cells_per_pass))
+    return max(1, batch_size // max(1, n))
 
 
 class CellGraphs:

@@ -52,8 +52,9 @@ class ModelWorker:
         batch_size: images per forward pass.
         amp: autocast: True (fp16 on CUDA, bf16 on CPU), "bf16" or "fp16"; agreement with fp32 is
             reported by the benchmark.
-        cells_per_pass: cells per forward pass (the batch holds cells x images); 1 keeps the
-            forward passes of earlier versions, more gives small models larger batches.
+        cells_per_pass: cells per forward pass (the batch holds cells x images); None (the default) stacks
+            as many as fill ``batch_size`` images (one when a slice holds ``batch_size`` images: the forward
+            passes of earlier versions); a number fixes it.
         cuda_graphs: replay the cells' passes from CUDA graphs (:class:`CellGraphs`); CUDA only.
 
     On CUDA a unit's shard is read into pinned memory and copied to the device on a copy
@@ -62,7 +63,7 @@ class ModelWorker:
     """
 
     def __init__(self, device: str = "auto", threads: int | None = None, batch_size: int = 64, amp: bool | str = False,
-                 cells_per_pass: int = 1, cuda_graphs: bool = False):
+                 cells_per_pass: int | None = None, cuda_graphs: bool = False):
         if threads:
             torch.set_num_threads(threads)
         self.device = pick_device(device)
