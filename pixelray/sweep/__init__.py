@@ -25,6 +25,11 @@ run in image-id order, and a unit whose lowest candidate id lies above ``size``
 eligible examples at every eps (among finished units) is skipped: its images
 could not be kept.
 
+With a ``pixels_to_failure`` experiment a *failure* phase runs every ladder over the images each model
+classifies correctly unchanged (``failure``: the searches of :mod:`pixelray.engine.ladder`), and the attack
+units search the same ladders over the examples they may keep (pixels to restore); both land in
+``failure.parquet``.
+
 Layout of an output directory::
 
     run.lock                 held by the run in progress (config hash, pid, host)
@@ -32,6 +37,7 @@ Layout of an output directory::
     units/clean/<model>/<shard>.parquet
     units/cells/<model>/<shard>.parquet
     units/attack/<model>/<shard>.parquet   per (eps, image) bits (sweep.attack.attack_unit_table)
+    units/failure/<model>/<shard>.parquet  per (ladder, image) counts (sweep.failure.failure_unit_table)
     image_ids.txt            the evaluated image ids (per-model filter: image_ids/<model>.txt)
     clean.parquet            model, image_id, label, prediction, correct
     cells.parquet            one row per experiment x model x cell (DESIGN.md "Results schema"),
@@ -39,6 +45,7 @@ Layout of an output directory::
     attack.parquet           one row per model x eps: the attack's success rate (ATTACK_SCHEMA)
     transfer.parquet         one row per source model x target model x eps (TRANSFER_SCHEMA)
     attack_ids.parquet       model, attack, attack_params, eps, image_id of every kept adversarial example
+    failure.parquet          one row per experiment x model x ladder x image: pixels to failure (FAILURE_SCHEMA)
     stats.json               shard reads per phase, units run, timings
     rejected/                unit files that could not be used (unreadable, another plan), kept for a look
 
@@ -46,7 +53,7 @@ The attack's tables are described in :mod:`pixelray.sweep.attack_results`. The m
 ``driver`` (run_sweep: the order of things), ``context`` (what the phases share, and
 how units are resumed or run), ``pool`` (workers, scheduling, retries), ``devices`` (the
 device, from what the cluster has and can get), ``clean``, ``cells``, ``attack`` (the
-phases), ``results`` and ``attack_results`` (the tables).
+phases), ``failure`` (the ladders' phase and rows), ``results`` and ``attack_results`` (the tables).
 """
 
 from pixelray.errors import SweepError, SweepStopped
@@ -54,11 +61,12 @@ from pixelray.sweep.attack import select_kept
 from pixelray.sweep.clean import select_eval_set
 from pixelray.sweep.driver import SweepResult, run_sweep
 from pixelray.sweep.pool import connect
-from pixelray.sweep.results import ATTACK_SCHEMA, CELLS_SCHEMA, TRANSFER_SCHEMA
+from pixelray.sweep.results import ATTACK_SCHEMA, CELLS_SCHEMA, FAILURE_SCHEMA, TRANSFER_SCHEMA
 
 __all__ = [
     "ATTACK_SCHEMA",
     "CELLS_SCHEMA",
+    "FAILURE_SCHEMA",
     "TRANSFER_SCHEMA",
     "SweepError",
     "SweepStopped",
