@@ -2,10 +2,11 @@
 
     ray job submit --working-dir . -- python jobs/sweep.py --config jobs/paper.toml --out s3://bucket/paper
     python jobs/sweep.py --smoke-test          # synthetic data and tiny models, on any machine (in smoke-out/)
+    python jobs/sweep.py --config jobs/paper.toml --plan   # what it would do (pixelray plan), no model runs
 
 Inside a Ray job the sweep joins the job's cluster (address "auto"); run by hand
 without a cluster it starts an embedded local Ray. It takes the run options of
-``pixelray sweep`` (the same definitions), plus ``--config`` and ``--smoke-test``.
+``pixelray sweep`` (the same definitions), plus ``--config``, ``--smoke-test`` and ``--plan``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def main(
         bool, typer.Option("--smoke-test", help=f"Run jobs/demo.toml on synthetic data and tiny models "
                            f"(in {SMOKE_DIR}/ unless --out).")
     ] = False,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="Print what the sweep would do (pixelray plan) and run nothing.")
+    ] = False,
 ) -> None:
     """Run (or resume) a sweep as a Ray job (--address: default 'auto' inside a Ray job, else 'local')."""
     overrides = sweep_overrides(out, data, metrics_port, metrics_linger, save_adversarial)
@@ -69,6 +73,11 @@ def main(
                 output_dir=str(root / "results"),
             )
         cfg = load_config(config, overrides)
+        if plan:
+            from pixelray.sweep.plan import format_plan, plan_sweep
+
+            typer.echo(format_plan(plan_sweep(cfg)))
+            return
         refuse_lost_output(cfg.output_dir)
         result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True), address=address)
     except (ConfigError, SweepError, TrainError) as exc:

@@ -317,3 +317,26 @@ def test_demo_runs_from_any_directory(demo_run):
     agree = agreement(fail, cells)
     assert sorted(set(agree["count"])) == [16, 64, 256, 512] and len(agree) == 12  # 384 is not a ladder point
     assert agree.agree.all(), agree
+
+
+def test_plan_prints_the_work_and_refuses_what_the_sweep_refuses_with_the_same_line(synthetic_dataset, tmp_path):
+    import tomli_w
+
+    raw = {"data": {"path": str(synthetic_dataset)}, "models": {"names": ["tiny"], "weights": "none"},
+           "eval": {"filter": "none", "batch_size": 100}, "grid": {"counts": [4, 8]},
+           "experiment": [{"name": "f", "family": "pixels_to_failure", "max_count": 64}],
+           "output": {"dir": str(tmp_path / "out")}}
+    good = tmp_path / "good.toml"
+    good.write_text(tomli_w.dumps(raw))
+    result = invoke("plan", str(good))
+    assert result.exit_code == 0, result.output
+    # 600 images in 6 shards; filter "none": the clean and cells phases are exact (600 x 2 cells)
+    assert re.search(r"^  clean +6 +600 +6$", result.output, flags=re.M), result.output
+    assert re.search(r"^  cells +6 +1,200 +12 ", result.output, flags=re.M), result.output
+    assert not (tmp_path / "out").exists()  # nothing written
+    raw["experiment"][0]["max_count"] = 2000
+    good.write_text(tomli_w.dumps(raw))
+    plan, sweep = invoke("plan", str(good)), invoke("sweep", str(good))
+    assert plan.exit_code == sweep.exit_code == 2
+    assert plan.stderr == sweep.stderr and "max_count: 2000 is larger" in plan.stderr and plan.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()

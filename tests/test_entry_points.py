@@ -396,7 +396,8 @@ def _options(command) -> dict[str, str | None]:
 def test_the_sweep_job_takes_the_options_of_pixelray_sweep():
     cli = _options(typer.main.get_command(app).commands["sweep"])
     job = _options(typer.main.get_command(_load("jobs/sweep.py").app))
-    extra = {"--config", "--smoke-test"}  # the job's own: its config is an option, and its smoke test
+    extra = {"--config", "--smoke-test", "--plan"}  # the job's own: its config is an option, its smoke test, and
+    # --plan (`pixelray plan`, a command of its own)
     assert set(job) - extra == set(cli), (set(job) ^ set(cli)) - extra
     assert {k: v for k, v in job.items() if k not in extra} == cli  # the same definitions, the same help
     assert {"--metrics-linger", "--out", "--data", "--no-progress"} <= set(job)

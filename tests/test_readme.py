@@ -59,6 +59,8 @@ COMMANDS = {
     "pixelray weights list": ("run", 0, "squeezenet1_1"),
     # as shipped, jobs/paper.toml names s3://YOUR-BUCKET: refused in one line before any network
     "pixelray sweep jobs/paper.toml --out results/paper": ("run", 2, "placeholder"),
+    "pixelray plan jobs/paper.toml --data /data/imagenet-val --out results/paper":
+        ("test", "tests/test_cli.py::test_plan_prints_the_work_and_refuses_what_the_sweep_refuses_with_the_same_line"),
     "ray job submit --working-dir . -- python jobs/sweep.py --config jobs/paper.toml --out /shared/results/paper":
         ("not here", "ImageNet and the paper's pretrained weights; the job entry point's checks: "
                      "tests/test_entry_points.py"),

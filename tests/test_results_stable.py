@@ -40,13 +40,18 @@ def demo_run(ray_local, tmp_path_factory) -> Path:
     """A sweep of jobs/demo.toml over the exact models and data; returns its directory (data/, out/)."""
     tmp_path = tmp_path_factory.mktemp("demo")
     make_data(tmp_path / "data")
+    # on the session's Ray, whose workers import exact_models from tests/ (tests/conftest.py)
+    run_sweep(parse_config(_demo_raw(tmp_path)), progress=False)
+    return tmp_path
+
+
+def _demo_raw(tmp_path: Path) -> dict:
+    """jobs/demo.toml over the exact models and data of ``tmp_path``."""
     raw = tomllib.loads((TESTS.parent / "jobs" / "demo.toml").read_text())
     raw["data"]["path"] = str(tmp_path / "data")
     raw["models"]["names"] = ["exact_models:make0", "exact_models:make1"]
     raw["output"]["dir"] = str(tmp_path / "out")
-    # on the session's Ray, whose workers import exact_models from tests/ (tests/conftest.py)
-    run_sweep(parse_config(raw), progress=False)
-    return tmp_path
+    return raw
 
 
 @pytest.mark.slow
@@ -132,3 +137,23 @@ def test_failure_rows_rebuild_from_their_columns_alone_and_every_count_below_is_
         if not pd.isna(row.n_fail):  # refine = true: correct just below the refined count, wrong at it
             r = int(row.n_fail_refined)
             assert row.n_last_correct < r <= row.n_fail and not verdicts[r - 1] and (r == 1 or verdicts[r - 2])
+
+
+@pytest.mark.slow
+def test_the_plan_counts_what_the_sweep_then_does(demo_run):
+    """pixelray plan's figures, from the config and the data alone, against the workers' own counts."""
+    import json
+
+    from pixelray.sweep.plan import plan_sweep
+
+    plan = plan_sweep(parse_config(_demo_raw(demo_run)))
+    stats = json.loads((demo_run / "out" / "stats.json").read_text())
+    done, units = stats["images"], stats["units_run"]
+    evaluated = len((demo_run / "out" / "image_ids.txt").read_text().split())  # filter "all": known after clean
+    assert (plan.models, plan.num_images, plan.shards, plan.cells) == (2, 600, 6, 16)
+    assert done["clean"] == plan.images("clean") == 2 * 600  # exact
+    assert done["cells"] == 2 * evaluated * plan.cells <= plan.images("cells") == 2 * 500 * 16
+    assert units["clean"] == units["cells"] == units["failure"] == 2 * 6 == plan.models * plan.phases[0].units
+    assert done["failure"] == stats["failure"]["passes"] <= plan.images("failure")  # the rows' n_passes agree
+    assert done["attack"] <= plan.images("attack:fgsm") + plan.images("attack:pgd")
+    assert sum(stats["reads"].values()) <= len(plan.phases) * plan.models * plan.shards

@@ -156,6 +156,27 @@ def sweep_cmd(
     _summary(result.out_dir)
 
 
+@app.command("plan")
+def plan_cmd(
+    config: Annotated[str, typer.Argument(help="Sweep config (TOML), e.g. jobs/paper.toml.")],
+    out: SweepOut = None,
+    data: SweepData = None,
+) -> None:
+    """What a sweep would do, without running a model: units, images forwarded per model and phase, data read.
+
+    The config, the data and the checkpoints are checked as `pixelray sweep` checks them (the same errors).
+    """
+    from pixelray.config.sweep import ConfigError, load_config
+    from pixelray.sweep import SweepError
+    from pixelray.sweep.plan import format_plan, plan_sweep
+
+    try:
+        cfg = load_config(config, {"data": data, "output_dir": out})  # as the sweep's: the same refusals
+        typer.echo(format_plan(plan_sweep(cfg)))
+    except (ConfigError, SweepError) as exc:
+        fail(str(exc))
+
+
 def _summary(out_dir) -> None:
     """A compact view of a run: wrong rate per cell and model, corruptions with their equivalent
     pixel counts, and each attack's success rate."""

@@ -36,7 +36,8 @@ class RunContext:
         telemetry: metrics and the progress bar.
         say: where messages for the user go.
         stats: per phase, for ``stats.json``: ``reads`` (shard reads the workers made, counted in
-            their reader), ``units_run`` (units finished, counted here), and the workers' seconds
+            their reader), ``units_run`` (units finished, counted here), ``images`` (images the workers
+            forwarded in this run's units, x cells: ``pixelray plan`` predicts them), and the workers' seconds
             ``compute_s`` (holding the device) and ``read_s`` (reading and staging shards).
     """
 
@@ -122,7 +123,7 @@ class RunContext:
             if on_table is not None:
                 on_table(unit, table)
         name = phase.value
-        for counter in ("reads", "units_run", "compute_s", "read_s"):
+        for counter in ("reads", "units_run", "images", "compute_s", "read_s"):
             self.stats.setdefault(counter, {}).setdefault(name, 0)
 
         def done(unit: Unit, result: dict) -> None:
@@ -131,6 +132,7 @@ class RunContext:
             tables[unit.key] = table
             self.stats["reads"][name] += int(result["reads"])  # counted in the worker's reader
             self.stats["units_run"][name] += 1  # counted here, as units finish
+            self.stats["images"][name] += int(result["images"])  # images forwarded (x cells), the worker's count
             self.stats["compute_s"][name] += float(result["compute_s"])
             self.stats["read_s"][name] += float(result["read_s"])
             self.telemetry.unit_done(unit.model, int(result["images"]))

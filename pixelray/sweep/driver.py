@@ -53,7 +53,7 @@ from pixelray.sweep.results import (
 )
 from pixelray.telemetry import SweepTelemetry
 
-__all__ = ["SweepResult", "run_sweep"]
+__all__ = ["SweepResult", "check_checkpoints", "check_data", "run_sweep"]
 
 
 @dataclass
@@ -69,7 +69,7 @@ class SweepResult:
     failure_path: Path | str | None = None  # with a pixels_to_failure experiment
 
 
-def _check_data(config: SweepConfig) -> tuple[Manifest, list[str]]:
+def check_data(config: SweepConfig) -> tuple[Manifest, list[str]]:
     """The manifest and shard paths, after checking every shard's footer, ids and labels (no pixels)."""
     try:
         manifest = load_manifest(config.data)
@@ -80,7 +80,7 @@ def _check_data(config: SweepConfig) -> tuple[Manifest, list[str]]:
     return manifest, uris
 
 
-def _check_checkpoints(config: SweepConfig, num_classes: int) -> None:
+def check_checkpoints(config: SweepConfig, num_classes: int) -> None:
     """Read and check every ``checkpoint:`` model here, before anything is claimed or Ray starts.
 
     A checkpoint is a file, like the data the driver has just checked: its sidecar, its weights-only
@@ -178,8 +178,8 @@ def _run_sweep(config: SweepConfig, progress: bool, say: Callable[[str], None], 
                signals: _StopOnSignals) -> SweepResult:
     t_start = time.perf_counter()
     config.check_placeholders()  # ConfigError: an example's s3://YOUR-BUCKET left in a path
-    manifest, uris = _check_data(config)
-    _check_checkpoints(config, manifest.num_classes)
+    manifest, uris = check_data(config)
+    check_checkpoints(config, manifest.num_classes)
     cell_pairs = config.cells((manifest.height, manifest.width))
     config.ladders((manifest.height, manifest.width))  # ConfigError now (a max_count the images cannot hold)
     run_dir = RunDir(config.output_dir, log=say)

@@ -1,0 +1,133 @@
+"""``pixelray plan``: what a sweep will do before it runs: units, images forwarded per model and phase, data read.
+
+No model runs and no Ray starts: the config, the data (the manifest and every shard's footer, ids and
+labels) and the checkpoints are checked exactly as :func:`~pixelray.sweep.run_sweep` checks them, so a
+config the sweep would refuse is refused here with the same line. The images a model forwards depend on
+its predictions where the ``[eval]`` filter or an attack's success decides which images go on: those
+figures are upper bounds (marked ``<=``), reached when every image passes the filter and every attack
+succeeds; the clean phase, and the cells phase under ``filter = "none"``, are exact. A finished run's
+``stats.json`` holds the same counts (``images`` per phase, summed over models), so a plan can be checked
+against what was done. "Images forwarded" counts an image once per forward pass it is in, times the cells
+it is changed under; an attack's own gradient passes (FGSM: one forward and backward per candidate and eps;
+PGD: ``steps`` of them) are not in it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pixelray.config.sweep import Filter, SweepConfig
+from pixelray.core.spec import PixelChange
+
+__all__ = ["PhasePlan", "SweepPlan", "format_plan", "plan_sweep"]
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """One phase of one model: its units and the images its worker forwards (x cells), exact or a bound."""
+
+    phase: str
+    units: int
+    images: int
+    exact: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """A sweep's work per model (every model does the same work), and what it reads."""
+
+    config: SweepConfig
+    num_images: int
+    shards: int
+    image_size: tuple[int, int]
+    cells: int
+    pixel_cells: int
+    ladders: tuple[tuple[str, int], ...]  # (ladder label, points)
+    phases: tuple[PhasePlan, ...]
+    shard_bytes: int | None  # the shards' total size on disk (None: not a local file)
+
+    @property
+    def models(self) -> int:
+        return len(self.config.models)
+
+    def images(self, phase: str | None = None) -> int:
+        """Images forwarded (x cells) by every model together, in one phase or in all."""
+        return self.models * sum(p.images for p in self.phases if phase in (None, p.phase))
+
+
+def _eval_bound(config: SweepConfig, n: int) -> tuple[int, bool]:
+    """The evaluation set's size: exact under filter "none", else an upper bound."""
+    size = n if config.eval_size is None else min(config.eval_size, n)
+    return size, config.filter is Filter.NONE
+
+
+def _ladder_bound(points: tuple[int, ...], search: str, refine: bool) -> int:
+    """The most forward passes one image can take on a ladder."""
+    passes = len(points) if search == "scan" else 1 + math.ceil(math.log2(len(points)))
+    if refine:
+        gaps = [b - a for a, b in zip((0, *points), points, strict=False)]
+        passes += math.ceil(math.log2(max(gaps))) if max(gaps) > 1 else 0
+    return passes
+
+
+def plan_sweep(config: SweepConfig) -> SweepPlan:
+    """The plan of ``config``'s sweep (see the module docstring); ConfigError / SweepError as the sweep gives."""
+    import os
+
+    from pixelray.sweep.driver import check_checkpoints, check_data
+
+    config.check_placeholders()
+    manifest, uris = check_data(config)
+    check_checkpoints(config, manifest.num_classes)
+    size = (manifest.height, manifest.width)
+    cells = config.unique_cells(size)
+    ladders = list(dict.fromkeys(lad for _, lad in config.ladders(size)))
+    n, shards = manifest.num_images, len(manifest.shards)
+    evaluated, exact = _eval_bound(config, n)
+    phases = [PhasePlan("clean", shards, n, True)]
+    if cells:
+        phases.append(PhasePlan("cells", shards, evaluated * len(cells), exact,
+                                f"{evaluated} images x {len(cells)} cells"))
+    per_ladder = [_ladder_bound(lad.points(*size), lad.search, lad.refine) for lad in ladders]
+    if ladders:
+        phases.append(PhasePlan("failure", shards, evaluated * sum(per_ladder), False,
+                                "every image walks every point: those that break leave sooner"))
+    judges = len(config.models)
+    for attack in config.attacks:
+        candidates = n if attack.keep.value == "successful" or attack.size is None else min(attack.size, n)
+        restore = min(candidates, shards * attack.size) if attack.size is not None else candidates
+        images = len(attack.eps) * (candidates * (1 + len(cells) + judges) + restore * sum(per_ladder))
+        phases.append(PhasePlan(f"attack:{attack.name}", shards, images, False,
+                                f"{candidates} candidates x {len(attack.eps)} eps; cells and judges over the "
+                                "examples that fool the model"))
+    local = "://" not in config.data or config.data.startswith("file://")
+    shard_bytes = sum(os.path.getsize(u.removeprefix("file://")) for u in uris) if local else None
+    ladder_info = tuple((lad.label, len(lad.points(*size))) for lad in ladders)
+    pixel = sum(isinstance(c.change, PixelChange) for c in cells)
+    return SweepPlan(config, n, shards, size, len(cells), pixel, ladder_info, tuple(phases), shard_bytes)
+
+
+def format_plan(plan: SweepPlan) -> str:
+    """The plan as a person reads it: one table per model (every model does the same), then the totals."""
+    c = plan.config
+    h, w = plan.image_size
+    lines = [
+        f"config {c.config_hash}: {plan.models} model(s), {plan.num_images:,} images ({h}x{w}) in {plan.shards} "
+        f"shard(s), {plan.cells} cell(s) ({plan.pixel_cells} pixel changes), {len(plan.ladders)} ladder(s), "
+        f"{len(c.attacks)} attack(s); [eval] filter = {c.filter.value!r}, size = {c.eval_size}, "
+        f"batch_size = {c.batch_size}",
+    ]
+    lines += [f"ladder {label}: {points} points" for label, points in plan.ladders]
+    lines.append("per model:")
+    lines.append(f"  {'phase':<16} {'units':>6} {'images forwarded':>18}  {'passes of <= batch_size':>24}")
+    for p in plan.phases:
+        mark = "" if p.exact else "<= "
+        batches = math.ceil(p.images / c.batch_size)
+        lines.append(f"  {p.phase:<16} {p.units:>6} {mark + f'{p.images:,}':>18}  {mark + f'{batches:,}':>24}"
+                     + (f"  ({p.note})" if p.note else ""))
+    reads = len(plan.phases) * plan.models
+    read = "" if plan.shard_bytes is None else f", {reads * plan.shard_bytes / 1e6:,.1f} MB"
+    lines.append(f"all models: <= {plan.images():,} images forwarded; the shards read {reads} time(s){read}")
+    return "\n".join(lines)
