@@ -74,9 +74,11 @@ def main(
             )
         cfg = load_config(config, overrides)
         if plan:
-            from pixelray.sweep.plan import format_plan, plan_sweep
+            from pixelray.sweep.plan import check_cost, format_plan, plan_sweep
 
-            typer.echo(format_plan(plan_sweep(cfg)))
+            planned = plan_sweep(cfg)
+            typer.echo(format_plan(planned))
+            check_cost(planned)
             return
         refuse_lost_output(cfg.output_dir)
         result = run_sweep(cfg, progress=progress, log=lambda m: typer.echo(m, err=True), address=address)

@@ -334,6 +334,16 @@ def test_plan_prints_the_work_and_refuses_what_the_sweep_refuses_with_the_same_l
     assert re.search(r"^  clean +6 +600 +6$", result.output, flags=re.M), result.output
     assert re.search(r"^  cells +6 +1,200 +12 ", result.output, flags=re.M), result.output
     assert not (tmp_path / "out").exists()  # nothing written
+    bound = int(re.search(r"^all models: <= ([\d,]+) images", result.output, flags=re.M)[1].replace(",", ""))
+    for limit, refused in ((bound, False), (bound - 1, True)):  # [run] max_cost: the plan's bound decides
+        good.write_text(tomli_w.dumps({**raw, "run": {"max_cost": limit}}))
+        plan = invoke("plan", str(good))
+        assert plan.exit_code == (2 if refused else 0) and "[run] max_cost" in plan.output, plan.output
+        if refused:  # the sweep refuses it in the same line, before Ray or any file
+            sweep = invoke("sweep", str(good))
+            assert sweep.exit_code == 2 and sweep.stderr == plan.stderr and sweep.stderr.count("\n") == 1
+            assert f"forwards up to {bound:,} images" in sweep.stderr
+            assert not (tmp_path / "out").exists()
     raw["experiment"][0]["max_count"] = 2000
     good.write_text(tomli_w.dumps(raw))
     plan, sweep = invoke("plan", str(good)), invoke("sweep", str(good))

@@ -168,11 +168,13 @@ def plan_cmd(
     """
     from pixelray.config.sweep import ConfigError, load_config
     from pixelray.sweep import SweepError
-    from pixelray.sweep.plan import format_plan, plan_sweep
+    from pixelray.sweep.plan import check_cost, format_plan, plan_sweep
 
     try:
         cfg = load_config(config, {"data": data, "output_dir": out})  # as the sweep's: the same refusals
-        typer.echo(format_plan(plan_sweep(cfg)))
+        plan = plan_sweep(cfg)
+        typer.echo(format_plan(plan))
+        check_cost(plan)  # above [run] max_cost: the sweep's refusal, after the plan that shows why
     except (ConfigError, SweepError) as exc:
         fail(str(exc))
 

@@ -22,7 +22,7 @@ def amp_setting(value: bool | str) -> bool | str:
 
 
 _RUN_KEYS = {"device", "workers", "gpus", "placement_timeout", "threads", "amp", "metrics_port", "metrics_host",
-             "metrics_linger", "cells_per_pass", "cuda_graphs", "huge_pages"}
+             "metrics_linger", "cells_per_pass", "cuda_graphs", "huge_pages", "max_cost"}
 
 
 def run_fields(raw: dict, source: str) -> dict[str, Any]:
@@ -46,6 +46,8 @@ def run_fields(raw: dict, source: str) -> dict[str, Any]:
                                                     fix="'auto' or a number of cells per forward pass")),
         "cuda_graphs": get_value(run, "cuda_graphs", "run", bool, False),
         "huge_pages": get_value(run, "huge_pages", "run", bool, True),
+        "max_cost": get_value(run, "max_cost", "run", int, None,
+                              fix="the most images the sweep may forward, all models together (pixelray plan)"),
     }
 
 
@@ -81,7 +83,7 @@ def gpu_range(gpus: int | str) -> tuple[int, int | None]:
 
 def check_run(fields: dict[str, Any]) -> None:
     """The ``[run]`` values (from the file or the command line): positive counts, a real port."""
-    for key in ("workers", "threads", "cells_per_pass"):
+    for key in ("workers", "threads", "cells_per_pass", "max_cost"):
         value = fields[key]
         if value is not None and (not is_int(value) or value < 1):
             raise ConfigError(f"[run] {key} = {value!r}: must be an integer >= 1, or omit it for the default")

@@ -145,6 +145,7 @@ class SweepConfig:
     cuda_graphs: bool = False  # replay the cells' passes from CUDA graphs (CUDA only; off until trusted)
     huge_pages: bool = True  # CPU workers back large tensors with transparent huge pages (same bits, faster)
     save_adversarial: str | None = None  # directory for adversarial image shards (optional)
+    max_cost: int | None = None  # refuse a sweep whose plan forwards more images than this (all models)
 
     def cells(self, image_size: tuple[int, int] | None = None) -> list[tuple[str, Cell]]:
         """(experiment name, cell) pairs in config order; a cell may appear under several experiments."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pixelray.config.sweep import Filter, SweepConfig
 from pixelray.core.spec import PixelChange
 
-__all__ = ["PhasePlan", "SweepPlan", "format_plan", "plan_sweep"]
+__all__ = ["PhasePlan", "SweepPlan", "check_cost", "format_plan", "plan_sweep"]
 
 
 @dataclass(frozen=True)
@@ -72,15 +72,21 @@ def _ladder_bound(points: tuple[int, ...], search: str, refine: bool) -> int:
     return passes
 
 
-def plan_sweep(config: SweepConfig) -> SweepPlan:
-    """The plan of ``config``'s sweep (see the module docstring); ConfigError / SweepError as the sweep gives."""
+def plan_sweep(config: SweepConfig, checked: tuple | None = None) -> SweepPlan:
+    """The plan of ``config``'s sweep (see the module docstring); ConfigError / SweepError as the sweep gives.
+
+    ``checked``: the (manifest, shard URIs) the sweep has already checked (the config's and checkpoints' checks
+    done too); None checks them here.
+    """
     import os
 
-    from pixelray.sweep.driver import check_checkpoints, check_data
+    if checked is None:
+        from pixelray.sweep.driver import check_checkpoints, check_data
 
-    config.check_placeholders()
-    manifest, uris = check_data(config)
-    check_checkpoints(config, manifest.num_classes)
+        config.check_placeholders()
+        checked = check_data(config)
+        check_checkpoints(config, checked[0].num_classes)
+    manifest, uris = checked
     size = (manifest.height, manifest.width)
     cells = config.unique_cells(size)
     ladders = list(dict.fromkeys(lad for _, lad in config.ladders(size)))
@@ -130,4 +136,17 @@ def format_plan(plan: SweepPlan) -> str:
     reads = len(plan.phases) * plan.models
     read = "" if plan.shard_bytes is None else f", {reads * plan.shard_bytes / 1e6:,.1f} MB"
     lines.append(f"all models: <= {plan.images():,} images forwarded; the shards read {reads} time(s){read}")
+    if c.max_cost is not None:
+        verdict = "within it" if plan.images() <= c.max_cost else "above it: the sweep refuses to start"
+        lines.append(f"[run] max_cost = {c.max_cost:,}: {verdict}")
     return "\n".join(lines)
+
+
+def check_cost(plan: SweepPlan) -> None:
+    """SweepError when the plan may forward more images than ``[run] max_cost`` allows (None: no limit)."""
+    from pixelray.errors import SweepError
+
+    limit, cost = plan.config.max_cost, plan.images()
+    if limit is not None and cost > limit:
+        raise SweepError(f"[run] max_cost = {limit:,}: this sweep forwards up to {cost:,} images (all models; "
+                         "`pixelray plan` shows where); raise max_cost, or shrink the grid, the models or [eval] size")
