@@ -78,7 +78,13 @@ class LadderDraws:
 
     def apply(self, images: torch.Tensor, image_ids: torch.Tensor | Sequence[int],
               counts: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        """A new batch: image i with its first ``counts[i]`` changes (0 leaves it as it is). No host sync
+        """A new batch: image i with its first ``counts[i]`` changes (0 leaves it as it is); the input is kept."""
+        check_uint8(images)
+        return self.apply_(images.clone(), image_ids, counts)
+
+    def apply_(self, images: torch.Tensor, image_ids: torch.Tensor | Sequence[int],
+               counts: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """:meth:`apply` in place, on a batch the caller owns (a search's own copy); returns it. No host sync
         beyond reading the largest count."""
         check_uint8(images)
         layout = image_layout(images)
@@ -86,16 +92,15 @@ class LadderDraws:
         counts = torch.as_tensor(counts, dtype=torch.int64, device=images.device).view(-1)
         if len(counts) != n:
             raise ValueError(f"counts: {len(counts)} counts for a batch of {n} images")
-        out = images.clone()
         k = int(counts.max()) if n else 0
         if k == 0:
-            return out
+            return images
         if k > self.size:
             raise ValueError(f"counts: {k} is larger than the {self.size} positions of the ladder's area")
         ids = as_ids(image_ids, images.device)
         pix = self.pixels(self.order(ids, k))  # (N, k)
         hw = self.height * self.width
-        ch = torch.tensor(self.channels, dtype=torch.int64, device=images.device)
+        ch = channel_tensor(self.channels, images.device)
         rows = torch.arange(n, device=images.device).view(-1, 1, 1) * (hw * 3)
         if layout == "NHWC":
             entries = rows + pix.unsqueeze(-1) * 3 + ch.view(1, 1, -1)
@@ -106,8 +111,7 @@ class LadderDraws:
         amp = self.ladder.amplitude
         new = raw if amp == "full" else (old.to(torch.int64) + raw - int(amp)).clamp_(0, 255)
         live = (torch.arange(k, device=images.device).view(1, -1) < counts.view(-1, 1)).unsqueeze(-1)
-        out.put_(entries, torch.where(live, new.to(torch.uint8), old))  # entries are distinct: a no-op where not live
-        return out
+        return images.put_(entries, torch.where(live, new.to(torch.uint8), old))  # distinct entries: old is a no-op
 
 
 def describe_ladder(ladder: Ladder, image_id: int, count: int, height: int, width: int,

@@ -56,7 +56,7 @@ class _Verdicts:
             for start in range(0, len(which), self.batch_size):
                 index = torch.from_numpy(which[start : start + self.batch_size]).to(dev)
                 k = torch.from_numpy(counts[start : start + self.batch_size]).to(dev)
-                changed = self.draws.apply(self.images[index], self.ids[index], k)
+                changed = self.draws.apply_(self.images[index], self.ids[index], k)  # indexing made a copy
                 pred = self.model(changed).argmax(dim=1)
                 truth = self.labels[index]
                 out.append(pred != truth if self.target == "wrong" else pred == truth)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pixelray.config.sweep import Filter, SweepConfig
+from pixelray.config.sweep import Filter, Keep, SweepConfig
 from pixelray.core.spec import PixelChange
 
 __all__ = ["PhasePlan", "SweepPlan", "check_cost", "format_plan", "plan_sweep"]
@@ -102,7 +102,7 @@ def plan_sweep(config: SweepConfig, checked: tuple | None = None) -> SweepPlan:
                                 "every image walks every point: those that break leave sooner"))
     judges = len(config.models)
     for attack in config.attacks:
-        candidates = n if attack.keep.value == "successful" or attack.size is None else min(attack.size, n)
+        candidates = n if attack.keep is Keep.SUCCESSFUL or attack.size is None else min(attack.size, n)
         restore = min(candidates, shards * attack.size) if attack.size is not None else candidates
         images = len(attack.eps) * (candidates * (1 + len(cells) + judges) + restore * sum(per_ladder))
         phases.append(PhasePlan(f"attack:{attack.name}", shards, images, False,
