@@ -74,10 +74,14 @@ def main(
             )
         cfg = load_config(config, overrides)
         if plan:
+            from pixelray.sweep.estimate import estimate_for, format_estimate
             from pixelray.sweep.plan import check_cost, format_plan, plan_sweep
 
             planned = plan_sweep(cfg)
             typer.echo(format_plan(planned))
+            found = estimate_for(planned)  # from [run] throughput, where the config has it
+            if found is not None:
+                typer.echo(format_estimate(*found))
             check_cost(planned)
             return
         refuse_lost_output(cfg.output_dir)

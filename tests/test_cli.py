@@ -331,8 +331,8 @@ def test_plan_prints_the_work_and_refuses_what_the_sweep_refuses_with_the_same_l
     result = invoke("plan", str(good))
     assert result.exit_code == 0, result.output
     # 600 images in 6 shards; filter "none": the clean and cells phases are exact (600 x 2 cells)
-    assert re.search(r"^  clean +6 +600 +6$", result.output, flags=re.M), result.output
-    assert re.search(r"^  cells +6 +1,200 +12 ", result.output, flags=re.M), result.output
+    assert re.search(r"^  clean +6 +600 +0 +6$", result.output, flags=re.M), result.output
+    assert re.search(r"^  cells +6 +1,200 +0 +12 ", result.output, flags=re.M), result.output
     assert not (tmp_path / "out").exists()  # nothing written
     bound = int(re.search(r"^all models: <= ([\d,]+) images", result.output, flags=re.M)[1].replace(",", ""))
     for limit, refused in ((bound, False), (bound - 1, True)):  # [run] max_cost: the plan's bound decides
@@ -344,6 +344,19 @@ def test_plan_prints_the_work_and_refuses_what_the_sweep_refuses_with_the_same_l
             assert sweep.exit_code == 2 and sweep.stderr == plan.stderr and sweep.stderr.count("\n") == 1
             assert f"forwards up to {bound:,} images" in sweep.stderr
             assert not (tmp_path / "out").exists()
+    # a time: from rates given (over the plan's figures), or from a pilot of the sweep's own units; one source
+    good.write_text(tomli_w.dumps(raw))
+    rated = invoke("plan", str(good), "--throughput", "tiny=1000:250", "--workers", "2")
+    assert rated.exit_code == 0, rated.output
+    images = int(re.search(r"^all models: <= ([\d,]+) images", rated.output, flags=re.M)[1].replace(",", ""))
+    assert f"total {images / 1000:.1f} s of device time" in rated.output  # no attack: no gradient passes
+    assert f"over 2 worker(s): about {images / 2000:.1f} s" in rated.output
+    piloted = invoke("plan", str(good), "--calibrate", "--sample", "16")
+    assert piloted.exit_code == 0 and "a pilot of the sweep's units" in piloted.output, piloted.output
+    assert "over 16 image(s) of shard-00000.parquet" in piloted.output
+    both = invoke("plan", str(good), "--calibrate", "--throughput", "5")
+    assert both.exit_code == 2 and both.stderr.strip() == "error: --calibrate and --throughput: give one source of " \
+        "the models' speed", both.stderr
     raw["experiment"][0]["max_count"] = 2000
     good.write_text(tomli_w.dumps(raw))
     plan, sweep = invoke("plan", str(good)), invoke("sweep", str(good))

@@ -156,4 +156,11 @@ def test_the_plan_counts_what_the_sweep_then_does(demo_run):
     assert units["clean"] == units["cells"] == units["failure"] == 2 * 6 == plan.models * plan.phases[0].units
     assert done["failure"] == stats["failure"]["passes"] <= plan.images("failure")  # the rows' n_passes agree
     assert done["attack"] <= plan.images("attack:fgsm") + plan.images("attack:pgd")
+    # the gradient passes: every candidate (every image both models get right: not cut to the eval size), at
+    # every eps, once for FGSM and `steps` times for PGD: from clean.parquet, by hand
+    clean = pd.read_parquet(demo_run / "out" / "clean.parquet")
+    candidates = int(clean.groupby("image_id").correct.all().sum())
+    assert stats["grad_images"]["attack"] == 2 * 3 * candidates * (1 + 10) <= plan.grad_images()
+    assert plan.grad_images() == 2 * 3 * 600 * 11  # the bound: every image a candidate
+    assert sum(p["attack"]["grad_images"] for p in stats["by_model"].values()) == stats["grad_images"]["attack"]
     assert sum(stats["reads"].values()) <= len(plan.phases) * plan.models * plan.shards

@@ -30,7 +30,9 @@ import torch
 
 from pixelray.core.perturb import image_layout
 
-__all__ = ["AttackOutcome", "AttackSpec", "Param", "check_labels", "eval_mode", "predict", "to_uint8", "to_unit"]
+__all__ = [
+    "AttackOutcome", "AttackSpec", "Param", "PassCost", "check_labels", "eval_mode", "predict", "to_uint8", "to_unit",
+]
 
 
 class AttackOutcome(NamedTuple):
@@ -75,6 +77,21 @@ class Param:
         return float(value) if float in self.kinds and bool not in self.kinds else value
 
 
+class PassCost(NamedTuple):
+    """What an attack costs per image and eps, in passes of the image through the model.
+
+    Attributes:
+        forward: inference forward passes (the verdict on the uint8 example included).
+        grad: forward-and-backward passes (the gradient steps).
+        bound: an upper bound: the attack may stop sooner for an image (a search that ends once the image is
+            fooled); the outcome then says how many it took.
+    """
+
+    forward: int
+    grad: int
+    bound: bool = False
+
+
 @dataclass(frozen=True)
 class AttackSpec:
     """An attack a sweep can run (see the module docstring).
@@ -87,6 +104,9 @@ class AttackSpec:
         description: one line for ``--help`` and docs.
         optional_float: ``run`` takes ``report_float`` (bool); with False it may return
             ``success_float=None`` and save the forward pass of the unrounded examples.
+        cost: ``cost(report_float=..., **params) -> PassCost``: the passes per image and eps (what ``pixelray
+            plan`` counts and a worker reports); None: one forward pass (the verdict), plus one gradient pass
+            when ``needs_grad``.
     """
 
     name: str
@@ -95,6 +115,13 @@ class AttackSpec:
     needs_grad: bool = True
     description: str = ""
     optional_float: bool = False
+    cost: Callable[..., PassCost] | None = None
+
+    def passes(self, params: Mapping[str, Any], report_float: bool) -> PassCost:
+        """The passes per image and eps under ``params`` (see ``cost``)."""
+        if self.cost is None:
+            return PassCost(1, int(self.needs_grad))
+        return self.cost(report_float=report_float and self.optional_float, **dict(params))
 
     def parse(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Every parameter, from ``given`` or its default, checked; ValueError names the key, value and rule."""

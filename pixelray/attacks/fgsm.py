@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from pixelray.attacks.base import (
     AttackOutcome,
     AttackSpec,
+    PassCost,
     as_labels,
     check_eps,
     check_logits,
@@ -191,4 +192,4 @@ def _run(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, ima
 
 #: FGSM for sweeps (``[attack] kind = "fgsm"``): no parameters besides eps.
 FGSM = AttackSpec(name="fgsm", run=_run, description="one signed-gradient step of size eps (the paper's Exp. 4)",
-                  optional_float=True)
+                  optional_float=True, cost=lambda report_float: PassCost(1 + report_float, 1))

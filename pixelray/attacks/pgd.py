@@ -31,6 +31,7 @@ from pixelray.attacks.base import (
     AttackOutcome,
     AttackSpec,
     Param,
+    PassCost,
     as_labels,
     check_eps,
     check_logits,
@@ -164,4 +165,5 @@ PGD = AttackSpec(
     ),
     description="steps of projected signed gradient inside the eps-ball, random start per (seed, image id)",
     optional_float=True,
+    cost=lambda report_float, steps, **_: PassCost(1 + report_float, steps),
 )

@@ -161,19 +161,44 @@ def plan_cmd(
     config: Annotated[str, typer.Argument(help="Sweep config (TOML), e.g. jobs/paper.toml.")],
     out: SweepOut = None,
     data: SweepData = None,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate", help="Run the sweep's own units on a sample of the data here ([run] device) and scale their "
+        "time to the plan: the estimate sees the filter's rate, the attacks' success and every cost.")] = False,
+    throughput: Annotated[list[str] | None, typer.Option(
+        "--throughput", metavar="[MODEL=]IMG_S[:GRAD_IMG_S]",
+        help="Images per second through each model (repeat per model, or once for all; the rate with gradients "
+             "defaults to a third): estimate from these ([run] throughput is used when no source is given).")] = None,
+    stats: Annotated[str | None, typer.Option(
+        "--stats", metavar="STATS_JSON", help="Estimate from the rates a finished run of these models measured "
+        "(its stats.json).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=1, help="Workers the time is spread over (default: [run] workers, the top of [run] gpus, "
+        "or 1).")] = None,
+    sample: Annotated[int, typer.Option("--sample", min=1, help="Images per model in the --calibrate pilot (the "
+                                        "lowest ids of the first shard).")] = 64,
 ) -> None:
-    """What a sweep would do, without running a model: units, images forwarded per model and phase, data read.
+    """What a sweep would do, without running a model: units, images forwarded per model and phase, data read,
+    and (with a throughput) the time it will compute.
 
     The config, the data and the checkpoints are checked as `pixelray sweep` checks them (the same errors).
+    Images through the model without and with gradients (an attack's steps) are counted apart; figures marked
+    <= are bounds (the [eval] filter, an attack's success or a ladder's breaking point decides). With rates
+    (--throughput, --stats, [run] throughput) the time is the model's passes over those figures: at most; with
+    --calibrate it is a pilot's, scaled.
     """
     from pixelray.config.sweep import ConfigError, load_config
     from pixelray.sweep import SweepError
+    from pixelray.sweep.estimate import estimate_for, format_estimate
     from pixelray.sweep.plan import check_cost, format_plan, plan_sweep
 
     try:
         cfg = load_config(config, {"data": data, "output_dir": out})  # as the sweep's: the same refusals
         plan = plan_sweep(cfg)
         typer.echo(format_plan(plan))
+        found = estimate_for(plan, measure=calibrate, given=throughput or (), stats=stats, workers=workers,
+                             sample=sample, say=typer.echo)
+        if found is not None:
+            typer.echo(format_estimate(*found))
         check_cost(plan)  # above [run] max_cost: the sweep's refusal, after the plan that shows why
     except (ConfigError, SweepError) as exc:
         fail(str(exc))

@@ -5,13 +5,16 @@ Nothing here changes the results: none of it is in a config's hash.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from pixelray.config.tomlcheck import ConfigError, check_keys, get_value
 from pixelray.core.check import is_int
 
-__all__ = ["amp_setting", "check_run", "gpu_range", "run_fields"]
+__all__ = ["Throughput", "amp_setting", "check_run", "gpu_range", "parse_throughput", "run_fields"]
 
 
 def amp_setting(value: bool | str) -> bool | str:
@@ -22,7 +25,7 @@ def amp_setting(value: bool | str) -> bool | str:
 
 
 _RUN_KEYS = {"device", "workers", "gpus", "placement_timeout", "threads", "amp", "metrics_port", "metrics_host",
-             "metrics_linger", "cells_per_pass", "cuda_graphs", "huge_pages", "max_cost"}
+             "metrics_linger", "cells_per_pass", "cuda_graphs", "huge_pages", "max_cost", "throughput"}
 
 
 def run_fields(raw: dict, source: str) -> dict[str, Any]:
@@ -46,9 +49,26 @@ def run_fields(raw: dict, source: str) -> dict[str, Any]:
                                                     fix="'auto' or a number of cells per forward pass")),
         "cuda_graphs": get_value(run, "cuda_graphs", "run", bool, False),
         "huge_pages": get_value(run, "huge_pages", "run", bool, True),
-        "max_cost": get_value(run, "max_cost", "run", int, None,
-                              fix="the most images the sweep may forward, all models together (pixelray plan)"),
+        **_max_cost(get_value(run, "max_cost", "run", (int, str), None,
+                              fix="the most images the sweep may forward, all models together, or 'H device-hours' "
+                                  "(pixelray plan)")),
+        "throughput": tuple(get_value(run, "throughput", "run", list, [],
+                                      fix="a list of '[MODEL=]IMAGES_PER_S[:GRAD_IMAGES_PER_S]', e.g. ['900:300']")),
     }
+
+
+_HOURS = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:device|gpu)-hours?\s*$")
+
+
+def _max_cost(value: int | str | None) -> dict[str, Any]:
+    """``[run] max_cost``: images forwarded (an integer) or estimated device time ("2.5 device-hours")."""
+    if not isinstance(value, str):
+        return {"max_cost": value, "max_hours": None}
+    match = _HOURS.match(value)
+    if not match or float(match[1]) <= 0:
+        raise ConfigError(f"[run] max_cost = {value!r}: expected a number of images forwarded (all models), e.g. "
+                          "1000000, or device time, e.g. '2.5 device-hours'")
+    return {"max_cost": None, "max_hours": float(match[1])}
 
 
 def _cells_per_pass(value: int | str) -> int | None:
@@ -98,6 +118,13 @@ def check_run(fields: dict[str, Any]) -> None:
     if fields["cuda_graphs"] and fields["device"] == "cpu":
         raise ConfigError("[run] cuda_graphs = true needs a CUDA device, but device = 'cpu'; drop cuda_graphs "
                           "(with device = 'auto' it applies only where the workers have a GPU)")
+    if fields["max_hours"] is not None and not fields["throughput"]:
+        raise ConfigError(f"[run] max_cost = '{fields['max_hours']:g} device-hours' needs the models' speed: add "
+                          "[run] throughput = ['MODEL=IMAGES_PER_S', ...] (measure it with `pixelray plan CONFIG "
+                          "--calibrate` on the cluster's device) or give max_cost in images")
+    if any(not isinstance(t, str) for t in fields["throughput"]):
+        raise ConfigError(f"[run] throughput = {list(fields['throughput'])!r}: each entry must be a string "
+                          "'[MODEL=]IMAGES_PER_S[:GRAD_IMAGES_PER_S]', e.g. 'resnet101=900:300'")
     port = fields["metrics_port"]
     if port is not None and (not is_int(port) or not 0 <= port <= 65535):
         raise ConfigError(f"[run] metrics_port = {port!r}: must be in 0..65535 (0 = any free port)")
@@ -105,3 +132,46 @@ def check_run(fields: dict[str, Any]) -> None:
     if isinstance(linger, bool) or not isinstance(linger, (int, float)) or not 0 <= linger < float("inf"):
         raise ConfigError(f"[run] metrics_linger = {linger!r}: must be a number of seconds >= 0 "
                           "(--metrics-linger)")
+
+
+#: A gradient pass (forward and backward) costs about three forward passes (the backward: about two).
+GRAD_COST = 3.0
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """One model's images per second through an inference pass and through a forward and backward pass."""
+
+    forward: float
+    grad: float
+    source: str
+
+    def seconds(self, images: int, grad_images: int) -> float:
+        return images / self.forward + grad_images / self.grad
+
+
+def parse_throughput(items: Iterable[str], models: Iterable[str]) -> dict[str, Throughput]:
+    """``[MODEL=]FORWARD[:GRAD]`` images per second, one item per model or one for all (``GRAD`` defaults to
+    ``FORWARD / 3``: a backward pass costs about two forward passes); ConfigError names a bad item."""
+    models = list(models)
+    rates: dict[str, Throughput] = {}
+    every: Throughput | None = None
+    for item in items:
+        name, _, value = item.rpartition("=")
+        try:
+            forward, _, grad = value.partition(":")
+            f = float(forward)
+            g = float(grad) if grad else f / GRAD_COST
+            if not (math.isfinite(f) and math.isfinite(g) and f > 0 and g > 0):
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"throughput {item!r}: expected [MODEL=]IMAGES_PER_S[:GRAD_IMAGES_PER_S], positive "
+                              "numbers, e.g. resnet101=900:300") from None
+        rate = Throughput(f, g, "given")
+        if not name:
+            every = rate
+        elif name in models:
+            rates[name] = rate
+        else:
+            raise ConfigError(f"throughput {item!r}: {name!r} is not a model of this config; its models: {models}")
+    return {m: rates.get(m, every) for m in models if m in rates or every is not None}

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pixelray.config.attack import AttackConfig, Keep
-from pixelray.config.run import check_run, run_fields
+from pixelray.config.run import check_run, parse_throughput, run_fields
 from pixelray.config.tomlcheck import ConfigError, check_keys, check_placeholder, get_value, int_list, read_toml
 from pixelray.core.ladder import FAMILY as LADDER_FAMILY
 from pixelray.core.ladder import SEARCHES, Ladder
@@ -146,6 +146,8 @@ class SweepConfig:
     huge_pages: bool = True  # CPU workers back large tensors with transparent huge pages (same bits, faster)
     save_adversarial: str | None = None  # directory for adversarial image shards (optional)
     max_cost: int | None = None  # refuse a sweep whose plan forwards more images than this (all models)
+    max_hours: float | None = None  # ... or whose estimated device time (under ``throughput``) is above this
+    throughput: tuple[str, ...] = ()  # '[MODEL=]IMAGES_PER_S[:GRAD]' (pixelray.sweep.estimate.parse_throughput)
 
     def cells(self, image_size: tuple[int, int] | None = None) -> list[tuple[str, Cell]]:
         """(experiment name, cell) pairs in config order; a cell may appear under several experiments."""
@@ -335,6 +337,8 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
         if value is not None:
             fields[key] = value
     check_run(fields)
+    if fields["throughput"]:
+        parse_throughput(fields["throughput"], fields["models"])  # names only this config's models
     if fields["save_adversarial"] and not fields["attacks"]:
         raise ConfigError(f"{source}: save_adversarial = {fields['save_adversarial']!r} but there is no [attack] "
                           "section; add [attack] kind = 'fgsm' or drop the option")

@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pixelray.attacks import get_attack
+from pixelray.attacks import PassCost, get_attack
 from pixelray.core.ladder import Ladder
 from pixelray.core.spec import Cell
 from pixelray.engine.evaluate import correct_under_cells, predict
 from pixelray.engine.ladder import LADDER_FIELDS, ladder_outcomes
 from pixelray.engine.units import model_slug
 
-__all__ = ["AttackPlan", "attack_outcomes", "save_examples"]
+__all__ = ["AttackPlan", "attack_images", "attack_outcomes", "save_examples"]
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,25 @@ def attack_outcomes(
         "correct_by": correct_by.cpu().numpy(),
         **restore,
     }
+
+
+def attack_images(bits: dict[str, np.ndarray | None], cost: PassCost, keep_all: bool, cells: int,
+                  judges: int) -> tuple[int, int]:
+    """(images forwarded, images through forward and backward) by an attack unit, from its outcome.
+
+    The attack's own passes (``cost`` per image and eps: its verdicts, its gradient steps; a search that
+    stops sooner says in ``queries`` how many it took), then over the eligible examples every cell, every
+    other model's verdict (``judges``: the attacked model's is the attack's own) and the restore ladders
+    (``n_passes``, -1 where not searched).
+    """
+    success = bits["success"]
+    eligible = success.size if keep_all else int(success.sum())
+    queries = bits.get("queries")
+    forward = int(queries.sum()) if cost.bound and queries is not None else success.size * cost.forward
+    forward += eligible * (cells + judges)
+    if bits.get("n_passes") is not None:
+        forward += int(np.maximum(bits["n_passes"], 0).sum())
+    return forward, success.size * cost.grad
 
 
 @dataclass(frozen=True)

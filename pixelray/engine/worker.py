@@ -31,7 +31,7 @@ from pixelray.attacks import get_attack
 from pixelray.core.ladder import Ladder
 from pixelray.core.perturb import Perturber
 from pixelray.core.spec import Cell
-from pixelray.engine.adversarial import AttackPlan, attack_outcomes, save_examples
+from pixelray.engine.adversarial import AttackPlan, attack_images, attack_outcomes, save_examples
 from pixelray.engine.evaluate import CellGraphs, count_wrong, image_size, pick_device, pixel_change_cells, predict
 from pixelray.engine.ladder import ladder_outcomes
 from pixelray.engine.units import Phase, Unit
@@ -198,6 +198,7 @@ class ModelWorker:
             model = self._ensure_model(unit.model, weights, num_classes, hold)
             self._model_key = (unit.model, weights, num_classes)
             images, labels, ids = self._arrive(staged)
+            n_grad = 0  # images through a forward and backward pass (an attack's gradient steps)
             if unit.phase is Phase.CLEAN:
                 preds = predict(model, images, self.batch_size, self.amp).cpu().numpy()
                 out = {"image_id": batch.image_ids.numpy(), "label": batch.labels.numpy(), "prediction": preds}
@@ -212,13 +213,14 @@ class ModelWorker:
                        **ladder_outcomes(model, images, labels, ids, ladders, self.batch_size, self.amp)}
                 n_eval = int(out["n_passes"].sum())
             elif unit.phase is Phase.ATTACK and attack is not None:
-                out, n_eval = self._attack(unit, model, images, labels, ids, cells, attack, weights, num_classes)
+                out, (n_eval, n_grad) = self._attack(unit, model, images, labels, ids, cells, attack, weights,
+                                                     num_classes)
             else:
                 raise ValueError(f"unit phase {unit.phase!r}: expected 'clean', 'cells', 'failure' or 'attack' (with a "
                                  "plan)")
             t_compute = time.perf_counter() - t1
         self._metrics.record(unit.model, n_eval)
-        return {**out, "reads": read_count() - reads_before, "images": n_eval, "read_s": t_read,
+        return {**out, "reads": read_count() - reads_before, "images": n_eval, "grad_images": n_grad, "read_s": t_read,
                 "compute_s": t_compute, "pid": os.getpid()}
 
     def _attack(self, unit, model, images, labels, ids, cells, attack: AttackPlan, weights, num_classes):
@@ -243,11 +245,8 @@ class ModelWorker:
             cell_options=self._cell_options(cells, images), ladders=attack.ladders, size=attack.size,
         )
         out = {"image_id": ids.cpu().numpy(), "label": labels.cpu().numpy(), **bits, "saved": saved}
-        eligible = bits["success"].size if attack.keep_all else int(bits["success"].sum())
-        n_eval = bits["success"].size + eligible * (len(cells) + len(judges))
-        if "n_passes" in bits:
-            n_eval += int(np.maximum(bits["n_passes"], 0).sum())  # -1: not eligible
-        return out, n_eval
+        cost = get_attack(attack.kind).passes(attack.params, attack.report_float)
+        return out, attack_images(bits, cost, attack.keep_all, len(cells), sum(j is not None for j in judges))
 
 
 def _file_stamp(uri: str) -> tuple | None:

@@ -37,8 +37,11 @@ class RunContext:
         say: where messages for the user go.
         stats: per phase, for ``stats.json``: ``reads`` (shard reads the workers made, counted in
             their reader), ``units_run`` (units finished, counted here), ``images`` (images the workers
-            forwarded in this run's units, x cells: ``pixelray plan`` predicts them), and the workers' seconds
-            ``compute_s`` (holding the device) and ``read_s`` (reading and staging shards).
+            forwarded in this run's units, x cells: ``pixelray plan`` predicts them), ``grad_images`` (of them,
+            those an attack also sent back through the model for a gradient), and the workers' seconds
+            ``compute_s`` (holding the device) and ``read_s`` (reading and staging shards); ``by_model``:
+            ``images``, ``grad_images`` and ``compute_s`` per model and phase (what ``pixelray plan --stats``
+            reads a throughput from).
     """
 
     config: SweepConfig
@@ -123,7 +126,7 @@ class RunContext:
             if on_table is not None:
                 on_table(unit, table)
         name = phase.value
-        for counter in ("reads", "units_run", "images", "compute_s", "read_s"):
+        for counter in ("reads", "units_run", "images", "grad_images", "compute_s", "read_s"):
             self.stats.setdefault(counter, {}).setdefault(name, 0)
 
         def done(unit: Unit, result: dict) -> None:
@@ -133,8 +136,13 @@ class RunContext:
             self.stats["reads"][name] += int(result["reads"])  # counted in the worker's reader
             self.stats["units_run"][name] += 1  # counted here, as units finish
             self.stats["images"][name] += int(result["images"])  # images forwarded (x cells), the worker's count
+            self.stats["grad_images"][name] += int(result["grad_images"])
             self.stats["compute_s"][name] += float(result["compute_s"])
             self.stats["read_s"][name] += float(result["read_s"])
+            mine = self.stats.setdefault("by_model", {}).setdefault(unit.model, {}).setdefault(
+                name, {"images": 0, "grad_images": 0, "compute_s": 0.0})
+            for key, kind in (("images", int), ("grad_images", int), ("compute_s", float)):
+                mine[key] += kind(result[key])
             self.telemetry.unit_done(unit.model, int(result["images"]))
             if on_table is not None:
                 on_table(unit, table)

@@ -7,9 +7,10 @@ its predictions where the ``[eval]`` filter or an attack's success decides which
 figures are upper bounds (marked ``<=``), reached when every image passes the filter and every attack
 succeeds; the clean phase, and the cells phase under ``filter = "none"``, are exact. A finished run's
 ``stats.json`` holds the same counts (``images`` per phase, summed over models), so a plan can be checked
-against what was done. "Images forwarded" counts an image once per forward pass it is in, times the cells
-it is changed under; an attack's own gradient passes (FGSM: one forward and backward per candidate and eps;
-PGD: ``steps`` of them) are not in it.
+against what was done. "Images forwarded" counts an image once per inference pass it is in, times the cells
+it is changed under; an attack's gradient passes (FGSM: one forward and backward per candidate and eps; PGD:
+``steps`` of them: the attack's :class:`~pixelray.attacks.PassCost`) are counted apart, as "with gradients".
+With a throughput per model (:mod:`pixelray.sweep.estimate`) the plan becomes a time.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class PhasePlan:
     images: int
     exact: bool
     note: str = ""
+    grad_images: int = 0  # images through a forward and backward pass (an attack's gradient steps)
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,14 @@ class SweepPlan:
     num_images: int
     shards: int
     image_size: tuple[int, int]
+    num_classes: int
     cells: int
     pixel_cells: int
     ladders: tuple[tuple[str, int], ...]  # (ladder label, points)
     phases: tuple[PhasePlan, ...]
     shard_bytes: int | None  # the shards' total size on disk (None: not a local file)
+    manifest: object = None  # the data set's Manifest, as checked
+    uris: tuple[str, ...] = ()  # each shard's path or URI, in manifest order
 
     @property
     def models(self) -> int:
@@ -55,6 +60,10 @@ class SweepPlan:
     def images(self, phase: str | None = None) -> int:
         """Images forwarded (x cells) by every model together, in one phase or in all."""
         return self.models * sum(p.images for p in self.phases if phase in (None, p.phase))
+
+    def grad_images(self, phase: str | None = None) -> int:
+        """Images through a forward and backward pass, every model together, in one phase or in all."""
+        return self.models * sum(p.grad_images for p in self.phases if phase in (None, p.phase))
 
 
 def _eval_bound(config: SweepConfig, n: int) -> tuple[int, bool]:
@@ -80,6 +89,8 @@ def plan_sweep(config: SweepConfig, checked: tuple | None = None) -> SweepPlan:
     """
     import os
 
+    from pixelray.attacks import get_attack
+
     if checked is None:
         from pixelray.sweep.driver import check_checkpoints, check_data
 
@@ -100,19 +111,22 @@ def plan_sweep(config: SweepConfig, checked: tuple | None = None) -> SweepPlan:
     if ladders:
         phases.append(PhasePlan("failure", shards, evaluated * sum(per_ladder), False,
                                 "every image walks every point: those that break leave sooner"))
-    judges = len(config.models)
+    judges = len(config.models) - 1  # the other models' verdicts on each example (the attacked one's is its own)
     for attack in config.attacks:
+        cost = get_attack(attack.kind).passes(dict(attack.params), attack.report_float)
         candidates = n if attack.keep is Keep.SUCCESSFUL or attack.size is None else min(attack.size, n)
         restore = min(candidates, shards * attack.size) if attack.size is not None else candidates
-        images = len(attack.eps) * (candidates * (1 + len(cells) + judges) + restore * sum(per_ladder))
-        phases.append(PhasePlan(f"attack:{attack.name}", shards, images, False,
-                                f"{candidates} candidates x {len(attack.eps)} eps; cells and judges over the "
-                                "examples that fool the model"))
+        per_eps = candidates * (cost.forward + len(cells) + judges) + restore * sum(per_ladder)
+        phases.append(PhasePlan(f"attack:{attack.name}", shards, len(attack.eps) * per_eps, False,
+                                f"{candidates} candidates x {len(attack.eps)} eps, {cost.forward} verdict pass(es) "
+                                f"and {cost.grad} gradient pass(es) each; cells and judges over the examples "
+                                "that fool the model", len(attack.eps) * candidates * cost.grad))
     local = "://" not in config.data or config.data.startswith("file://")
     shard_bytes = sum(os.path.getsize(u.removeprefix("file://")) for u in uris) if local else None
     ladder_info = tuple((lad.label, len(lad.points(*size))) for lad in ladders)
     pixel = sum(isinstance(c.change, PixelChange) for c in cells)
-    return SweepPlan(config, n, shards, size, len(cells), pixel, ladder_info, tuple(phases), shard_bytes)
+    return SweepPlan(config, n, shards, size, manifest.num_classes, len(cells), pixel, ladder_info, tuple(phases),
+                     shard_bytes, manifest, tuple(uris))
 
 
 def format_plan(plan: SweepPlan) -> str:
@@ -127,26 +141,41 @@ def format_plan(plan: SweepPlan) -> str:
     ]
     lines += [f"ladder {label}: {points} points" for label, points in plan.ladders]
     lines.append("per model:")
-    lines.append(f"  {'phase':<16} {'units':>6} {'images forwarded':>18}  {'passes of <= batch_size':>24}")
+    lines.append(f"  {'phase':<16} {'units':>6} {'images forwarded':>18} {'with gradients':>15}  "
+                 f"{'passes of <= batch_size':>24}")
     for p in plan.phases:
         mark = "" if p.exact else "<= "
-        batches = math.ceil(p.images / c.batch_size)
-        lines.append(f"  {p.phase:<16} {p.units:>6} {mark + f'{p.images:,}':>18}  {mark + f'{batches:,}':>24}"
-                     + (f"  ({p.note})" if p.note else ""))
+        batches = math.ceil(p.images / c.batch_size) + math.ceil(p.grad_images / c.batch_size)
+        grad = (mark if p.grad_images else "") + f"{p.grad_images:,}"
+        lines.append(f"  {p.phase:<16} {p.units:>6} {mark + f'{p.images:,}':>18} {grad:>15}  "
+                     f"{mark + f'{batches:,}':>24}" + (f"  ({p.note})" if p.note else ""))
     reads = len(plan.phases) * plan.models
     read = "" if plan.shard_bytes is None else f", {reads * plan.shard_bytes / 1e6:,.1f} MB"
-    lines.append(f"all models: <= {plan.images():,} images forwarded; the shards read {reads} time(s){read}")
+    lines.append(f"all models: <= {plan.images():,} images forwarded, <= {plan.grad_images():,} with gradients; "
+                 f"the shards read {reads} time(s){read}")
     if c.max_cost is not None:
-        verdict = "within it" if plan.images() <= c.max_cost else "above it: the sweep refuses to start"
-        lines.append(f"[run] max_cost = {c.max_cost:,}: {verdict}")
+        verdict = "within it" if plan.images() + plan.grad_images() <= c.max_cost else \
+            "above it: the sweep refuses to start"
+        lines.append(f"[run] max_cost = {c.max_cost:,} images: {verdict}")
     return "\n".join(lines)
 
 
 def check_cost(plan: SweepPlan) -> None:
-    """SweepError when the plan may forward more images than ``[run] max_cost`` allows (None: no limit)."""
+    """SweepError when the plan may cost more than ``[run] max_cost`` allows: images forwarded (all models, with
+    gradients or not), or device-hours estimated under ``[run] throughput``; no limit: nothing to check."""
     from pixelray.errors import SweepError
 
-    limit, cost = plan.config.max_cost, plan.images()
-    if limit is not None and cost > limit:
-        raise SweepError(f"[run] max_cost = {limit:,}: this sweep forwards up to {cost:,} images (all models; "
+    c = plan.config
+    cost = plan.images() + plan.grad_images()
+    if c.max_cost is not None and cost > c.max_cost:
+        raise SweepError(f"[run] max_cost = {c.max_cost:,}: this sweep forwards up to {cost:,} images (all models; "
                          "`pixelray plan` shows where); raise max_cost, or shrink the grid, the models or [eval] size")
+    if c.max_hours is not None:
+        from pixelray.config.run import parse_throughput
+        from pixelray.sweep.estimate import estimate
+
+        hours = estimate(plan, parse_throughput(c.throughput, c.models)).device_hours()
+        if hours > c.max_hours:
+            raise SweepError(f"[run] max_cost = '{c.max_hours:g} device-hours': this sweep may take {hours:,.2f} "
+                             "device-hours under [run] throughput (`pixelray plan` shows where); raise max_cost, or "
+                             "shrink the grid, the models or [eval] size")
