@@ -120,6 +120,11 @@ def wanted(items) -> list[Scenario]:
     return [s for s in _SCENARIOS if any(s.wanted_by(item) for item in items)]
 
 
+def last_wanted(item) -> int:
+    """The place, in declaration (and so running) order, of the last scenario a test needs; -1 for none."""
+    return max((i for i, s in enumerate(_SCENARIOS) if s.wanted_by(item)), default=-1)
+
+
 def timeline(t0: float) -> list[str]:
     """When each scenario of the session ran, in seconds since ``t0`` (a time.monotonic())."""
     return [f"{s.name}: {s.started - t0:.0f}-{s.finished - t0:.0f} s ({s.finished - s.started:.0f} s)"

@@ -97,10 +97,16 @@ def demo_run():
 
 
 def pytest_collection_modifyitems(items):
-    """The modules without slow tests first: they run while the background scenarios do."""
+    """The modules without slow tests first: they run while the background scenarios do. Of the slow ones, those
+    that wait for no scenario come next, then the others in the order their scenarios run: the main lane reaches
+    a scenario's tests once it has (most likely) finished, instead of waiting for it."""
     module = lambda item: getattr(getattr(item, "module", None), "__name__", "")  # noqa: E731
     slow_modules = {module(item) for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: module(item) in slow_modules)  # stable: file order within each group
+    waits: dict[str, int] = {}
+    for item in items:
+        waits[module(item)] = max(waits.get(module(item), -1), background.last_wanted(item))
+    # stable: file order within each group
+    items.sort(key=lambda item: (module(item) in slow_modules, module(item) in slow_modules and waits[module(item)]))
 
 
 def pytest_collection_finish(session):
