@@ -351,6 +351,17 @@ def test_plan_prints_the_work_and_refuses_what_the_sweep_refuses_with_the_same_l
     images = int(re.search(r"^all models: <= ([\d,]+) images", rated.output, flags=re.M)[1].replace(",", ""))
     assert f"total {images / 1000:.1f} s of device time" in rated.output  # no attack: no gradient passes
     assert f"over 2 worker(s): about {images / 2000:.1f} s" in rated.output
+    hours = images / 1000 / 3600  # [run] max_cost in device-hours, under the config's rates: the same line again
+    for limit, refused in ((hours * 1.01, False), (hours * 0.99, True)):
+        good.write_text(tomli_w.dumps({**raw, "run": {"max_cost": f"{limit:.9f} device-hours",
+                                                      "throughput": ["tiny=1000"]}}))
+        plan = invoke("plan", str(good))
+        assert plan.exit_code == (2 if refused else 0), plan.output
+        if refused:
+            sweep = invoke("sweep", str(good))
+            assert sweep.exit_code == 2 and sweep.stderr == plan.stderr and "device-hours under [run] throughput" \
+                in sweep.stderr and not (tmp_path / "out").exists()
+    good.write_text(tomli_w.dumps(raw))
     piloted = invoke("plan", str(good), "--calibrate", "--sample", "16")
     assert piloted.exit_code == 0 and "a pilot of the sweep's units" in piloted.output, piloted.output
     assert "over 16 image(s) of shard-00000.parquet" in piloted.output

@@ -107,6 +107,9 @@ class AttackSpec:
         cost: ``cost(report_float=..., **params) -> PassCost``: the passes per image and eps (what ``pixelray
             plan`` counts and a worker reports); None: one forward pass (the verdict), plus one gradient pass
             when ``needs_grad``.
+        unit: what the attack's budget counts. ``"linf"``: a radius, ``[attack] eps = [k, ...]``, passed to
+            ``run`` as k/255 and written as k/255 in the rows' ``eps``; ``"pixels"``: a number of changed pixel
+            positions, ``[attack] k = [k, ...]``, passed to ``run`` and written in ``eps`` as k itself.
     """
 
     name: str
@@ -116,6 +119,11 @@ class AttackSpec:
     description: str = ""
     optional_float: bool = False
     cost: Callable[..., PassCost] | None = None
+    unit: str = "linf"
+
+    def budget(self, k: int) -> float:
+        """What ``run`` takes as ``eps`` (and the rows hold) for the config's step ``k``: k/255, or k pixels."""
+        return k / 255 if self.unit == "linf" else float(k)
 
     def passes(self, params: Mapping[str, Any], report_float: bool) -> PassCost:
         """The passes per image and eps under ``params`` (see ``cost``)."""

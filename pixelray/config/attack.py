@@ -58,26 +58,45 @@ class AttackConfig:
         except ValueError:
             raise ValueError(f"keep = {self.keep!r}: allowed: {[k.value for k in Keep]}") from None
         eps = tuple(self.eps) if isinstance(self.eps, (list, tuple)) else self.eps
+        key = self.axis
         if (
             not isinstance(eps, tuple) or not eps
             or not all(is_int(e) for e in eps)
         ):
             shown = list(eps) if isinstance(eps, tuple) else eps
+            if key == "k":
+                raise ValueError(f"k = {shown!r}: expected a non-empty list of pixel counts, e.g. [1, 4, 16]")
             raise ValueError(
                 f"eps = {shown!r}: expected a non-empty list of integers k (pixel units, k/255), e.g. [1, 2, 4, 8]"
             )
-        bad = [e for e in eps if not 1 <= e <= 255]
-        if bad:
-            raise ValueError(
-                f"eps = {list(eps)!r}: {bad} outside 1..255; eps is in pixel units k meaning k/255, e.g. [1, 2, 4, 8]"
-            )
+        if key == "k":
+            if any(e < 1 for e in eps):
+                raise ValueError(f"k = {list(eps)!r}: each count must be >= 1 (changed pixel positions)")
+        else:
+            bad = [e for e in eps if not 1 <= e <= 255]
+            if bad:
+                raise ValueError(f"eps = {list(eps)!r}: {bad} outside 1..255; eps is in pixel units k meaning k/255, "
+                                 "e.g. [1, 2, 4, 8]")
         if len(set(eps)) != len(eps):
-            raise ValueError(f"eps = {list(eps)!r}: each value may appear once")
+            raise ValueError(f"{key} = {list(eps)!r}: each value may appear once")
         object.__setattr__(self, "eps", eps)
         if self.size is not None and (not is_int(self.size) or self.size < 1):
             raise ValueError(f"size = {self.size!r}: must be an integer >= 1, or omit it to keep every example")
         if not isinstance(self.report_float, bool):
             raise ValueError(f"report_float = {self.report_float!r}: must be true or false")
+
+    @property
+    def axis(self) -> str:
+        """The config key of the attack's steps: ``eps`` (k/255) or, for an attack on pixel counts, ``k``."""
+        from pixelray.attacks import get_attack
+
+        return "k" if get_attack(self.kind).unit == "pixels" else "eps"
+
+    def budget(self, k: int) -> float:
+        """The rows' ``eps`` for step ``k``: k/255, or k pixels for an attack on pixel counts."""
+        from pixelray.attacks import get_attack
+
+        return get_attack(self.kind).budget(k)
 
     @property
     def name(self) -> str:
@@ -94,7 +113,7 @@ class AttackConfig:
     def identity(self) -> dict[str, Any]:
         """What determines the attack's results (parameters only when the attack has any, report_float only
         when true: a config without them keeps its hash)."""
-        out = {"kind": self.kind, "eps": list(self.eps), "keep": self.keep.value, "size": self.size}
+        out = {"kind": self.kind, self.axis: list(self.eps), "keep": self.keep.value, "size": self.size}
         if self.params:
             out["params"] = dict(self.params)
         if self.report_float:

@@ -149,6 +149,15 @@ class SweepConfig:
     max_hours: float | None = None  # ... or whose estimated device time (under ``throughput``) is above this
     throughput: tuple[str, ...] = ()  # '[MODEL=]IMAGES_PER_S[:GRAD]' (pixelray.sweep.estimate.parse_throughput)
 
+    def check_attacks(self, image_size: tuple[int, int]) -> None:
+        """ConfigError for an attack on pixel counts (``k``) larger than the images hold."""
+        h, w = image_size
+        for i, attack in enumerate(self.attacks):
+            if attack.axis == "k" and max(attack.eps) > h * w:
+                where = "attack" if len(self.attacks) == 1 else f"attack #{i + 1}"
+                raise ConfigError(f"[{where}] k = {list(attack.eps)}: {max(attack.eps)} pixels is more than the "
+                                  f"{h}x{w} images hold; use counts <= {h * w}")
+
     def cells(self, image_size: tuple[int, int] | None = None) -> list[tuple[str, Cell]]:
         """(experiment name, cell) pairs in config order; a cell may appear under several experiments."""
         pairs = []
@@ -303,13 +312,24 @@ def _weights(value: Any, names: tuple[str, ...]) -> str | None:
 
 
 def _attack(table: dict, where: str) -> AttackConfig:
+    from pixelray.attacks import get_attack
+
     kind = get_value(table, "kind", where, str, fix="e.g. kind = 'fgsm'")
-    eps = get_value(table, "eps", where, list, [1, 2, 4, 8],
-                    fix="a list of integers k meaning k/255, e.g. [1, 2, 4, 8]")
+    try:
+        pixels = get_attack(kind).unit == "pixels"
+    except ValueError as exc:
+        raise ConfigError(f"[{where}] {exc}") from None
+    axis, other = ("k", "eps") if pixels else ("eps", "k")
+    if other in table:
+        said = "a number of changed pixels k = [...]" if pixels else "a radius eps = [...] (k/255)"
+        raise ConfigError(f"[{where}] {other} = {table[other]!r}: kind = {kind!r} takes {said}; rename the key")
+    eps = get_value(table, axis, where, list, [1, 2, 4, 8],
+                    fix="a list of pixel counts, e.g. [1, 4, 16]" if pixels else
+                    "a list of integers k meaning k/255, e.g. [1, 2, 4, 8]")
     keep = get_value(table, "keep", where, str, "successful", fix="'successful' or 'all'")
     size = get_value(table, "size", where, int, None, fix="a positive number of examples, or omit it for all")
     report_float = get_value(table, "report_float", where, bool, False, fix="true or false")
-    params = {k: v for k, v in table.items() if k not in ("kind", "eps", "keep", "size", "report_float")}
+    params = {k: v for k, v in table.items() if k not in ("kind", "eps", "k", "keep", "size", "report_float")}
     try:
         return AttackConfig(kind=kind, eps=tuple(eps), keep=keep, size=size, params=tuple(params.items()),
                             report_float=report_float)

@@ -207,7 +207,7 @@ def _attack_every_eps(unit: _Unit, eps: Sequence[int], attack: str, params: Sequ
             stop = min(start + unit.batch_size, n)
             with _exact_fp32(dev) if spec.needs_grad else contextlib.nullcontext():
                 outcome = spec.run(unit.model, images[start:stop], unit.labels[start:stop],
-                                   unit.image_ids[start:stop], k / 255, **kwargs)
+                                   unit.image_ids[start:stop], spec.budget(k), **kwargs)
             examples[e, start:stop] = outcome.adv
             success[e, start:stop] = outcome.success
             if success_float is not None:

@@ -100,7 +100,7 @@ def attack_results(config: SweepConfig, cell_pairs, done: AttackPass, size, comm
             if missing:
                 raise SweepError(f"attack units {[u.key for u in missing]} are missing below the kept ids; rerun")
         for e, k in enumerate(attack.eps):
-            eps = k / 255
+            eps = attack.budget(k)
             r, c = rows_of[e], chosen[e]
             attacked = r if cutoff is None else r[ids_all[r] <= cutoff]
             n_att, n_ok = len(attacked), int(ok_all[attacked].sum())

@@ -182,7 +182,8 @@ def _run_sweep(config: SweepConfig, progress: bool, say: Callable[[str], None], 
     check_checkpoints(config, manifest.num_classes)
     cell_pairs = config.cells((manifest.height, manifest.width))
     config.ladders((manifest.height, manifest.width))  # ConfigError now (a max_count the images cannot hold)
-    if config.max_cost is not None:  # the plan's bound on the images forwarded, before anything is claimed
+    config.check_attacks((manifest.height, manifest.width))  # ... or an attack's k
+    if config.max_cost is not None or config.max_hours is not None:  # the plan's cost, before anything is claimed
         from pixelray.sweep.plan import check_cost, plan_sweep
 
         check_cost(plan_sweep(config, (manifest, uris)))

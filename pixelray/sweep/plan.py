@@ -112,6 +112,7 @@ def plan_sweep(config: SweepConfig, checked: tuple | None = None) -> SweepPlan:
         phases.append(PhasePlan("failure", shards, evaluated * sum(per_ladder), False,
                                 "every image walks every point: those that break leave sooner"))
     judges = len(config.models) - 1  # the other models' verdicts on each example (the attacked one's is its own)
+    config.check_attacks(size)
     for attack in config.attacks:
         cost = get_attack(attack.kind).passes(dict(attack.params), attack.report_float)
         candidates = n if attack.keep is Keep.SUCCESSFUL or attack.size is None else min(attack.size, n)
