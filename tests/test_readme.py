@@ -61,6 +61,9 @@ COMMANDS = {
     "pixelray sweep jobs/paper.toml --out results/paper": ("run", 2, "placeholder"),
     "pixelray plan jobs/paper.toml --data /data/imagenet-val --out results/paper":
         ("test", "tests/test_cli.py::test_plan_prints_the_work_and_refuses_what_the_sweep_refuses_with_the_same_line"),
+    "pixelray plan jobs/paper.toml --data /data/imagenet-val --out results/paper --calibrate --workers 8":
+        ("test", "tests/test_cli.py::test_plan_prints_the_work_and_refuses_what_the_sweep_refuses_with_the_same_line"
+                 " (--calibrate, --throughput, --workers; the paper's pretrained weights are not here)"),
     "ray job submit --working-dir . -- python jobs/sweep.py --config jobs/paper.toml --out /shared/results/paper":
         ("not here", "ImageNet and the paper's pretrained weights; the job entry point's checks: "
                      "tests/test_entry_points.py"),

@@ -43,11 +43,14 @@ class AttackOutcome(NamedTuple):
         success_float: per image, the model misclassifies the unrounded example (bool (N,));
             None when the run was asked not to report it.
         success: per image, the model misclassifies the uint8 example (bool (N,)).
+        queries: per image, the forward passes the attack spent (int64 (N,)), from an attack whose cost is a
+            bound (a search that stops once the image is fooled); None otherwise.
     """
 
     adv: torch.Tensor
     success_float: torch.Tensor | None
     success: torch.Tensor
+    queries: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,9 @@ class AttackConfig:
         report_float: also judge the unrounded examples (``success_float``,
             ``n_success_float`` and ``success_rate_float`` in the tables; null without it).
             It costs one more forward pass per example and eps (about 20% of FGSM).
+        ladder: for an attack on pixel counts (``k``), ``ladder = true`` instead of ``k``: worst-case pixels
+            to failure (:mod:`pixelray.core.worst`), its ladder's ``steps_per_octave``, ``max_count`` and
+            ``search`` as ``(key, value)`` pairs; ``size`` then caps the images per model. None: an attack.
     """
 
     kind: str = "fgsm"
@@ -47,12 +50,16 @@ class AttackConfig:
     size: int | None = None
     params: tuple[tuple[str, Any], ...] = ()
     report_float: bool = False
+    ladder: tuple[tuple[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
         from pixelray.attacks import get_attack  # the attack's own module decides its parameters
 
         spec = get_attack(self.kind)
         object.__setattr__(self, "params", tuple(sorted(spec.parse(dict(self.params)).items())))
+        if self.ladder is not None:
+            self._check_ladder(spec)
+            return
         try:
             object.__setattr__(self, "keep", Keep(self.keep))
         except ValueError:
@@ -85,6 +92,35 @@ class AttackConfig:
         if not isinstance(self.report_float, bool):
             raise ValueError(f"report_float = {self.report_float!r}: must be true or false")
 
+    def _check_ladder(self, spec) -> None:
+        if spec.unit != "pixels":
+            raise ValueError(f"ladder = true: kind = {self.kind!r} is not an attack on pixel counts; worst-case "
+                             "pixels to failure needs one, e.g. kind = 'sparse'")
+        if self.eps:
+            raise ValueError(f"ladder = true with k = {list(self.eps)}: give one of them (a ladder searches its own "
+                             "counts)")
+        if self.keep is not Keep.SUCCESSFUL and self.keep != "successful" or self.report_float:
+            raise ValueError("ladder = true: keep and report_float do not apply (it keeps no examples); drop them")
+        object.__setattr__(self, "keep", Keep.SUCCESSFUL)
+        if self.size is not None and (not is_int(self.size) or self.size < 1):
+            raise ValueError(f"size = {self.size!r}: must be an integer >= 1 (images per model), or omit it for all")
+        self.worst_case()  # the ladder's own checks
+
+    def worst_case(self):
+        """The worst-case ladder of ``ladder = true`` (:class:`~pixelray.core.worst.WorstCase`); None otherwise."""
+        if self.ladder is None:
+            return None
+        from pixelray.core.ladder import Ladder
+        from pixelray.core.worst import WorstCase
+
+        params, options = dict(self.params), dict(self.ladder)
+        if "budget" not in params or "seed" not in params:
+            raise ValueError(f"ladder = true: kind = {self.kind!r} has no budget and seed; worst-case pixels to "
+                             "failure needs a search with both, e.g. kind = 'sparse'")
+        ladder = Ladder(seed=params["seed"], search=options.get("search", "bisect"),
+                        steps_per_octave=options.get("steps_per_octave", 4), max_count=options.get("max_count"))
+        return WorstCase(ladder, params["budget"], self.name, self.size)
+
     @property
     def axis(self) -> str:
         """The config key of the attack's steps: ``eps`` (k/255) or, for an attack on pixel counts, ``k``."""
@@ -113,6 +149,8 @@ class AttackConfig:
     def identity(self) -> dict[str, Any]:
         """What determines the attack's results (parameters only when the attack has any, report_float only
         when true: a config without them keeps its hash)."""
+        if self.ladder is not None:
+            return {"kind": self.kind, "ladder": dict(self.ladder), "size": self.size, "params": dict(self.params)}
         out = {"kind": self.kind, self.axis: list(self.eps), "keep": self.keep.value, "size": self.size}
         if self.params:
             out["params"] = dict(self.params)

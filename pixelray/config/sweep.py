@@ -28,6 +28,7 @@ from pixelray.config.tomlcheck import ConfigError, check_keys, check_placeholder
 from pixelray.core.ladder import FAMILY as LADDER_FAMILY
 from pixelray.core.ladder import SEARCHES, Ladder
 from pixelray.core.spec import CORRUPTIONS, PIXEL_CHANGE, Cell, Corruption, PixelChange, parse_channels
+from pixelray.core.worst import WorstCase
 
 __all__ = [
     "AttackConfig",
@@ -149,14 +150,38 @@ class SweepConfig:
     max_hours: float | None = None  # ... or whose estimated device time (under ``throughput``) is above this
     throughput: tuple[str, ...] = ()  # '[MODEL=]IMAGES_PER_S[:GRAD]' (pixelray.sweep.estimate.parse_throughput)
 
+    @property
+    def attack_runs(self) -> tuple[AttackConfig, ...]:
+        """The attacks of the attack phase (every ``[attack]`` but the worst-case ladders)."""
+        return tuple(a for a in self.attacks if a.ladder is None)
+
+    def worst_cases(self, image_size: tuple[int, int] | None = None) -> list[tuple[str, WorstCase]]:
+        """(attack name, worst-case ladder) of each ``[attack] ladder = true``, in config order; with an image
+        size, checked against it (ConfigError)."""
+        pairs = []
+        for i, attack in enumerate(self.attacks):
+            worst = attack.worst_case()
+            if worst is None:
+                continue
+            if image_size is not None:
+                try:
+                    worst.ladder.check_image(*image_size)
+                except ValueError as exc:
+                    where = "attack" if len(self.attacks) == 1 else f"attack #{i + 1}"
+                    raise ConfigError(f"[{where}] {exc}") from None
+            pairs.append((attack.name, worst))
+        return pairs
+
     def check_attacks(self, image_size: tuple[int, int]) -> None:
-        """ConfigError for an attack on pixel counts (``k``) larger than the images hold."""
+        """ConfigError for an attack on pixel counts (``k``) larger than the images hold, or a worst-case ladder
+        that does not fit them."""
         h, w = image_size
         for i, attack in enumerate(self.attacks):
-            if attack.axis == "k" and max(attack.eps) > h * w:
+            if attack.ladder is None and attack.axis == "k" and max(attack.eps) > h * w:
                 where = "attack" if len(self.attacks) == 1 else f"attack #{i + 1}"
                 raise ConfigError(f"[{where}] k = {list(attack.eps)}: {max(attack.eps)} pixels is more than the "
                                   f"{h}x{w} images hold; use counts <= {h * w}")
+        self.worst_cases(image_size)
 
     def cells(self, image_size: tuple[int, int] | None = None) -> list[tuple[str, Cell]]:
         """(experiment name, cell) pairs in config order; a cell may appear under several experiments."""
@@ -290,9 +315,10 @@ def _attacks(raw: dict, source: str) -> tuple[AttackConfig, ...]:
         if not isinstance(table, dict):
             raise ConfigError(f"[{where}] expected a table [attack] or [[attack]]")
         out.append(_attack(table, where))
-    names = [a.name for a in out]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"[[attack]] kinds {names}: each attack may appear once per sweep")
+    for group in ([a.name for a in out if a.ladder is None], [a.name for a in out if a.ladder is not None]):
+        if len(set(group)) != len(group):  # once as an attack, once as a worst-case ladder (ladder = true)
+            raise ConfigError(f"[[attack]] kinds {group}: each attack may appear once per sweep (and once more with "
+                              "ladder = true)")
     return tuple(out)
 
 
@@ -319,6 +345,9 @@ def _attack(table: dict, where: str) -> AttackConfig:
         pixels = get_attack(kind).unit == "pixels"
     except ValueError as exc:
         raise ConfigError(f"[{where}] {exc}") from None
+    ladder = get_value(table, "ladder", where, bool, False, fix="true or false")
+    if ladder:
+        return _worst_case(table, where, kind)
     axis, other = ("k", "eps") if pixels else ("eps", "k")
     if other in table:
         said = "a number of changed pixels k = [...]" if pixels else "a radius eps = [...] (k/255)"
@@ -333,6 +362,25 @@ def _attack(table: dict, where: str) -> AttackConfig:
     try:
         return AttackConfig(kind=kind, eps=tuple(eps), keep=keep, size=size, params=tuple(params.items()),
                             report_float=report_float)
+    except ValueError as exc:
+        raise ConfigError(f"[{where}] {exc}") from None
+
+
+_LADDER_KEYS = ("steps_per_octave", "max_count", "search")
+
+
+def _worst_case(table: dict, where: str, kind: str) -> AttackConfig:
+    """``[attack] ladder = true``: worst-case pixels to failure (its ladder's keys apart from the attack's)."""
+    if "k" in table or "eps" in table:
+        key = "k" if "k" in table else "eps"
+        raise ConfigError(f"[{where}] ladder = true with {key} = {table[key]!r}: a ladder searches its own counts; "
+                          f"drop {key} (or ladder)")
+    size = get_value(table, "size", where, int, None, fix="a number of images per model, or omit it for all")
+    ladder = {key: table[key] for key in _LADDER_KEYS if key in table}
+    params = {k: v for k, v in table.items() if k not in ("kind", "ladder", "size", *_LADDER_KEYS)}
+    try:
+        return AttackConfig(kind=kind, eps=(), size=size, params=tuple(params.items()),
+                            ladder=tuple(sorted(ladder.items())))
     except ValueError as exc:
         raise ConfigError(f"[{where}] {exc}") from None
 

@@ -149,6 +149,7 @@ def attack_outcomes(
         "restored": restored.cpu().numpy(),
         "correct_by": correct_by.cpu().numpy(),
         **restore,
+        **({} if found.queries is None else {"queries": found.queries.cpu().numpy()}),
     }
 
 
@@ -189,6 +190,7 @@ class _Examples:
     adv: torch.Tensor
     success: torch.Tensor
     success_float: torch.Tensor | None
+    queries: torch.Tensor | None = None  # (E, N): the forward passes a search spent per image
 
 
 def _attack_every_eps(unit: _Unit, eps: Sequence[int], attack: str, params: Sequence[tuple[str, Any]],
@@ -198,6 +200,7 @@ def _attack_every_eps(unit: _Unit, eps: Sequence[int], attack: str, params: Sequ
     success_float = torch.zeros(len(eps), n, dtype=torch.bool, device=dev) if report_float else None
     success = torch.zeros(len(eps), n, dtype=torch.bool, device=dev)
     examples = torch.empty((len(eps), *images.shape), dtype=images.dtype, device=dev)
+    queries = None
     spec = get_attack(attack)
     kwargs = dict(params)
     if spec.optional_float:
@@ -212,7 +215,11 @@ def _attack_every_eps(unit: _Unit, eps: Sequence[int], attack: str, params: Sequ
             success[e, start:stop] = outcome.success
             if success_float is not None:
                 success_float[e, start:stop] = outcome.success_float
-    return _Examples(examples, success, success_float)
+            if outcome.queries is not None:
+                if queries is None:
+                    queries = torch.zeros(len(eps), n, dtype=torch.int64, device=dev)
+                queries[e, start:stop] = outcome.queries
+    return _Examples(examples, success, success_float, queries)
 
 
 def _eligible(success: torch.Tensor, keep_all: bool) -> Iterator[tuple[int, torch.Tensor]]:

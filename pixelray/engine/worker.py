@@ -31,10 +31,12 @@ from pixelray.attacks import get_attack
 from pixelray.core.ladder import Ladder
 from pixelray.core.perturb import Perturber
 from pixelray.core.spec import Cell
+from pixelray.core.worst import WorstCase
 from pixelray.engine.adversarial import AttackPlan, attack_images, attack_outcomes, save_examples
 from pixelray.engine.evaluate import CellGraphs, count_wrong, image_size, pick_device, pixel_change_cells, predict
 from pixelray.engine.ladder import ladder_outcomes
 from pixelray.engine.units import Phase, Unit
+from pixelray.engine.worst_case import worst_case_outcomes
 from pixelray.shards import read_count
 
 __all__ = ["ModelWorker"]
@@ -178,10 +180,13 @@ class ModelWorker:
         cells: Sequence[Cell] = (),
         attack: AttackPlan | None = None,
         ladders: Sequence[Ladder] = (),
+        worst: Sequence[tuple[WorstCase, int | None]] = (),
     ) -> dict:
         """Run one unit. Clean: per-image predictions. Cells: per-cell wrong counts.
         Attack: per-image bits of :func:`attack_outcomes` (with ``attack``). Failure: per (ladder, image)
-        counts of :func:`~pixelray.engine.ladder.ladder_outcomes` (with ``ladders``).
+        counts of :func:`~pixelray.engine.ladder.ladder_outcomes` (with ``ladders``), and per (worst-case
+        ladder, image) those of :func:`~pixelray.engine.worst_case.worst_case_outcomes` (with ``worst``: each
+        with the highest image id it searches), prefixed ``worst_``.
 
         Returns numpy arrays only, plus ``reads`` (the :func:`~pixelray.shards.read_shard`
         calls this unit made, counted in the reader) and timing (``read_s``: reading and
@@ -209,9 +214,15 @@ class ModelWorker:
                 out = {"cell_index": np.arange(len(cells)), "n_images": np.full(len(cells), len(ids)), "n_wrong": wrong}
                 n_eval = len(ids) * len(cells)
             elif unit.phase is Phase.FAILURE:
-                out = {"image_id": batch.image_ids.numpy(), "label": batch.labels.numpy(),
-                       **ladder_outcomes(model, images, labels, ids, ladders, self.batch_size, self.amp)}
-                n_eval = int(out["n_passes"].sum())
+                out = {"image_id": batch.image_ids.numpy(), "label": batch.labels.numpy()}
+                n_eval = 0
+                if ladders:
+                    out.update(ladder_outcomes(model, images, labels, ids, ladders, self.batch_size, self.amp))
+                    n_eval += int(out["n_passes"].sum())
+                if worst:
+                    found = worst_case_outcomes(model, images, labels, ids, worst, self.batch_size)
+                    out.update({f"worst_{name}": values for name, values in found.items()})
+                    n_eval += int(np.maximum(found["n_passes"], 0).sum())
             elif unit.phase is Phase.ATTACK and attack is not None:
                 out, (n_eval, n_grad) = self._attack(unit, model, images, labels, ids, cells, attack, weights,
                                                      num_classes)

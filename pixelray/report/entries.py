@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from pixelray.core.metrics import wilson_interval
+from pixelray.core.worst import budget_text
 from pixelray.report.paper import PaperCell
 
 __all__ = ["Entries", "Table", "count_col", "eps_label", "finish_table"]
@@ -123,7 +124,7 @@ def count_col(count: int | float) -> str:
 
 
 def eps_label(eps: float, attack: str = "fgsm") -> str:
-    return f"{attack.upper()} ε = {round(eps * 255)}/255"
+    return f"{attack.upper()} {budget_text(eps, attack)}"
 
 
 def finish_table(key, title, caption, row_names, entries: Entries, notes=(), absent="") -> Table:

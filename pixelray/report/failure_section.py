@@ -9,15 +9,18 @@ counts both measured; and the survival curves (``plots.plot_survival``).
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 
 from pixelray.report.entries import Entries, Table, count_col, eps_label, finish_table
 from pixelray.report.load import ModelInfo, Run
 from pixelray.report.plots import plot_survival
 from pixelray.report.render import Section
-from pixelray.report.survival import agreement, failure_medians, survival_curves
+from pixelray.report.survival import agreement, failure_medians, random_rows, survival_curves, worst_vs_random
 
-__all__ = ["SECTION_TEXT", "agreement_table", "failure_frame", "failure_section", "median_table", "restore_table"]
+__all__ = ["SECTION_TEXT", "agreement_table", "failure_frame", "failure_section", "median_table", "restore_table",
+           "worst_table"]
 
 SECTION_TEXT = (
     "Pixels to failure: for each image a model classifies correctly unchanged, the smallest number of randomly "
@@ -79,7 +82,7 @@ def _ladder_text(r) -> str:
 def median_table(runs: list[Run], frame: pd.DataFrame) -> Table:
     """Median pixels to failure per model and ladder, families together (base, control, augmented)."""
     e = Entries()
-    medians = failure_medians(frame, "wrong") if len(frame) else pd.DataFrame()
+    medians = failure_medians(random_rows(frame), "wrong") if len(frame) else pd.DataFrame()
     roles = _roles(runs, medians) if len(medians) else {}
     if len(medians):
         place = [roles[(r, m)][:2] for r, m in zip(medians["run"], medians["model"], strict=True)]
@@ -96,6 +99,36 @@ def median_table(runs: list[Run], frame: pd.DataFrame) -> Table:
         "(of evaluated · rate [95% Wilson interval]). Roles: a base model, its fine-tune without augmentation "
         "(aug = none, the control) and its fine-tunes with n-pixel-change augmentation, side by side.",
         ("model", "role", "ladder"), e, [_MEDIAN, _WHICH], absent="the runs hold no pixels-to-failure ladder")
+
+
+def worst_table(runs: list[Run], frame: pd.DataFrame) -> Table:
+    """Random against worst-case pixels to failure per model (families together): does the augmentation, trained
+    on random changes, move the worst case too, or only the random case?"""
+    e = Entries()
+    pairs = worst_vs_random(frame) if len(frame) else pd.DataFrame()
+    roles = _roles(runs, pairs) if len(pairs) else {}
+    if len(pairs):
+        place = [roles[(r, m)][:2] for r, m in zip(pairs["run"], pairs["model"], strict=True)]
+        pairs = pairs.iloc[sorted(range(len(pairs)), key=lambda i: place[i])]
+    for r in pairs.itertuples(index=False):
+        budget = json.loads(r.attack_params).get("budget") if isinstance(r.attack_params, str) else None
+        row = (_label(runs, r.run, r.model), roles[(r.run, r.model)][2], f"{r.random_ladder}; search budget {budget}")
+        e.median(row, "random: median [95% CI]", 0, r.random_median, r.random_low, r.random_high, r.n_random,
+                 r.random_top)
+        e.median(row, "worst case: median [95% CI]", 1, r.worst_median, r.worst_low, r.worst_high, r.n_worst,
+                 r.worst_top)
+        e.ours(row, "worst case <= random", 2, r.n_worst_le_random, r.n_both)
+    return finish_table(
+        "failure-worst", "Pixels to failure: random against worst case",
+        "Per model: the median number of randomly changed pixels that breaks an image (its random ladder) beside "
+        "the median number a sparse search needs (the smallest ladder point at which it finds an example within "
+        "its budget of forward passes per point), each [95% interval]; and over the images both broke, how "
+        "often the search needed no more pixels (of both · rate [95% Wilson interval]). Roles as above: does "
+        "the augmentation move the worst case, or only the random case?",
+        ("model", "role", "random ladder"), e,
+        [_MEDIAN, "The worst case is an upper bound on the fewest pixels that break an image: a search that finds "
+                  "nothing at k within its budget may have missed an example a longer search would find."],
+        absent="the runs hold no worst-case ladder ([attack] kind = 'sparse' with ladder = true)")
 
 
 def _attack_text(r, params_vary: bool) -> str:
@@ -155,6 +188,9 @@ def _curves(runs: list[Run], frame: pd.DataFrame) -> pd.DataFrame:
         return curves
     labels = [_label(runs, r, m) for r, m in zip(curves["run"], curves["model"], strict=True)]
     ladders = curves["ladder_id"] + " to " + curves["max_count"].astype("int64").astype(str)
+    if "kind" in curves:
+        worst = curves["kind"] == "worst_case"
+        ladders = ladders.where(~worst, "worst case (" + curves["attack"].astype(str) + ")")
     several = ladders.nunique() > 1
     return curves.assign(who=[f"{a}, {b}" if several else a for a, b in zip(labels, ladders, strict=True)])
 
@@ -164,6 +200,6 @@ def failure_section(runs: list[Run]) -> Section | None:
     if all(r.failure is None for r in runs):
         return None
     frame = failure_frame(runs)
-    tables = [median_table(runs, frame), restore_table(runs, frame), agreement_table(runs)]
+    tables = [median_table(runs, frame), worst_table(runs, frame), restore_table(runs, frame), agreement_table(runs)]
     plot = plot_survival(_curves(runs, frame)) if len(frame) else None
     return Section("pixels-to-failure", "Pixels to failure", SECTION_TEXT, tables, [plot] if plot else [])

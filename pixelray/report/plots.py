@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, ScalarFormatter
 
 from pixelray.core.metrics import wilson_interval
+from pixelray.core.worst import PIXEL_ATTACKS
 from pixelray.report.load import Run
 from pixelray.report.tables import Table
 
@@ -186,6 +187,7 @@ def plot_fgsm(c: pd.DataFrame, runs: list[Run]) -> Plot | None:
     fig, axes = _figure(1 + len(panels))
     eps_x = "attack radius ε (k/255, log2 scale)"
     for df in attack:
+        df = df[~df["attack"].isin(PIXEL_ATTACKS)]  # a radius axis: attacks on pixel counts have their tables
         for (who, name), g in df.groupby(["who", "attack"], sort=False):
             g = g.sort_values("eps")
             _line(axes[0], (g["eps"] * 255).round(), g["n_success"], g["n_attacked"], f"{who}, {name.upper()}")

@@ -30,12 +30,17 @@ import pandas as pd
 from pixelray.core.ladder import Ladder
 from pixelray.core.metrics import wilson_interval
 
-__all__ = ["AGREEMENT_COLUMNS", "CURVE_KEYS", "agreement", "failure_medians", "ladder_points_of", "measurements",
-           "median_interval", "median_ranks", "pixels_to_failure", "survival_curves"]
+__all__ = ["AGREEMENT_COLUMNS", "CURVE_KEYS", "WORST_COLUMNS", "agreement", "failure_medians", "ladder_points_of",
+           "measurements", "median_interval", "median_ranks", "pixels_to_failure", "random_rows", "survival_curves",
+           "worst_vs_random"]
 
 #: The columns that name a curve (those a frame has): a run's model, target and ladder with its points.
-CURVE_KEYS = ("run", "model", "weights", "target", "attack", "attack_params", "eps", "ladder_id", "amplitude",
+CURVE_KEYS = ("run", "model", "weights", "target", "kind", "attack", "attack_params", "eps", "ladder_id", "amplitude",
               "area", "channels", "seed", "steps_per_octave", "max_count", "search", "refine", "image_size")
+#: The columns of :func:`worst_vs_random`'s frame, in order.
+WORST_COLUMNS = ("run", "model", "weights", "attack_params", "random_ladder", "n_random", "random_median",
+                 "random_low", "random_high", "random_top", "n_worst", "worst_median", "worst_low", "worst_high",
+                 "worst_top", "n_both", "n_worst_le_random")
 #: The columns of :func:`agreement`'s frame, in order.
 AGREEMENT_COLUMNS = ("model", "weights", "ladder_id", "count", "survival", "survival_low", "survival_high",
                      "n_ladder", "grid_correct", "grid_low", "grid_high", "n_grid", "agree")
@@ -181,7 +186,7 @@ def agreement(failure_df: pd.DataFrame, cells_df: pd.DataFrame) -> pd.DataFrame:
     on n_wrong (from the counts: the report never relies on the stored rates). ``agree``: the two 95%
     intervals overlap. Columns: :data:`AGREEMENT_COLUMNS`.
     """
-    curves = survival_curves(failure_df, "wrong")
+    curves = survival_curves(random_rows(failure_df), "wrong")
     if curves.empty or cells_df.empty:
         return pd.DataFrame(columns=list(AGREEMENT_COLUMNS))
     curves = curves.assign(side=_side(curves))
@@ -197,3 +202,39 @@ def agreement(failure_df: pd.DataFrame, cells_df: pd.DataFrame) -> pd.DataFrame:
                      "n_grid": int(r.n_images), "agree": bool(r.low <= grid_high and grid_low <= r.high)})
     out = pd.DataFrame(rows, columns=list(AGREEMENT_COLUMNS))
     return out.drop_duplicates(subset=["model", "weights", "ladder_id", "count"]).reset_index(drop=True)
+
+
+def random_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of random ladders (``kind`` "random"; every row of a run written before worst-case ladders)."""
+    return df if "kind" not in df.columns else df[df["kind"] != "worst_case"]
+
+
+def worst_vs_random(df: pd.DataFrame) -> pd.DataFrame:
+    """Per worst-case ladder (``kind = "worst_case"``) and each random ladder of the same run, model and weights
+    that changes whole pixels at random anywhere (full range, whole image, every channel): both medians with
+    their 95% intervals, and over the images both broke, in how many the search needed no more pixels than the
+    random changes. Columns: :data:`WORST_COLUMNS`."""
+    if "kind" not in df.columns:
+        return pd.DataFrame(columns=list(WORST_COLUMNS))
+    wrong = measurements(df[df["target"] == "wrong"])
+    worst = wrong[wrong["kind"] == "worst_case"]
+    plain = random_rows(wrong)
+    whole = (_side(plain) == plain["image_size"]) & (plain["amplitude"] == "full") & (plain["channels"] == "all")
+    plain = plain[whole]
+    rows = []
+    for key, w in _curves(worst):
+        mine = plain[(plain["run"] == key["run"]) & (plain["model"] == key["model"])
+                     & (plain["weights"].fillna("") == ("" if pd.isna(key["weights"]) else key["weights"]))]
+        for rkey, r in _curves(mine[mine["image_id"].isin(w["image_id"])]):  # the same images
+            w_med, w_low, w_high = median_interval(pixels_to_failure(w))
+            r_med, r_low, r_high = median_interval(pixels_to_failure(r))
+            both = w.merge(r, on="image_id", suffixes=("_w", "_r"))
+            found = both["n_fail_w"].notna() & both["n_fail_r"].notna()
+            le = (_as_float(both["n_fail_w"][found]) <= _as_float(both["n_fail_r"][found])).sum()
+            rows.append({"run": key["run"], "model": key["model"], "weights": key["weights"],
+                         "attack_params": key["attack_params"], "random_ladder": rkey["ladder_id"],
+                         "n_random": len(r), "random_median": r_med, "random_low": r_low, "random_high": r_high,
+                         "random_top": ladder_points_of(r.iloc[0])[-1], "n_worst": len(w), "worst_median": w_med,
+                         "worst_low": w_low, "worst_high": w_high, "worst_top": ladder_points_of(w.iloc[0])[-1],
+                         "n_both": int(found.sum()), "n_worst_le_random": int(le)})
+    return pd.DataFrame(rows, columns=list(WORST_COLUMNS))

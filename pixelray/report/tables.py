@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from pixelray.core.metrics import pixel_index, pixel_index_interval
+from pixelray.core.worst import budget_text, eps_k
 from pixelray.report.entries import Entries, Table, count_col, eps_label, finish_table
 from pixelray.report.load import Run
 from pixelray.report.paper import PAPER_IMAGE_SIZE, lookup, paper_name
@@ -31,7 +32,7 @@ _VARIANTS = ("weights", "channels", "positions", "seed")
 
 def _variant(df: pd.DataFrame) -> pd.Series:
     """The row label: the model's label, plus the settings that differ between its rows (seed, channels, ...)."""
-    out = df["label"].copy()
+    out = df["label"].astype(str)
     for col in _VARIANTS:
         varies = df.groupby("label", sort=False)[col].transform(lambda s: s.astype(str).nunique() > 1)
         out = out.where(~varies, out + f" {col}=" + df[col].astype(str))
@@ -54,7 +55,7 @@ def prepare_cells(runs: list[Run]) -> pd.DataFrame:
     df["whole"] = df["area"].isna() | (df["area"] == df["image_size"])
     df["who"] = _variant(df)
     df["who_order"] = pd.factorize(df["who"])[0]
-    df["eps_k"] = (df["eps"] * 255).round()
+    df["eps_k"] = [math.nan if pd.isna(e) else eps_k(e, a) for e, a in zip(df["eps"], df["attack"], strict=True)]
     return df
 
 
@@ -223,9 +224,9 @@ def fgsm_success(runs: list[Run]) -> Table:
         if run.attack is None:
             continue
         for r in run.attack.sort_values("eps", kind="stable").itertuples():
-            k = round(r.eps * 255)
+            k = eps_k(r.eps, r.attack)
             label = run.models[r.model].label if r.model in run.models else r.model
-            e.ours((label, r.attack.upper()), f"ε = {k}/255", k, r.n_success, r.n_attacked)
+            e.ours((label, r.attack.upper()), budget_text(r.eps, r.attack), k, r.n_success, r.n_attacked)
     return finish_table("fgsm-success", "Attack success rate before any pixel change",
                    "Candidates each attack (FGSM, PGD, ...) made misclassified after rounding to uint8 "
                    "(attack.parquet). Cell: successful of attacked · success rate [95% Wilson interval].",

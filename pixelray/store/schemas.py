@@ -67,6 +67,9 @@ IDS_SCHEMA = pa.schema([("model", pa.string()), ("attack", pa.string()), ("attac
 #: up to ``max_count``. ``n_fail_refined``: with ``refine``, the first flipped integer count (null otherwise);
 #: ``n_last_correct``: the largest count known not to flip (0: the image unchanged); ``n_passes``: forward
 #: passes spent on the image. ``Ladder.from_columns`` rebuilds the ladder from amplitude .. refine and image_size.
+#: ``kind`` "random" (the ladder's random changes) or "worst_case" (``pixelray.core.worst``: the smallest point at
+#: which the sparse search ``attack`` with ``attack_params`` finds an example within ``budget`` forward passes
+#: per point; ``n_passes`` its forward passes in all; ``budget`` null for random rows).
 FAILURE_SCHEMA = pa.schema([
     ("experiment", pa.string()), ("model", pa.string()), ("weights", pa.string()),
     ("attack", pa.string()), ("attack_params", pa.string()), ("eps", pa.float64()),
@@ -76,5 +79,5 @@ FAILURE_SCHEMA = pa.schema([
     ("seed", pa.int64()), ("steps_per_octave", pa.int64()), ("max_count", pa.int64()), ("search", pa.string()),
     ("refine", pa.bool_()),
     ("n_fail", pa.int64()), ("n_fail_refined", pa.int64()), ("n_last_correct", pa.int64()), ("n_passes", pa.int64()),
-    ("image_size", pa.int64()), *_RUN_COLUMNS,
+    ("image_size", pa.int64()), ("budget", pa.int64()), *_RUN_COLUMNS,
 ])

@@ -46,6 +46,8 @@ def attack_unit_table(res: dict, eps: tuple[int, ...], cells: list[Cell], judges
 
     def per_row(bits: np.ndarray) -> pa.Array:  # (E, K, N) -> (E * N) lists of K
         k = bits.shape[1]
+        if k == 0:  # no cells: Arrow has no lists of size 0, and nothing is lost
+            return pa.nulls(bits.shape[0] * bits.shape[2], pa.bool_())
         flat = np.ascontiguousarray(bits.transpose(0, 2, 1)).reshape(-1)
         return pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.bool_()), k)
 

@@ -53,6 +53,8 @@ __all__ = ["attack_results", "write_adversarial_manifests"]
 
 
 def _bits(table: pa.Table, column: str, width: int) -> np.ndarray:
+    if width == 0:  # an attack with no cells: no column of bits (Arrow has no lists of size 0)
+        return np.zeros((table.num_rows, 0), dtype=bool)
     values = table[column].combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return values.reshape(-1, width)
 
@@ -62,7 +64,7 @@ def _empty_attack_table(n_cells: int, n_judges: int) -> pa.Table:
     return pa.table({
         "eps": pa.array([], pa.int64()), "image_id": pa.array([], pa.int64()), "label": pa.array([], pa.int64()),
         "success_float": empty, "success": empty,
-        "restored": pa.FixedSizeListArray.from_arrays(empty, n_cells),
+        "restored": pa.FixedSizeListArray.from_arrays(empty, n_cells) if n_cells else pa.nulls(0, pa.bool_()),
         "correct_by": pa.FixedSizeListArray.from_arrays(empty, n_judges),
     })
 

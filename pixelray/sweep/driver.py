@@ -209,8 +209,9 @@ def _run_sweep(config: SweepConfig, progress: bool, say: Callable[[str], None], 
         eval_ids = select_eval_set(clean.correct, config.filter, config.eval_size)
         write_eval_ids(ctx, eval_ids)
         counts = run_cells(ctx, clean, eval_ids) if ctx.cells else None
-        failures = run_failure(ctx, clean, eval_ids, list(dict.fromkeys(lad for _, lad in ctx.ladder_pairs)))
-        attacks = [run_attack(ctx, clean, attack) for attack in config.attacks]
+        failures = run_failure(ctx, clean, eval_ids, list(dict.fromkeys(lad for _, lad in ctx.ladder_pairs)),
+                               list(dict.fromkeys(w for _, w in config.worst_cases(ctx.size))))
+        attacks = [run_attack(ctx, clean, attack) for attack in config.attack_runs]
         telemetry.close_bar()
         ctx.stats["workers"] = {"used": pool.used, "restarts": pool.restarts, "given_up": pool.given_up}
         pool.shutdown()
@@ -238,7 +239,8 @@ def _write_results(ctx: RunContext, clean, eval_ids, counts: pa.Table | None, fa
     rows = cell_rows(config, ctx.cell_pairs, counts, size, common)
     stats: dict[str, Any] = {}
     attack_path = transfer_path = failure_path = None
-    failure = failure_rows(config, ctx.ladder_pairs, failures, size, common)
+    worst_pairs = config.worst_cases(size)
+    failure = failure_rows(config, ctx.ladder_pairs, failures, size, common, worst_pairs)
     if attacks:
         tables: dict[str, list[dict]] = {"cells": [], "attack": [], "transfer": [], "ids": [], "failure": []}
         for done in attacks:
@@ -252,10 +254,10 @@ def _write_results(ctx: RunContext, clean, eval_ids, counts: pa.Table | None, fa
         attack_path.write_table(pa.Table.from_pylist(tables["attack"], schema=ATTACK_SCHEMA))
         transfer_path.write_table(pa.Table.from_pylist(tables["transfer"], schema=TRANSFER_SCHEMA))
         run_dir.file("attack_ids.parquet").write_table(pa.Table.from_pylist(tables["ids"], schema=IDS_SCHEMA))
-    if ctx.ladder_pairs:
+    if ctx.ladder_pairs or worst_pairs:
         failure_path = run_dir.file("failure.parquet")
         failure_path.write_table(pa.Table.from_pylist(failure, schema=FAILURE_SCHEMA))
-        stats["failure"] = {"images": sum(r["target"] == "wrong" for r in failure),
+        stats["failure"] = {"images": sum(r["target"] == "wrong" and r["kind"] == "random" for r in failure),
                             "passes": sum(r["n_passes"] for r in failure if r["target"] == "wrong")}
     cells_path = run_dir.file("cells.parquet")
     rows = add_equivalent_pixels(aggregate(rows, size), size)

@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from pixelray.core.ladder import FAMILY, Ladder
+from pixelray.core.worst import KIND as WORST
+from pixelray.core.worst import WorstCase
 from pixelray.engine.ladder import LADDER_FIELDS
 from pixelray.engine.units import Phase, Unit
 from pixelray.sweep.clean import CleanPass
@@ -23,25 +25,45 @@ from pixelray.sweep.context import RunContext
 __all__ = ["failure_rows", "failure_unit_table", "ladder_columns", "restore_rows", "run_failure"]
 
 
-def failure_unit_table(res: dict, ladders: list[Ladder]) -> pa.Table:
-    """A worker's per (ladder, image) counts as one row each: ladder (its label), image_id, label, the fields."""
+def failure_unit_table(res: dict, ladders: list[Ladder], worsts: list[WorstCase] = ()) -> pa.Table:
+    """A worker's per (ladder, image) counts as one row each: ladder (its label), image_id, label, the fields;
+    then its worst-case ladders' (``n_fail_refined`` -1), over the images each searched."""
     n = len(res["image_id"])
-    table = {
-        "ladder": pa.array(np.repeat([ladder.label for ladder in ladders], n), pa.string()),
-        "image_id": pa.array(np.tile(res["image_id"], len(ladders)), pa.int64()),
-        "label": pa.array(np.tile(res["label"], len(ladders)), pa.int64()),
-    }
-    for name in LADDER_FIELDS:
-        table[name] = pa.array(np.asarray(res[name]).reshape(-1), pa.int64())
-    return pa.table(table)
+    parts = []
+    if ladders:
+        table = {
+            "ladder": pa.array(np.repeat([ladder.label for ladder in ladders], n), pa.string()),
+            "image_id": pa.array(np.tile(res["image_id"], len(ladders)), pa.int64()),
+            "label": pa.array(np.tile(res["label"], len(ladders)), pa.int64()),
+        }
+        for name in LADDER_FIELDS:
+            table[name] = pa.array(np.asarray(res[name]).reshape(-1), pa.int64())
+        parts.append(pa.table(table))
+    for j, worst in enumerate(worsts):
+        searched = np.flatnonzero(np.asarray(res["worst_n_passes"])[j] >= 0)
+        table = {"ladder": pa.array([worst.label] * len(searched), pa.string()),
+                 "image_id": pa.array(res["image_id"][searched], pa.int64()),
+                 "label": pa.array(res["label"][searched], pa.int64())}
+        for name in LADDER_FIELDS:
+            values = np.full(len(searched), -1) if name == "n_fail_refined" else res[f"worst_{name}"][j][searched]
+            table[name] = pa.array(values, pa.int64())
+        parts.append(pa.table(table))
+    return pa.concat_tables(parts)
 
 
-def run_failure(ctx: RunContext, clean: CleanPass, eval_ids: dict[str, np.ndarray],
-                ladders: list[Ladder]) -> pa.Table | None:
-    """Run the phase over the images each model classifies correctly; the per-unit tables, concatenated."""
-    if not ladders:
+def run_failure(ctx: RunContext, clean: CleanPass, eval_ids: dict[str, np.ndarray], ladders: list[Ladder],
+                worsts: list[WorstCase] = ()) -> pa.Table | None:
+    """Run the phase over the images each model classifies correctly; the per-unit tables, concatenated. A
+    worst-case ladder with a ``size`` searches that many of them per model, lowest ids first."""
+    if not ladders and not worsts:
         return None
     units: list[Unit] = []
+    cutoffs: dict[str, list[int | None]] = {}
+    for model in ctx.config.models:
+        correct = clean.correct[model]
+        mine = np.asarray([i for i in eval_ids[model] if correct[int(i)]], dtype=np.int64)
+        cutoffs[model] = [None if w.size is None or w.size >= len(mine) else int(np.sort(mine)[w.size - 1])
+                          for w in worsts]
     for unit, (uri, info) in zip(clean.units, [s for _ in ctx.config.models for s in ctx.shards()], strict=True):
         correct = clean.correct[unit.model]
         wanted = [i for i in np.intersect1d(clean.shard_ids[(unit.model, unit.shard)], eval_ids[unit.model])
@@ -49,11 +71,16 @@ def run_failure(ctx: RunContext, clean: CleanPass, eval_ids: dict[str, np.ndarra
         if wanted:
             units.append(ctx.unit(Phase.FAILURE, unit.model, uri, info, wanted))
     weights, classes = ctx.config.weights, ctx.num_classes
-    tables = ctx.run_units(
-        Phase.FAILURE, units, lambda h, u: h.run.remote(u, weights, classes, (), None, ladders),
-        lambda unit, res: failure_unit_table(res, ladders).append_column(
-            "model", pa.array([unit.model] * (len(ladders) * len(res["image_id"])), pa.string())),
-    )
+
+    def submit(handle, unit: Unit):
+        return handle.run.remote(unit, weights, classes, (), None, ladders,
+                                 tuple(zip(worsts, cutoffs[unit.model], strict=True)))
+
+    def to_table(unit: Unit, res: dict) -> pa.Table:
+        table = failure_unit_table(res, ladders, worsts)
+        return table.append_column("model", pa.array([unit.model] * len(table), pa.string()))
+
+    tables = ctx.run_units(Phase.FAILURE, units, submit, to_table)
     return pa.concat_tables([tables[u.key] for u in units]) if units else None
 
 
@@ -81,26 +108,34 @@ def _fields(values: dict[str, int], refine: bool) -> dict[str, Any]:
     }
 
 
-def failure_rows(config, ladder_pairs: list[tuple[str, Ladder]], table: pa.Table | None, size, common
-                 ) -> list[dict[str, Any]]:
-    """Unit rows -> failure.parquet rows per (experiment, model, ladder, image), in config and id order."""
+def failure_rows(config, ladder_pairs: list[tuple[str, Ladder]], table: pa.Table | None, size, common,
+                 worst_pairs: list[tuple[str, WorstCase]] = ()) -> list[dict[str, Any]]:
+    """Unit rows -> failure.parquet rows per (experiment, model, ladder, image), in config and id order; then the
+    worst-case ladders' (``experiment`` = the attack's name, ``kind = "worst_case"``)."""
     if table is None:
         return []
-    by_label = {ladder.label: ladder for _, ladder in ladder_pairs}
+    by_label: dict[str, Ladder | WorstCase] = {ladder.label: ladder for _, ladder in ladder_pairs}
+    by_label.update({worst.label: worst for _, worst in worst_pairs})
     experiments: dict[str, list[str]] = {}
-    for exp, ladder in ladder_pairs:
-        experiments.setdefault(ladder.label, []).append(exp)
+    for exp, found in [*ladder_pairs, *worst_pairs]:
+        experiments.setdefault(found.label, []).append(exp)
     exp_order = {e.name: i for i, e in enumerate(config.experiments)}
+    exp_order.update({name: len(exp_order) + i for i, (name, _) in enumerate(worst_pairs)})
     model_order = {m: i for i, m in enumerate(config.models)}
     rows = []
     for r in table.to_pylist():
-        ladder = by_label[r["ladder"]]
+        found = by_label[r["ladder"]]
+        if isinstance(found, WorstCase):
+            columns = {**ladder_columns(found.ladder, size), "kind": WORST, "attack": found.attack,
+                       "attack_params": found.params_label, "budget": found.budget}
+            fields = _fields(r, False)
+        else:
+            columns = {**ladder_columns(found, size), "attack": None, "attack_params": None}
+            fields = _fields(r, found.refine)
         for exp in experiments[r["ladder"]]:
-            rows.append({
-                **common, "experiment": exp, "model": r["model"], "attack": None, "attack_params": None, "eps": None,
-                "target": "wrong", "image_id": r["image_id"], "label": r["label"], **ladder_columns(ladder, size),
-                **_fields(r, ladder.refine), "image_size": size[0],
-            })
+            rows.append({**common, "experiment": exp, "model": r["model"], "eps": None, "target": "wrong",
+                         "image_id": r["image_id"], "label": r["label"], **columns, **fields,
+                         "image_size": size[0]})
     rows.sort(key=lambda r: (exp_order[r["experiment"]], model_order[r["model"]], r["ladder_id"], r["image_id"]))
     return rows
 

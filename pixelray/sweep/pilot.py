@@ -71,7 +71,7 @@ def pilot(plan, sample: int = 64, workers: int = 1, say: Callable[[str], None] =
             seconds[m]["cells"] = run(Phase.CELLS, m, mine, cells)["compute_s"] * scale
         if ladders:
             seconds[m]["failure"] = run(Phase.FAILURE, m, mine, (), None, ladders)["compute_s"] * scale
-        for attack in c.attacks:
+        for attack in c.attack_runs:
             seconds[m][f"attack:{attack.name}"] = _attack_seconds(plan, attack, m, mine, n * share, run, cells,
                                                                   ladders, AttackPlan)
         say(f"  {m}: " + ", ".join(f"{phase} {s:.1f} s" for phase, s in seconds[m].items()))

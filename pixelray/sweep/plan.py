@@ -108,12 +108,17 @@ def plan_sweep(config: SweepConfig, checked: tuple | None = None) -> SweepPlan:
         phases.append(PhasePlan("cells", shards, evaluated * len(cells), exact,
                                 f"{evaluated} images x {len(cells)} cells"))
     per_ladder = [_ladder_bound(lad.points(*size), lad.search, lad.refine) for lad in ladders]
-    if ladders:
-        phases.append(PhasePlan("failure", shards, evaluated * sum(per_ladder), False,
-                                "every image walks every point: those that break leave sooner"))
+    worsts = list(dict.fromkeys(w for _, w in config.worst_cases(size)))
+    per_worst = [(evaluated if w.size is None else min(w.size, evaluated)) * w.budget
+                 * _ladder_bound(w.points(*size), w.ladder.search, False) for w in worsts]
+    if ladders or worsts:
+        note = "every image walks every point: those that break leave sooner"
+        if worsts:
+            note += "; worst-case searches spend their whole budget at every point they try"
+        phases.append(PhasePlan("failure", shards, evaluated * sum(per_ladder) + sum(per_worst), False, note))
     judges = len(config.models) - 1  # the other models' verdicts on each example (the attacked one's is its own)
     config.check_attacks(size)
-    for attack in config.attacks:
+    for attack in config.attack_runs:
         cost = get_attack(attack.kind).passes(dict(attack.params), attack.report_float)
         candidates = n if attack.keep is Keep.SUCCESSFUL or attack.size is None else min(attack.size, n)
         restore = min(candidates, shards * attack.size) if attack.size is not None else candidates
