@@ -56,7 +56,7 @@ def test_attack_section_parses_and_enters_the_config_hash():
 
 
 @pytest.mark.parametrize(("attack", "message"), [
-    ({"kind": "cw"}, r"\[attack\] kind = 'cw': unknown attack; allowed: \['fgsm', 'pgd'\]"),
+    ({"kind": "cw"}, r"\[attack\] kind = 'cw': unknown attack; allowed: \['fgsm', 'pgd', 'sparse'\]"),
     ({"kind": "fgsm", "steps": 3}, r"\[attack\] unknown key\(s\) \['steps'\] for kind = 'fgsm'; allowed: \[\]"),
     ({"kind": "pgd", "steps": 0}, r"\[attack\] steps = 0: must be an integer >= 1"),
     ({"kind": "pgd", "random_start": 1}, r"\[attack\] random_start = 1: must be true or false"),

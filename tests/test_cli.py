@@ -302,10 +302,16 @@ def test_demo_runs_from_any_directory(demo_run):
     medians = next(v for k, v in sections.items() if k.startswith("Pixels to failure: median"))
     for model, role in (("tiny", "base"), ("tiny-none", "control"), ("tiny-aug384", "augmented")):
         assert re.search(rf"^\| {model} \| {role}", medians, flags=re.M), medians
+    # the worst case beside the random one (a sparse search up the ladder), base, control and augmented
+    worst = next(v for k, v in sections.items() if k.startswith("Pixels to failure: random against worst case"))
+    for model, role in (("tiny", "base"), ("tiny-none", "control"), ("tiny-aug384", "augmented")):
+        assert re.search(rf"^\| {model} \| {role}", worst, flags=re.M), worst
     fail = pq.read_table(demo / "results" / "failure.parquet").to_pandas()
     clean = pq.read_table(demo / "results" / "clean.parquet").to_pandas()
     evaluated = {int(i) for i in (demo / "results" / "image_ids.txt").read_text().split()}  # filter "all": correct
-    wrong = fail[fail.target == "wrong"]
+    found = fail[(fail.target == "wrong") & (fail.kind == "worst_case")]
+    assert (found.groupby("model").size() == 50).all() and (found.budget == 60).all() and len(found) == 150
+    wrong = fail[(fail.target == "wrong") & (fail.kind == "random")]
     assert set(wrong.model) == set(clean.model) and wrong.n_fail_refined.notna().any()
     assert all(set(part.image_id) == evaluated for _, part in wrong.groupby("model"))
     restore = fail[fail.target == "right"].groupby(["model", "attack", "attack_params", "eps"]).size()

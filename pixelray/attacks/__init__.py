@@ -25,6 +25,7 @@ from pixelray.attacks.base import (
 )
 from pixelray.attacks.fgsm import FGSM, FGSMOutcome, fgsm, fgsm_float, fgsm_with_success
 from pixelray.attacks.pgd import PGD, pgd, pgd_float
+from pixelray.attacks.sparse import SPARSE, sparse, sparse_search
 
 __all__ = [
     "BUILTIN",
@@ -42,12 +43,14 @@ __all__ = [
     "pgd",
     "pgd_float",
     "predict",
+    "sparse",
+    "sparse_search",
     "to_uint8",
     "to_unit",
 ]
 
 #: The attacks that come with pixelray, by ``[attack] kind``.
-BUILTIN: dict[str, AttackSpec] = {spec.name: spec for spec in (FGSM, PGD)}
+BUILTIN: dict[str, AttackSpec] = {spec.name: spec for spec in (FGSM, PGD, SPARSE)}
 
 _PLUGIN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 

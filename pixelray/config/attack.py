@@ -119,7 +119,7 @@ class AttackConfig:
                              "failure needs a search with both, e.g. kind = 'sparse'")
         ladder = Ladder(seed=params["seed"], search=options.get("search", "bisect"),
                         steps_per_octave=options.get("steps_per_octave", 4), max_count=options.get("max_count"))
-        return WorstCase(ladder, params["budget"], self.name, self.size)
+        return WorstCase(ladder, params["budget"], self.name, self.size, params.get("init", "random"))
 
     @property
     def axis(self) -> str:

@@ -11,7 +11,7 @@ result is an upper bound on the true minimum, and tighter with a larger budget.
 ``[[attack]] kind = "sparse"`` with ``ladder = true`` declares one (its ``budget``, ``seed``,
 ``steps_per_octave``, ``max_count``, ``search`` and ``size``: at most that many evaluation-set images per
 model, lowest ids first). Its rows sit in ``failure.parquet`` beside the random ones: ``kind =
-"worst_case"``, ``attack = "sparse"``, ``attack_params`` (budget, seed) and ``budget``.
+"worst_case"``, ``attack = "sparse"``, ``attack_params`` (budget, init, seed) and ``budget``.
 """
 
 from __future__ import annotations
@@ -43,12 +43,13 @@ def budget_text(eps: float, attack: str | None) -> str:
 @dataclass(frozen=True)
 class WorstCase:
     """A worst-case ladder: the points of ``ladder`` (whole image, full range; its seed is the search's), searched
-    with ``budget`` forward passes per image and point; ``size``: at most that many images per model."""
+    with ``budget`` forward passes per image and point from ``init``; ``size``: at most that many images per model."""
 
     ladder: Ladder
     budget: int
     attack: str = "sparse"
     size: int | None = None
+    init: str = "saliency"  # the search's start: "saliency" (one gradient, counted as 3 passes) or "random"
 
     def __post_init__(self) -> None:
         if self.ladder.refine:
@@ -66,12 +67,12 @@ class WorstCase:
     @property
     def label(self) -> str:
         """Everything that determines its rows (the unit tables' key): the points, the search and the budget."""
-        return f"worst-{self.attack}-b{self.budget}-{self.ladder.label}"
+        return f"worst-{self.attack}-{self.init}-b{self.budget}-{self.ladder.label}"
 
     @property
     def params_label(self) -> str:
         """``attack_params`` of its rows: the search's own parameters, as the attack phase writes them."""
-        return json.dumps({"budget": self.budget, "seed": self.seed}, sort_keys=True)
+        return json.dumps({"budget": self.budget, "init": self.init, "seed": self.seed}, sort_keys=True)
 
     def points(self, height: int, width: int) -> tuple[int, ...]:
         return self.ladder.points(height, width)

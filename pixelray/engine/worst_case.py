@@ -44,7 +44,7 @@ def worst_case_search(model: torch.nn.Module, images: torch.Tensor, labels: torc
             for start in range(0, len(rows), batch_size):
                 part = torch.from_numpy(rows[start:start + batch_size]).to(images.device)
                 out = sparse_search(model, images[part], labels[part], int(points[index]), worst.budget, worst.seed,
-                                    image_ids[part])
+                                    image_ids[part], init=worst.init)
                 hit = out.success.cpu().numpy()
                 chosen = part.cpu().numpy()
                 passes[chosen] += out.queries.cpu().numpy()

@@ -146,6 +146,10 @@ def format_plan(plan: SweepPlan) -> str:
         f"batch_size = {c.batch_size}",
     ]
     lines += [f"ladder {label}: {points} points" for label, points in plan.ladders]
+    for _, worst in c.worst_cases(plan.image_size):
+        images = "every evaluated image" if worst.size is None else f"at most {worst.size} images per model"
+        lines.append(f"worst case {worst.label}: {len(worst.points(h, w))} points, budget {worst.budget} forward "
+                     f"passes per image and point, {images}")
     lines.append("per model:")
     lines.append(f"  {'phase':<16} {'units':>6} {'images forwarded':>18} {'with gradients':>15}  "
                  f"{'passes of <= batch_size':>24}")
