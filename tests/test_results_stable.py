@@ -163,4 +163,10 @@ def test_the_plan_counts_what_the_sweep_then_does(demo_run):
     assert stats["grad_images"]["attack"] == 2 * 3 * candidates * (1 + 10) <= plan.grad_images()
     assert plan.grad_images() == 2 * 3 * 600 * 11  # the bound: every image a candidate
     assert sum(p["attack"]["grad_images"] for p in stats["by_model"].values()) == stats["grad_images"]["attack"]
+    # rates read back from this run, over the plan's figures (bounds): at least the compute the run measured,
+    # which those rates reproduce exactly over the images it did forward
+    from pixelray.sweep.estimate import estimate, throughput_from_stats
+
+    rates = throughput_from_stats(stats, plan.config.models, "stats.json")
+    assert estimate(plan, rates).compute_s >= sum(stats["compute_s"].values()) * 0.999
     assert sum(stats["reads"].values()) <= len(plan.phases) * plan.models * plan.shards

@@ -177,6 +177,12 @@ def test_every_kept_sparse_example_changes_at_most_k_pixels_and_fools_the_model(
     ids = pd.read_parquet(worst_run / "out" / "attack_ids.parquet")
     assert len(ids) == attack.n_kept.sum() > 0
     assert all(set(g.image_id) <= seen[eps] for eps, g in ids.groupby("eps"))
+    # downstream as FGSM's: the grid's cells over the kept examples (Table 9) and pixels to restore each of them
+    cells = pd.read_parquet(worst_run / "out" / "cells.parquet")
+    assert set(cells[cells.attack == "sparse"].eps) == {16.0, 64.0}
+    fail = pd.read_parquet(worst_run / "out" / "failure.parquet")
+    restore = fail[(fail.target == "right") & (fail.attack == "sparse")]
+    assert sorted(zip(restore.eps, restore.image_id, strict=True)) == sorted(zip(ids.eps, ids.image_id, strict=True))
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ seconds are scaled to the whole run:
 
 * clean: by the images over the sample;
 * cells and failure: by the evaluation set the filter would admit at the sample's rate (cut to ``[eval]
-  size``) over the sample's admitted images;
+  size``) over the sample's admitted images (a worst-case ladder: by the ``size`` images it searches);
 * an attack: likewise over its candidates, and where ``keep = "successful"`` with a ``size`` the sweep skips
   the units it no longer needs, so only the units that find ``size`` examples at the sample's success rate
   (the lowest rate of its eps decides) count; its restore ladders search at most ``size`` examples per unit,
@@ -46,6 +46,7 @@ def pilot(plan, sample: int = 64, workers: int = 1, say: Callable[[str], None] =
     weights, classes, size = c.weights, plan.num_classes, plan.image_size
     cells = c.unique_cells(size)
     ladders = tuple(dict.fromkeys(lad for _, lad in c.ladders(size)))
+    worsts = tuple(dict.fromkeys(w for _, w in c.worst_cases(size)))
 
     def run(phase: Phase, model: str, image_ids, *args, attack: str | None = None) -> dict:
         unit = Unit(phase, model, uri, info.file, tuple(int(i) for i in image_ids), None, attack)
@@ -71,6 +72,10 @@ def pilot(plan, sample: int = 64, workers: int = 1, say: Callable[[str], None] =
             seconds[m]["cells"] = run(Phase.CELLS, m, mine, cells)["compute_s"] * scale
         if ladders:
             seconds[m]["failure"] = run(Phase.FAILURE, m, mine, (), None, ladders)["compute_s"] * scale
+        for worst in worsts:  # each over the sample's images, scaled to the `size` it searches in the run
+            searched = evaluated if worst.size is None else min(worst.size, evaluated)
+            took = run(Phase.FAILURE, m, mine, (), None, (), ((worst, None),))["compute_s"]
+            seconds[m]["failure"] = seconds[m].get("failure", 0.0) + took * searched / len(mine)
         for attack in c.attack_runs:
             seconds[m][f"attack:{attack.name}"] = _attack_seconds(plan, attack, m, mine, n * share, run, cells,
                                                                   ladders, AttackPlan)
