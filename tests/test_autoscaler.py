@@ -69,6 +69,7 @@ def test_auto_on_an_idle_cluster_waits_for_gpu_nodes_and_the_pool_grows_to_the_t
 
 def test_a_range_larger_than_the_cluster_can_give_goes_on_with_what_comes(runs):
     got = runs["range"]
+    assert got["freed"], "the last run's workers still held their GPUs two minutes on"
     used = _gpu_workers(got["stats"])
     workers = got["stats"]["workers"]
     # the three GPU nodes there can be, each with a worker; those that could not come given up (under load,
@@ -76,7 +77,7 @@ def test_a_range_larger_than_the_cluster_can_give_goes_on_with_what_comes(runs):
     assert len({w["node"] for w in used.values()}) == 3 and workers["given_up"] >= 1, (workers, got["said"])
     warnings = [line for line in got["said"] if line.startswith("warning: ")]
     assert warnings and all("\n" not in w for w in warnings), got["said"]
-    assert re.match(r"warning: \[run\] gpus = '1\.\.5': [12] worker\(s\) not placed within 12 s \(each asks for "
+    assert re.match(r"warning: \[run\] gpus = '1\.\.5': [12] worker\(s\) not placed within 20 s \(each asks for "
                     r"\{'CPU': 1, 'GPU': 1\}; .*\): going on with [1-3] placed", warnings[0]), warnings
     assert got["same"]
 
