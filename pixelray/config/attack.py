@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from pixelray.config.tomlcheck import ConfigError, get_value
 from pixelray.core.check import is_int
 
-__all__ = ["AttackConfig", "Keep"]
+__all__ = ["AttackConfig", "Keep", "parse_attacks"]
 
 
 class Keep(str, Enum):
@@ -157,3 +158,68 @@ class AttackConfig:
         if self.report_float:
             out["report_float"] = True
         return out
+
+
+def parse_attacks(raw: dict, source: str) -> tuple[AttackConfig, ...]:
+    """``[attack]`` (one table) or ``[[attack]]`` (several), each checked; attack names distinct."""
+    tables = get_value(raw, "attack", source, (dict, list), [])
+    tables = [tables] if isinstance(tables, dict) else tables
+    out = []
+    for i, table in enumerate(tables):
+        where = "attack" if len(tables) == 1 else f"attack #{i + 1}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{where}] expected a table [attack] or [[attack]]")
+        out.append(_attack(table, where))
+    for group in ([a.name for a in out if a.ladder is None], [a.name for a in out if a.ladder is not None]):
+        if len(set(group)) != len(group):  # once as an attack, once as a worst-case ladder (ladder = true)
+            raise ConfigError(f"[[attack]] kinds {group}: each attack may appear once per sweep (and once more with "
+                              "ladder = true)")
+    return tuple(out)
+
+
+def _attack(table: dict, where: str) -> AttackConfig:
+    from pixelray.attacks import get_attack
+
+    kind = get_value(table, "kind", where, str, fix="e.g. kind = 'fgsm'")
+    try:
+        pixels = get_attack(kind).unit == "pixels"
+    except ValueError as exc:
+        raise ConfigError(f"[{where}] {exc}") from None
+    ladder = get_value(table, "ladder", where, bool, False, fix="true or false")
+    if ladder:
+        return _worst_case(table, where, kind)
+    axis, other = ("k", "eps") if pixels else ("eps", "k")
+    if other in table:
+        said = "a number of changed pixels k = [...]" if pixels else "a radius eps = [...] (k/255)"
+        raise ConfigError(f"[{where}] {other} = {table[other]!r}: kind = {kind!r} takes {said}; rename the key")
+    eps = get_value(table, axis, where, list, [1, 2, 4, 8],
+                    fix="a list of pixel counts, e.g. [1, 4, 16]" if pixels else
+                    "a list of integers k meaning k/255, e.g. [1, 2, 4, 8]")
+    keep = get_value(table, "keep", where, str, "successful", fix="'successful' or 'all'")
+    size = get_value(table, "size", where, int, None, fix="a positive number of examples, or omit it for all")
+    report_float = get_value(table, "report_float", where, bool, False, fix="true or false")
+    params = {k: v for k, v in table.items() if k not in ("kind", "eps", "k", "keep", "size", "report_float")}
+    try:
+        return AttackConfig(kind=kind, eps=tuple(eps), keep=keep, size=size, params=tuple(params.items()),
+                            report_float=report_float)
+    except ValueError as exc:
+        raise ConfigError(f"[{where}] {exc}") from None
+
+
+_LADDER_KEYS = ("steps_per_octave", "max_count", "search")
+
+
+def _worst_case(table: dict, where: str, kind: str) -> AttackConfig:
+    """``[attack] ladder = true``: worst-case pixels to failure (its ladder's keys apart from the attack's)."""
+    if "k" in table or "eps" in table:
+        key = "k" if "k" in table else "eps"
+        raise ConfigError(f"[{where}] ladder = true with {key} = {table[key]!r}: a ladder searches its own counts; "
+                          f"drop {key} (or ladder)")
+    size = get_value(table, "size", where, int, None, fix="a number of images per model, or omit it for all")
+    ladder = {key: table[key] for key in _LADDER_KEYS if key in table}
+    params = {k: v for k, v in table.items() if k not in ("kind", "ladder", "size", *_LADDER_KEYS)}
+    try:
+        return AttackConfig(kind=kind, eps=(), size=size, params=tuple(params.items()),
+                            ladder=tuple(sorted(ladder.items())))
+    except ValueError as exc:
+        raise ConfigError(f"[{where}] {exc}") from None

@@ -22,7 +22,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pixelray.config.attack import AttackConfig, Keep
+from pixelray.config.attack import AttackConfig, Keep, parse_attacks
 from pixelray.config.run import check_run, parse_throughput, run_fields
 from pixelray.config.tomlcheck import ConfigError, check_keys, check_placeholder, get_value, int_list, read_toml
 from pixelray.core.ladder import FAMILY as LADDER_FAMILY
@@ -305,23 +305,6 @@ def _experiment(table: dict, where: str, name: str) -> Experiment:
     return exp
 
 
-def _attacks(raw: dict, source: str) -> tuple[AttackConfig, ...]:
-    """``[attack]`` (one table) or ``[[attack]]`` (several), each checked; attack names distinct."""
-    tables = get_value(raw, "attack", source, (dict, list), [])
-    tables = [tables] if isinstance(tables, dict) else tables
-    out = []
-    for i, table in enumerate(tables):
-        where = "attack" if len(tables) == 1 else f"attack #{i + 1}"
-        if not isinstance(table, dict):
-            raise ConfigError(f"[{where}] expected a table [attack] or [[attack]]")
-        out.append(_attack(table, where))
-    for group in ([a.name for a in out if a.ladder is None], [a.name for a in out if a.ladder is not None]):
-        if len(set(group)) != len(group):  # once as an attack, once as a worst-case ladder (ladder = true)
-            raise ConfigError(f"[[attack]] kinds {group}: each attack may appear once per sweep (and once more with "
-                              "ladder = true)")
-    return tuple(out)
-
-
 def _weights(value: Any, names: tuple[str, ...]) -> str | None:
     """``[models] weights``: 'imagenet', 'default', 'none' or a weights entry such as 'IMAGENET1K_V2'
     (the model registry's own names), checked against every torchvision model of the sweep."""
@@ -337,54 +320,6 @@ def _weights(value: Any, names: tuple[str, ...]) -> str | None:
     return None if label == "none" else label
 
 
-def _attack(table: dict, where: str) -> AttackConfig:
-    from pixelray.attacks import get_attack
-
-    kind = get_value(table, "kind", where, str, fix="e.g. kind = 'fgsm'")
-    try:
-        pixels = get_attack(kind).unit == "pixels"
-    except ValueError as exc:
-        raise ConfigError(f"[{where}] {exc}") from None
-    ladder = get_value(table, "ladder", where, bool, False, fix="true or false")
-    if ladder:
-        return _worst_case(table, where, kind)
-    axis, other = ("k", "eps") if pixels else ("eps", "k")
-    if other in table:
-        said = "a number of changed pixels k = [...]" if pixels else "a radius eps = [...] (k/255)"
-        raise ConfigError(f"[{where}] {other} = {table[other]!r}: kind = {kind!r} takes {said}; rename the key")
-    eps = get_value(table, axis, where, list, [1, 2, 4, 8],
-                    fix="a list of pixel counts, e.g. [1, 4, 16]" if pixels else
-                    "a list of integers k meaning k/255, e.g. [1, 2, 4, 8]")
-    keep = get_value(table, "keep", where, str, "successful", fix="'successful' or 'all'")
-    size = get_value(table, "size", where, int, None, fix="a positive number of examples, or omit it for all")
-    report_float = get_value(table, "report_float", where, bool, False, fix="true or false")
-    params = {k: v for k, v in table.items() if k not in ("kind", "eps", "k", "keep", "size", "report_float")}
-    try:
-        return AttackConfig(kind=kind, eps=tuple(eps), keep=keep, size=size, params=tuple(params.items()),
-                            report_float=report_float)
-    except ValueError as exc:
-        raise ConfigError(f"[{where}] {exc}") from None
-
-
-_LADDER_KEYS = ("steps_per_octave", "max_count", "search")
-
-
-def _worst_case(table: dict, where: str, kind: str) -> AttackConfig:
-    """``[attack] ladder = true``: worst-case pixels to failure (its ladder's keys apart from the attack's)."""
-    if "k" in table or "eps" in table:
-        key = "k" if "k" in table else "eps"
-        raise ConfigError(f"[{where}] ladder = true with {key} = {table[key]!r}: a ladder searches its own counts; "
-                          f"drop {key} (or ladder)")
-    size = get_value(table, "size", where, int, None, fix="a number of images per model, or omit it for all")
-    ladder = {key: table[key] for key in _LADDER_KEYS if key in table}
-    params = {k: v for k, v in table.items() if k not in ("kind", "ladder", "size", *_LADDER_KEYS)}
-    try:
-        return AttackConfig(kind=kind, eps=(), size=size, params=tuple(params.items()),
-                            ladder=tuple(sorted(ladder.items())))
-    except ValueError as exc:
-        raise ConfigError(f"[{where}] {exc}") from None
-
-
 def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[str, Any] | None = None) -> SweepConfig:
     """Validate a parsed TOML document into a :class:`SweepConfig`.
 
@@ -397,7 +332,7 @@ def parse_config(raw: dict[str, Any], source: str = "<config>", overrides: dict[
         **_model_fields(raw, source),
         **_eval_fields(raw, source),
         "experiments": _experiments(raw, source),
-        "attacks": _attacks(raw, source),
+        "attacks": parse_attacks(raw, source),
         **_output_fields(raw, source),
         **run_fields(raw, source),
     }

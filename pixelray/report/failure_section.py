@@ -70,6 +70,15 @@ def _roles(runs: list[Run], frame: pd.DataFrame) -> dict[tuple[str, str], tuple[
     return out
 
 
+def _in_families(runs: list[Run], frame: pd.DataFrame | None) -> tuple[pd.DataFrame, dict]:
+    """``frame``'s rows (one per run and model) with families together, and each (run, model)'s role."""
+    if frame is None or not len(frame):
+        return pd.DataFrame(), {}
+    roles = _roles(runs, frame)
+    place = [roles[(r, m)][:2] for r, m in zip(frame["run"], frame["model"], strict=True)]
+    return frame.iloc[sorted(range(len(frame)), key=lambda i: place[i])], roles
+
+
 def _label(runs: list[Run], run: str, model: str) -> str:
     return next(r for r in runs if r.name == run).models[model].label
 
@@ -82,11 +91,7 @@ def _ladder_text(r) -> str:
 def median_table(runs: list[Run], frame: pd.DataFrame) -> Table:
     """Median pixels to failure per model and ladder, families together (base, control, augmented)."""
     e = Entries()
-    medians = failure_medians(random_rows(frame), "wrong") if len(frame) else pd.DataFrame()
-    roles = _roles(runs, medians) if len(medians) else {}
-    if len(medians):
-        place = [roles[(r, m)][:2] for r, m in zip(medians["run"], medians["model"], strict=True)]
-        medians = medians.iloc[sorted(range(len(medians)), key=lambda i: place[i])]
+    medians, roles = _in_families(runs, failure_medians(random_rows(frame), "wrong") if len(frame) else None)
     for r in medians.itertuples(index=False):
         row = (_label(runs, r.run, r.model), roles[(r.run, r.model)][2], _ladder_text(r))
         e.count(row, "n images", 0, r.n)
@@ -105,11 +110,7 @@ def worst_table(runs: list[Run], frame: pd.DataFrame) -> Table:
     """Random against worst-case pixels to failure per model (families together): does the augmentation, trained
     on random changes, move the worst case too, or only the random case?"""
     e = Entries()
-    pairs = worst_vs_random(frame) if len(frame) else pd.DataFrame()
-    roles = _roles(runs, pairs) if len(pairs) else {}
-    if len(pairs):
-        place = [roles[(r, m)][:2] for r, m in zip(pairs["run"], pairs["model"], strict=True)]
-        pairs = pairs.iloc[sorted(range(len(pairs)), key=lambda i: place[i])]
+    pairs, roles = _in_families(runs, worst_vs_random(frame) if len(frame) else None)
     for r in pairs.itertuples(index=False):
         budget = json.loads(r.attack_params).get("budget") if isinstance(r.attack_params, str) else None
         row = (_label(runs, r.run, r.model), roles[(r.run, r.model)][2], f"{r.random_ladder}; search budget {budget}")
