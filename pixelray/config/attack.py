@@ -122,6 +122,14 @@ class AttackConfig:
                         steps_per_octave=options.get("steps_per_octave", 4), max_count=options.get("max_count"))
         return WorstCase(ladder, params["budget"], self.name, self.size, params.get("init", "random"))
 
+    def check_image(self, height: int, width: int) -> None:
+        """ValueError when ``k`` or a worst-case ladder's points do not fit ``height`` x ``width`` images."""
+        if self.ladder is not None:
+            self.worst_case().ladder.check_image(height, width)
+        elif self.axis == "k" and max(self.eps) > height * width:
+            raise ValueError(f"k = {list(self.eps)}: {max(self.eps)} pixels is more than the {height}x{width} images "
+                             f"hold; use counts <= {height * width}")
+
     @property
     def axis(self) -> str:
         """The config key of the attack's steps: ``eps`` (k/255) or, for an attack on pixel counts, ``k``."""

@@ -155,33 +155,17 @@ class SweepConfig:
         """The attacks of the attack phase (every ``[attack]`` but the worst-case ladders)."""
         return tuple(a for a in self.attacks if a.ladder is None)
 
-    def worst_cases(self, image_size: tuple[int, int] | None = None) -> list[tuple[str, WorstCase]]:
-        """(attack name, worst-case ladder) of each ``[attack] ladder = true``, in config order; with an image
-        size, checked against it (ConfigError)."""
-        pairs = []
-        for i, attack in enumerate(self.attacks):
-            worst = attack.worst_case()
-            if worst is None:
-                continue
-            if image_size is not None:
-                try:
-                    worst.ladder.check_image(*image_size)
-                except ValueError as exc:
-                    where = "attack" if len(self.attacks) == 1 else f"attack #{i + 1}"
-                    raise ConfigError(f"[{where}] {exc}") from None
-            pairs.append((attack.name, worst))
-        return pairs
+    def worst_cases(self) -> list[tuple[str, WorstCase]]:
+        """(attack name, worst-case ladder) of each ``[attack] ladder = true``, in config order."""
+        return [(a.name, a.worst_case()) for a in self.attacks if a.ladder is not None]
 
     def check_attacks(self, image_size: tuple[int, int]) -> None:
-        """ConfigError for an attack on pixel counts (``k``) larger than the images hold, or a worst-case ladder
-        that does not fit them."""
-        h, w = image_size
+        """ConfigError for an attack's ``k`` or a worst-case ladder that the images cannot hold."""
         for i, attack in enumerate(self.attacks):
-            if attack.ladder is None and attack.axis == "k" and max(attack.eps) > h * w:
-                where = "attack" if len(self.attacks) == 1 else f"attack #{i + 1}"
-                raise ConfigError(f"[{where}] k = {list(attack.eps)}: {max(attack.eps)} pixels is more than the "
-                                  f"{h}x{w} images hold; use counts <= {h * w}")
-        self.worst_cases(image_size)
+            try:
+                attack.check_image(*image_size)
+            except ValueError as exc:
+                raise ConfigError(f"[{'attack' if len(self.attacks) == 1 else f'attack #{i + 1}'}] {exc}") from None
 
     def cells(self, image_size: tuple[int, int] | None = None) -> list[tuple[str, Cell]]:
         """(experiment name, cell) pairs in config order; a cell may appear under several experiments."""

@@ -210,7 +210,7 @@ def _run_sweep(config: SweepConfig, progress: bool, say: Callable[[str], None], 
         write_eval_ids(ctx, eval_ids)
         counts = run_cells(ctx, clean, eval_ids) if ctx.cells else None
         failures = run_failure(ctx, clean, eval_ids, list(dict.fromkeys(lad for _, lad in ctx.ladder_pairs)),
-                               list(dict.fromkeys(w for _, w in config.worst_cases(ctx.size))))
+                               list(dict.fromkeys(w for _, w in config.worst_cases())))
         attacks = [run_attack(ctx, clean, attack) for attack in config.attack_runs]
         telemetry.close_bar()
         ctx.stats["workers"] = {"used": pool.used, "restarts": pool.restarts, "given_up": pool.given_up}
@@ -239,7 +239,7 @@ def _write_results(ctx: RunContext, clean, eval_ids, counts: pa.Table | None, fa
     rows = cell_rows(config, ctx.cell_pairs, counts, size, common)
     stats: dict[str, Any] = {}
     attack_path = transfer_path = failure_path = None
-    worst_pairs = config.worst_cases(size)
+    worst_pairs = config.worst_cases()
     failure = failure_rows(config, ctx.ladder_pairs, failures, size, common, worst_pairs)
     if attacks:
         tables: dict[str, list[dict]] = {"cells": [], "attack": [], "transfer": [], "ids": [], "failure": []}

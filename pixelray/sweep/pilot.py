@@ -46,7 +46,7 @@ def pilot(plan, sample: int = 64, workers: int = 1, say: Callable[[str], None] =
     weights, classes, size = c.weights, plan.num_classes, plan.image_size
     cells = c.unique_cells(size)
     ladders = tuple(dict.fromkeys(lad for _, lad in c.ladders(size)))
-    worsts = tuple(dict.fromkeys(w for _, w in c.worst_cases(size)))
+    worsts = tuple(dict.fromkeys(w for _, w in c.worst_cases()))
 
     def run(phase: Phase, model: str, image_ids, *args, attack: str | None = None) -> dict:
         unit = Unit(phase, model, uri, info.file, tuple(int(i) for i in image_ids), None, attack)

@@ -108,7 +108,7 @@ def plan_sweep(config: SweepConfig, checked: tuple | None = None) -> SweepPlan:
         phases.append(PhasePlan("cells", shards, evaluated * len(cells), exact,
                                 f"{evaluated} images x {len(cells)} cells"))
     per_ladder = [_ladder_bound(lad.points(*size), lad.search, lad.refine) for lad in ladders]
-    worsts = list(dict.fromkeys(w for _, w in config.worst_cases(size)))
+    worsts = list(dict.fromkeys(w for _, w in config.worst_cases()))
     per_worst = [(evaluated if w.size is None else min(w.size, evaluated)) * w.budget
                  * _ladder_bound(w.points(*size), w.ladder.search, False) for w in worsts]
     if ladders or worsts:
@@ -146,7 +146,7 @@ def format_plan(plan: SweepPlan) -> str:
         f"batch_size = {c.batch_size}",
     ]
     lines += [f"ladder {label}: {points} points" for label, points in plan.ladders]
-    for _, worst in c.worst_cases(plan.image_size):
+    for _, worst in c.worst_cases():
         images = "every evaluated image" if worst.size is None else f"at most {worst.size} images per model"
         lines.append(f"worst case {worst.label}: {len(worst.points(h, w))} points, budget {worst.budget} forward "
                      f"passes per image and point, {images}")
