@@ -33,7 +33,6 @@ __all__ = ["pilot"]
 
 def pilot(plan, sample: int = 64, workers: int = 1, say: Callable[[str], None] = lambda line: None) -> Estimate:
     """The plan's compute time from the sweep's units on ``sample`` images per model (see the module docstring)."""
-    from pixelray.engine.adversarial import AttackPlan
     from pixelray.engine.units import Phase, Unit
     from pixelray.engine.worker import ModelWorker
     from pixelray.shards import read_labels
@@ -78,7 +77,7 @@ def pilot(plan, sample: int = 64, workers: int = 1, say: Callable[[str], None] =
             seconds[m]["failure"] = seconds[m].get("failure", 0.0) + took * searched / len(mine)
         for attack in c.attack_runs:
             seconds[m][f"attack:{attack.name}"] = _attack_seconds(plan, attack, m, mine, n * share, run, cells,
-                                                                  ladders, AttackPlan)
+                                                                  ladders)
         say(f"  {m}: " + ", ".join(f"{phase} {s:.1f} s" for phase, s in seconds[m].items()))
     by_phase: dict[str, float] = {}
     for per in seconds.values():
@@ -87,9 +86,9 @@ def pilot(plan, sample: int = 64, workers: int = 1, say: Callable[[str], None] =
     return Estimate({m: sum(per.values()) for m, per in seconds.items()}, by_phase, max(1, workers))
 
 
-def _attack_seconds(plan, attack, model: str, mine: np.ndarray, admitted: float, run, cells, ladders,
-                    attack_plan) -> float:
+def _attack_seconds(plan, attack, model: str, mine: np.ndarray, admitted: float, run, cells, ladders) -> float:
     """One attack's compute seconds for ``model`` in the whole run, from its unit over the sample's candidates."""
+    from pixelray.engine.adversarial import AttackPlan
     from pixelray.engine.units import Phase
 
     keep_all = attack.keep is Keep.ALL
@@ -97,8 +96,8 @@ def _attack_seconds(plan, attack, model: str, mine: np.ndarray, admitted: float,
     size = attack.size
     if size is not None:  # the restore ladders search at most `size` examples per unit: as many per image here
         size = max(1, round(size * len(mine) * plan.shards / max(candidates, 1)))
-    job = attack_plan(attack.eps, keep_all, tuple(plan.config.models), None, attack.kind, attack.params,
-                      attack.report_float, ladders, size)
+    job = AttackPlan(attack.eps, keep_all, tuple(plan.config.models), None, attack.kind, attack.params,
+                     attack.report_float, ladders, size)
     done = run(Phase.ATTACK, model, mine, cells, job, attack=attack.name)
     if attack.size is not None and not keep_all:  # the sweep skips the units it no longer needs
         rate = float(np.asarray(done["success"]).mean(axis=1).min())
